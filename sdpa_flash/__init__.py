@@ -1,0 +1,54 @@
+"""sdpa_flash: fast attention as a one-line, explainable decision over PyTorch's SDPA kernels.
+
+Example:
+    >>> import torch, sdpa_flash
+    >>> q = k = v = torch.randn(1, 4, 64, 32)
+    >>> out = sdpa_flash.attention(q, k, v, causal=True)
+    >>> str(sdpa_flash.explain(q, k, v, causal=True)).split()[0]
+    'flash'
+"""
+
+from __future__ import annotations
+
+from .attention import attention, explain
+from .capability import Capabilities, capabilities
+from .errors import AttentionInputError, BackendUnavailableError, SdpaFlashError
+from .policy import (
+    DenylistEntry,
+    Plan,
+    Policy,
+    add_denylist_entry,
+    denylist,
+    get_policy,
+    plan,
+    remove_denylist_entry,
+    set_policy,
+    use_policy,
+)
+from .require import require
+from .spec import AttentionSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionInputError",
+    "AttentionSpec",
+    "BackendUnavailableError",
+    "Capabilities",
+    "DenylistEntry",
+    "Plan",
+    "Policy",
+    "SdpaFlashError",
+    "__version__",
+    "add_denylist_entry",
+    "attention",
+    "capabilities",
+    "denylist",
+    "explain",
+    "get_policy",
+    "plan",
+    "remove_denylist_entry",
+    "require",
+    "set_policy",
+    "use_policy",
+]

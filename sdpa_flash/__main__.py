@@ -1,0 +1,199 @@
+"""``python -m sdpa_flash`` (also ``sdpa-flash``): what this machine can run, and a self-check.
+
+Paste its output into bug reports. ``--json`` gives the same as machine-readable data; ``--require POLICY``
+exits with status 1 and the reasons when that policy (or backend) cannot run here — a startup check for jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+import torch
+
+from . import __version__
+from .attention import attention
+from .backends import BACKENDS
+from .capability import Capabilities, capabilities
+from .errors import BackendUnavailableError, SdpaFlashError
+from .policy import denylist, get_policy, ranking, resolve_policy
+from .require import require
+from .testing import compare_to_reference, reference_attention
+
+__all__ = ["main", "report", "self_check"]
+
+
+def _default_dtype(caps: Capabilities) -> torch.dtype:
+    if caps.device_type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if (caps.compute_capability or (0, 0)) >= (8, 0) else torch.float16
+
+
+def _policy_source() -> str:
+    if os.environ.get("SDPA_FLASH_POLICY") or os.environ.get("SDPA_FLASH_FALLBACK"):
+        return (f"environment: SDPA_FLASH_POLICY={os.environ.get('SDPA_FLASH_POLICY', '')!r} "
+                f"SDPA_FLASH_FALLBACK={os.environ.get('SDPA_FLASH_FALLBACK', '')!r}")
+    return "default"
+
+
+def self_check(device: torch.device, dtype: torch.dtype, *, seed: int = 0) -> list[dict[str, Any]]:
+    """Run every backend that can run here on small random inputs, forward and backward, against float64 math.
+
+    Two cases per backend: (2, 8, 256, 64) non-causal, and causal GQA with 2 key/value heads.
+    """
+    rows: list[dict[str, Any]] = []
+    for causal, kv_heads in ((False, 8), (True, 2)):
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        shapes = ((2, 8, 256, 64), (2, kv_heads, 256, 64), (2, kv_heads, 256, 64))
+        base = [torch.randn(s, generator=gen, dtype=torch.float32) for s in shapes]
+        grad_out = torch.randn(2, 8, 256, 64, generator=gen).to(device=device, dtype=dtype)
+        leaves64 = [t.to(device=device, dtype=torch.float64).requires_grad_() for t in base]
+        ref = reference_attention(*leaves64, causal=causal)
+        ref_grads = torch.autograd.grad(ref, leaves64, grad_out.to(torch.float64))
+        same = [t.to(device=device, dtype=dtype).requires_grad_() for t in base]
+        same_out = reference_attention(*same, causal=causal, dtype=None)
+        same_grads = torch.autograd.grad(same_out, same, grad_out)
+        case = f"{'causal GQA 8/2' if causal else 'non-causal'} {tuple(shapes[0])}"
+        for name in BACKENDS:
+            row: dict[str, Any] = {"backend": name, "case": case, "dtype": str(dtype).removeprefix("torch.")}
+            leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in base]
+            try:
+                out = attention(*leaves, causal=causal, policy=name)
+            except BackendUnavailableError as exc:
+                row.update(status="SKIP", reasons=[r for rs in exc.reasons.values() for r in rs])
+                rows.append(row)
+                continue
+            grads = torch.autograd.grad(out, leaves, grad_out)
+            comps = [
+                compare_to_reference(c, s, r, name=n)
+                for c, s, r, n in zip((out, *grads), (same_out, *same_grads), (ref, *ref_grads),
+                                      ("out", "dq", "dk", "dv"), strict=True)
+            ]
+            row.update(
+                status="PASS" if all(c.passed for c in comps) else "FAIL",
+                errors={c.name: {"error": c.error, "bound": c.bound, "ratio": c.ratio} for c in comps},
+            )
+            rows.append(row)
+    return rows
+
+
+def report(device: str | None = None, *, check: bool = True) -> dict[str, Any]:
+    """Everything ``python -m sdpa_flash`` prints, as a dictionary."""
+    caps = capabilities(device)
+    dev = torch.device(caps.device_type, caps.device_index) if caps.device_type == "cuda" else torch.device("cpu")
+    pol = get_policy()
+    dtype = _default_dtype(caps)
+    backends: dict[str, Any] = {}
+    try:
+        chosen = require(pol, dev, dtype=dtype)
+    except BackendUnavailableError as exc:
+        chosen = None
+        backends_err = str(exc)
+    else:
+        backends_err = ""
+    for name in BACKENDS:
+        try:
+            p = require(name, dev, dtype=dtype)
+            backends[name] = {"available": True, "reasons": [], "notes": list(p.notes)}
+        except BackendUnavailableError as exc:
+            backends[name] = {"available": False, "reasons": list(exc.reasons.get(name, ()))}
+    out: dict[str, Any] = {
+        "sdpa_flash": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device": {
+            "type": caps.device_type, "index": caps.device_index, "name": caps.name, "arch": caps.arch,
+            "compute_capability": caps.compute_capability, "sm_count": caps.sm_count,
+            "total_memory_gib": round(caps.total_memory / 2**30, 1) if caps.total_memory else None,
+            "flash_impl": caps.flash_impl,
+        },
+        "cuda_available": torch.cuda.is_available(),
+        "policy": str(pol),
+        "policy_source": _policy_source(),
+        "ranking": {"order": list(ranking(caps).order), "evidence": ranking(caps).evidence},
+        "probe_call": f"(1, 16, 1024, 128) {str(dtype).removeprefix('torch.')}, causal, with backward",
+        "chosen": chosen.backend if chosen else None,
+        "chosen_error": backends_err,
+        "backends": backends,
+        "denylist_entries_here": [e.describe() for e in denylist() if e.device_type == caps.device_type],
+    }
+    if check:
+        out["self_check"] = self_check(dev, dtype)
+    return out
+
+
+def _print(rep: dict[str, Any]) -> None:
+    d = rep["device"]
+    print(f"sdpa_flash {rep['sdpa_flash']}  torch {rep['torch']}  CUDA {rep['cuda']}  cuDNN {rep['cudnn']}  "
+          f"Python {rep['python']}")
+    desc = d["name"] if d["type"] != "cuda" else (
+        f"{d['name']} ({d['arch']}, {d['sm_count']} SMs, {d['total_memory_gib']} GiB), flash impl: "
+        f"{d['flash_impl'] or 'built-in FA2'}")
+    print(f"device:  {desc}" + ("" if rep["cuda_available"] or d["type"] != "cpu" else "  (no CUDA device visible)"))
+    print(f"policy:  {rep['policy']}  ({rep['policy_source']})")
+    print(f"ranking: {' > '.join(rep['ranking']['order'])}  - {rep['ranking']['evidence']}")
+    print(f"backends for a probe call {rep['probe_call']}:")
+    for name, b in rep["backends"].items():
+        mark = " <- chosen by the policy" if name == rep["chosen"] else ""
+        if b["available"]:
+            extra = f"  ({'; '.join(b['notes'])})" if b["notes"] else ""
+            print(f"  {name:<10} available{mark}{extra}")
+        else:
+            print(f"  {name:<10} unavailable: {'; '.join(b['reasons'])}")
+    if rep["chosen_error"]:
+        print("policy cannot run the probe call:\n" + rep["chosen_error"])
+    if rep["denylist_entries_here"]:
+        print(f"denylist: {len(rep['denylist_entries_here'])} entries for {d['type']} (see sdpa_flash.denylist())")
+    if "self_check" in rep:
+        print("self-check against float64 math, forward + backward (tolerance: 2x same-dtype math error):")
+        for r in rep["self_check"]:
+            if r["status"] == "SKIP":
+                print(f"  {r['backend']:<10} {r['case']:<32} SKIP  ({r['reasons'][0] if r['reasons'] else ''})")
+            else:
+                errs = "  ".join(f"{n} {e['error']:.2g} (x{e['ratio']:.2f})" for n, e in r["errors"].items())
+                print(f"  {r['backend']:<10} {r['case']:<32} {r['status']}  {r['dtype']}  {errs}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sdpa_flash", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", help="cpu, cuda or cuda:N (default: the current CUDA device, else cpu)")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--require", metavar="POLICY",
+                    help="exit 1 with the reasons unless POLICY (auto, flash, fused, math, cudnn, efficient, or "
+                         "a comma-separated list) can run a typical call here")
+    ap.add_argument("--no-check", action="store_true", help="skip the self-check")
+    args = ap.parse_args(argv)
+    try:
+        if args.require:
+            pol = resolve_policy(args.require)
+            try:
+                p = require(pol, args.device)
+            except BackendUnavailableError as exc:
+                print(f"sdpa_flash: requirement {args.require!r} not met\n{exc}", file=sys.stderr)
+                return 1
+            if not args.json:
+                print(f"sdpa_flash: requirement {args.require!r} met: {p}")
+            if args.no_check and not args.json:
+                return 0
+        rep = report(args.device, check=not args.no_check)
+    except SdpaFlashError as exc:
+        print(f"sdpa_flash: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        json.dump(rep, sys.stdout, indent=1, default=str)
+        print()
+    else:
+        _print(rep)
+    failed = [r for r in rep.get("self_check", []) if r["status"] == "FAIL"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""``attention()`` and ``explain()``: validate -> spec -> plan -> run.
+
+The per-call path is a dictionary lookup keyed on what the decision depends on (shapes, dtypes, devices, mask
+kind, options, policy, whether autograd needs a backward). A hit means the inputs were already validated and
+planned for, and the call goes straight to a pre-built closure over the chosen kernel's own aten op. A miss
+validates (typed errors), builds the :class:`AttentionSpec`, asks :func:`plan` and stores the closure.
+
+Two situations leave the fast path:
+
+* another PyTorch layer must see the call — an active torch function mode, tensor subclasses such as DTensor
+  or nested tensors, or a replaced ``F.scaled_dot_product_attention`` (context parallel's wrapper) — so the
+  call is routed through ``F.scaled_dot_product_attention``;
+* autocast is on: the inputs are cast as autocast would cast them for SDPA, then the fast path runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import policy as _policy
+from .backends import BACKENDS
+from .backends._base import causal_mask_tensor, make_runner
+from .capability import capabilities
+from .errors import AttentionInputError
+from .policy import Plan, Policy, PolicyLike, plan, resolve_policy
+from .spec import AttentionSpec, dtype_name
+
+__all__ = ["attention", "explain"]
+
+_SDPA = F.scaled_dot_product_attention  # the original, to notice when a layer has replaced it
+_mode_on: Callable[[], bool] = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
+_has_tf: Callable[..., bool] = torch._C._has_torch_function_variadic
+_grad_on = torch.is_grad_enabled
+_any_autocast: Callable[[], bool] = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CAUSAL = {False: None, None: None, True: "top_left", "top_left": "top_left", "bottom_right": "bottom_right"}
+_CACHE_LIMIT = 4096
+
+# key -> (run(q, k, v, mask, dropout_p, scale) on the user's layout, fallback warning or None)
+_cache: dict[Any, tuple[Callable[..., torch.Tensor], str | None]] = {}
+_resolved: dict[Any, Policy] = {}
+
+
+def _resolve(policy: PolicyLike) -> Policy:
+    pol = resolve_policy(policy)
+    if isinstance(policy, str) and len(_resolved) < 256:
+        _resolved[policy] = pol
+    return pol
+_policy._invalidation_hooks.append(_cache.clear)
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool | str = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    layout: str = "bhsd",
+    policy: PolicyLike | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention on the fastest kernel the policy allows, with autograd.
+
+    Computes ``softmax(query @ key.T * scale + mask) @ value`` per batch and head, like
+    ``torch.nn.functional.scaled_dot_product_attention``, but the backend is chosen by a policy
+    (see :func:`sdpa_flash.explain` for what runs and why) without touching torch's global flags.
+
+    Shapes (``layout="bhsd"``; with ``layout="bshd"`` swap H and S, as flash-attn does, at no copy):
+        query ``(B, Hq, Sq, D)``, key ``(B, Hkv, Sk, D)``, value ``(B, Hkv, Sk, Dv)`` -> ``(B, Hq, Sq, Dv)``.
+        B batch, H heads (``Hq % Hkv == 0``: GQA/MQA, read in place where the kernel can), S sequence, D head dim.
+
+    Args:
+        query, key, value: floating-point tensors on one device, one dtype.
+        attn_mask: optional mask broadcastable to ``(B, Hq, Sq, Sk)``: boolean (True = attend) or additive
+            float of the query's dtype.
+        causal: ``False``; ``True`` or ``"top_left"`` for PyTorch's convention (query i sees keys j <= i);
+            ``"bottom_right"`` for flash-attn's (query i sees keys j <= i + Sk - Sq). They differ only when
+            ``Sq != Sk``.
+        dropout_p: attention dropout probability in [0, 1); pass 0 at evaluation time.
+        scale: the softmax scale; ``None`` means ``1 / sqrt(D)``.
+        layout: ``"bhsd"`` or ``"bshd"``; the output has the same layout.
+        policy: overrides the policy in force for this call (see :func:`sdpa_flash.use_policy`).
+
+    Returns:
+        The attention output.
+
+    Raises:
+        AttentionInputError: the inputs are invalid (the message names the argument and the fix).
+        BackendUnavailableError: no backend the policy allows can run these inputs here.
+
+    Example:
+        >>> q = k = v = torch.randn(2, 8, 128, 64)
+        >>> attention(q, k, v, causal=True).shape
+        torch.Size([2, 8, 128, 64])
+    """
+    if _compiling():
+        return _compiled(query, key, value, attn_mask, causal, dropout_p, scale, layout, policy)
+    if policy is None:
+        pol = _policy._BLOCK.get() or _policy._process_policy or _policy._from_env()
+    else:
+        pol = policy if type(policy) is Policy else _resolved.get(policy) or _resolve(policy)  # type: ignore[arg-type]
+    if _mode_on() or _has_tf(query, key, value) or F.scaled_dot_product_attention is not _SDPA:
+        return _special(query, key, value, attn_mask, causal, dropout_p, scale, layout, pol)
+    try:
+        # Key and value dtypes/devices that disagree with the query's are caught by the kernels' own checks
+        # (every aten op checks devices; every kernel checks dtypes) and re-raised as typed errors below.
+        ck = (
+            query.shape, key.shape, value.shape, query.dtype, query.device,
+            None if attn_mask is None else (attn_mask.shape, attn_mask.dtype),
+            causal, dropout_p, scale, layout, pol,
+            _grad_on() and (query.requires_grad or key.requires_grad or value.requires_grad),
+        )
+        run, fallback = _cache[ck]
+    except KeyError:
+        run, fallback = _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, pol)
+    except (AttributeError, TypeError):  # not tensors, or unhashable options: let validation say what is wrong
+        _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+        raise
+    if _any_autocast() and _autocast_enabled(query.device.type):
+        return _special(query, key, value, attn_mask, causal, dropout_p, scale, layout, pol)
+    if fallback is not None:
+        _warn_fallback(fallback)
+    try:
+        return run(query, key, value, attn_mask, dropout_p, scale)
+    except RuntimeError:
+        _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+        raise
+
+
+def explain(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool | str = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    layout: str = "bhsd",
+    policy: PolicyLike | None = None,
+) -> Plan:
+    """The :class:`Plan` that :func:`attention` would follow for these arguments, without running anything.
+
+    ``str(plan)`` is one line (``"cudnn via direct aten op  (flash: ranked below cudnn ...; ...)"``) and
+    ``plan.explain()`` a full account. Raises what :func:`attention` would raise.
+    """
+    pol = _policy.get_policy() if policy is None else resolve_policy(policy)
+    if isinstance(query, torch.Tensor) and _autocast_enabled(query.device.type):
+        query, key, value, attn_mask = _autocast_inputs(query, key, value, attn_mask)
+    spec = _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+    p = plan(spec, capabilities(query.device), pol)
+    why = _interception(query, key, value)
+    if why:
+        return _sdpa_plan(p, why)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- build
+def _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, pol):  # type: ignore[no-untyped-def]
+    spec = _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+    p = plan(spec, capabilities(query.device), pol)
+    run = BACKENDS[p.backend].runner(spec, p.prep)
+    if layout == "bshd":
+        inner = run
+
+        def run(q, k, v, m, p_, s):  # type: ignore[no-untyped-def]
+            return inner(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, p_, s).transpose(1, 2)
+
+    fallback = None
+    if p.fallback and p.policy.fallback == "warn_once":
+        blocked = "; ".join(f"{n}: {r[0]}" for n, r in p.reasons.items() if n in p.order[: p.order.index(p.backend)])
+        fallback = (
+            f"sdpa_flash fell back to the {p.backend} backend ({BACKENDS[p.backend].memory} memory) for "
+            f"{spec.describe()} because {blocked}. Use sdpa_flash.explain(...) for details, or "
+            "policy='fused' to make this an error."
+        )
+    entry = (run, fallback)
+    if len(_cache) >= _CACHE_LIMIT:
+        _cache.clear()
+    _cache[ck] = entry
+    return entry
+
+
+_warned: set[tuple[str, int, str]] = set()
+
+
+def _warn_fallback(message: str) -> None:
+    frame = sys._getframe(2)
+    site = (frame.f_code.co_filename, frame.f_lineno, message)
+    if site not in _warned:
+        _warned.add(site)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+# ------------------------------------------------------------------------------- leaving the fast path
+def _interception(query: Any, key: Any, value: Any) -> str:
+    """Why the call must go through ``F.scaled_dot_product_attention`` ('' when it need not)."""
+    if getattr(query, "is_nested", False):
+        return "nested (jagged) tensors are handled by PyTorch's SDPA dispatcher"
+    if _has_tf(query, key, value):
+        return "a tensor subclass (e.g. DTensor) must see the call"
+    if F.scaled_dot_product_attention is not _SDPA:
+        return "torch.nn.functional.scaled_dot_product_attention is wrapped (e.g. by context parallel)"
+    if _mode_on():
+        return "a torch function mode is active"
+    return ""
+
+
+def _sdpa_plan(p: Plan, why: str) -> Plan:
+    return dataclasses.replace(
+        p, route="sdpa",
+        route_reason=f"{why}; PyTorch's dispatcher picks the kernel inside that layer",
+    )
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    return bool(torch._C.is_autocast_enabled(device_type))
+
+
+def _autocast_inputs(q, k, v, m):  # type: ignore[no-untyped-def]
+    """Cast as autocast casts SDPA's inputs: floating tensors other than float64 to the autocast dtype."""
+    dtype = torch.get_autocast_dtype(q.device.type)
+
+    def cast(t):  # type: ignore[no-untyped-def]
+        ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if ok else t
+
+    return cast(q), cast(k), cast(v), cast(m)
+
+
+def _special(query, key, value, attn_mask, causal, dropout_p, scale, layout, pol):  # type: ignore[no-untyped-def]
+    if isinstance(query, torch.Tensor) and _autocast_enabled(query.device.type):
+        query, key, value, attn_mask = _autocast_inputs(query, key, value, attn_mask)
+        with torch.autocast(query.device.type, enabled=False):
+            return attention(query, key, value, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p,
+                             scale=scale, layout=layout, policy=pol)
+    why = _interception(query, key, value)
+    spec = _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+    if not spec.nested:
+        plan(spec, capabilities(query.device), pol)  # the policy still has to allow the call
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value)) if layout == "bshd" else (query, key, value)
+    kind = spec.effective_causal
+    is_causal = kind == "top_left" and attn_mask is None
+    if kind is not None and not is_causal:
+        attn_mask = _merge(attn_mask, kind, spec.seqlen_q, spec.seqlen_k, q.device)
+    kwargs: dict[str, Any] = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale}
+    if spec.gqa:
+        kwargs["enable_gqa"] = True
+    del why
+    out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return out.transpose(1, 2) if layout == "bshd" else out
+
+
+def _merge(mask, kind, sq, sk, device):  # type: ignore[no-untyped-def]
+    causal = causal_mask_tensor(kind, sq, sk, device)
+    if mask is None:
+        return causal
+    return mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, float("-inf"))
+
+
+# ---------------------------------------------------------------------------------------- torch.compile
+_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
+_KERNELS = {(name, dt): b.kernel(dt) for name, b in BACKENDS.items() for dt in b.REQUIREMENTS}
+_assume_constant = getattr(torch.compiler, "assume_constant_result", None) or torch._dynamo.assume_constant_result
+
+
+@_assume_constant
+def _compile_choice(fields: tuple[Any, ...], device: torch.device, pol: tuple[Any, ...] | None) -> tuple[Any, ...]:
+    """Plan once, while torch.compile traces; the result is baked into the graph as constants."""
+    spec = AttentionSpec(*fields)
+    policy = _policy.get_policy() if pol is None else Policy(*pol)
+    p = plan(spec, capabilities(device), policy)
+    if p.fallback and p.policy.fallback == "warn_once":
+        warnings.warn(f"sdpa_flash fell back to the {p.backend} backend for {spec.describe()} (decided while "
+                      "compiling). Use sdpa_flash.explain(...) for details.", UserWarning, stacklevel=2)
+    return (p.backend, BACKENDS[p.backend].MASKED_VALUE, *dataclasses.astuple(p.prep))
+
+
+def _compiled(query, key, value, attn_mask, causal, dropout_p, scale, layout, policy):  # type: ignore[no-untyped-def]
+    """attention() as torch.compile traces it: same validation and plan, no per-call cache or contextvars.
+
+    The policy is the ``policy=`` argument, else the one in force when the function is compiled.
+    """
+    fields = _validate_fields(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+    if fields[-1]:
+        raise AttentionInputError("Expected dense tensors under torch.compile, but got nested tensors; call "
+                                  "torch.nn.functional.scaled_dot_product_attention on them instead.")
+    pol = None
+    if policy is not None:
+        resolved = policy if isinstance(policy, Policy) else resolve_policy(policy)
+        pol = (resolved.name, resolved.backends, resolved.fallback)
+    name, masked_value, *prep = _compile_choice(fields, query.device, pol)
+    run = make_runner(_KERNELS[(name, fields[0])], fields[12], masked_value, fields[7], fields[8], fields[5], *prep)
+    if layout == "bshd":
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        return run(q, k, v, attn_mask, dropout_p, scale).transpose(1, 2)
+    return run(query, key, value, attn_mask, dropout_p, scale)
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout) -> AttentionSpec:  # type: ignore[no-untyped-def]
+    return AttentionSpec(*_validate_fields(query, key, value, attn_mask, causal, dropout_p, scale, layout))
+
+
+def _validate_fields(query, key, value, attn_mask, causal, dropout_p, scale, layout) -> tuple[Any, ...]:  # type: ignore[no-untyped-def]
+    """Check every argument (typed errors naming the problem) and return the AttentionSpec's fields."""
+
+    def fail(msg: str) -> AttentionInputError:
+        return AttentionInputError(msg)
+
+    if layout not in ("bhsd", "bshd"):
+        raise fail(f"Expected layout to be 'bhsd' (B, H, S, D) or 'bshd' (B, S, H, D), but got {layout!r} instead.")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise fail(f"Expected {name} to be a torch.Tensor, but got {type(t).__name__} instead.")
+    shape_doc = "(B, H, S, D)" if layout == "bhsd" else "(B, S, H, D)"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 4:
+            raise fail(f"Expected {name} to be 4-D {shape_doc} for layout={layout!r}, but got a {t.dim()}-D "
+                       f"tensor of shape {tuple(t.shape)} instead.")
+        if t.dtype not in _FLOATS:
+            raise fail(f"Expected {name} to be a floating-point tensor (float16, bfloat16, float32, float64), "
+                       f"but got dtype={dtype_name(t.dtype)} instead.")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise fail("Expected query, key and value to have one dtype, but got "
+                   f"{dtype_name(query.dtype)}, {dtype_name(key.dtype)}, {dtype_name(value.dtype)} instead; "
+                   "cast them to one dtype (or run under torch.autocast).")
+    if not (query.device == key.device == value.device):
+        raise fail(f"Expected query, key and value on one device, but got {query.device}, {key.device}, "
+                   f"{value.device} instead.")
+    nested = bool(getattr(query, "is_nested", False))
+    if nested:
+        if layout != "bhsd":
+            raise fail("Expected layout='bhsd' (B, H, j, D) for nested tensors, but got 'bshd' instead.")
+        b, hq, d = query.size(0), query.size(1), query.size(-1)
+        hk, dk, dv = key.size(1), key.size(-1), value.size(-1)
+        sq = sk = 1  # ragged; the spec's lengths are placeholders
+    else:
+        if layout == "bhsd":
+            b, hq, sq, d = query.shape
+            bk, hk, sk, dk = key.shape
+            bv, hv, sv, dv = value.shape
+        else:
+            b, sq, hq, d = query.shape
+            bk, sk, hk, dk = key.shape
+            bv, sv, hv, dv = value.shape
+        if not (b == bk == bv):
+            raise fail(f"Expected query, key and value to have one batch size, but got {b}, {bk}, {bv} instead.")
+        if hk != hv:
+            raise fail(f"Expected key and value to have the same number of heads, but got {hk} and {hv} instead.")
+        if sk != sv:
+            raise fail(f"Expected key and value to have the same sequence length, but got {sk} and {sv} instead.")
+    if d != dk:
+        raise fail(f"Expected query and key to have the same head dim, but got {d} and {dk} instead.")
+    if d == 0 or dv == 0:
+        raise fail(f"Expected non-zero head dims, but got query/key head dim {d} and value head dim {dv} instead.")
+    if (hk == 0 and hq != 0) or (hk and hq % hk):
+        raise fail(f"Expected the query heads ({hq}) to be a multiple of the key/value heads ({hk}) (GQA/MQA), "
+                   "but they are not.")
+    kind = _CAUSAL.get(causal, "invalid") if isinstance(causal, (bool, str, type(None))) else "invalid"
+    if kind == "invalid":
+        raise fail(f"Expected causal to be False, True, 'top_left' or 'bottom_right', but got {causal!r} instead.")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise fail(f"Expected dropout_p to be a float in [0, 1), but got {dropout_p!r} instead.")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise fail(f"Expected scale to be None or a finite float, but got {scale!r} instead.")
+    mask_kind = None
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise fail(f"Expected attn_mask to be a torch.Tensor or None, but got {type(attn_mask).__name__} instead.")
+        if attn_mask.device != query.device:
+            raise fail(f"Expected attn_mask on {query.device} like the query, but got {attn_mask.device} instead.")
+        if attn_mask.dtype == torch.bool:
+            mask_kind = "bool"
+        elif attn_mask.dtype == query.dtype:
+            mask_kind = "float"
+        else:
+            raise fail(f"Expected attn_mask to be boolean or of the query's dtype {dtype_name(query.dtype)}, but got "
+                       f"dtype={dtype_name(attn_mask.dtype)} instead.")
+        full = (b, hq, sq, sk)
+        if nested:
+            raise fail("Expected attn_mask=None with nested tensors (their raggedness is the mask), but got a mask.")
+        ok = attn_mask.dim() <= 4 and all(
+            m in (1, f) for m, f in zip(reversed(attn_mask.shape), reversed(full), strict=False)
+        )
+        if not ok:
+            raise fail(f"Expected attn_mask to broadcast to (B, Hq, Sq, Sk) = {full}, but got shape "
+                       f"{tuple(attn_mask.shape)} instead.")
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    return (query.device.type, query.dtype, b, hq, hk, sq, sk, d, dv, kind, mask_kind, dropout_p > 0, needs_grad,
+            nested)

@@ -1,0 +1,26 @@
+"""The SDPA backends, one module each; ``BACKENDS`` maps a backend's name to its instance."""
+
+from __future__ import annotations
+
+from ._base import Backend, Requirements
+from .cudnn import CudnnBackend
+from .efficient import EfficientBackend
+from .flash import FlashBackend
+from .math import MathBackend
+
+__all__ = ["BACKENDS", "Backend", "Requirements", "get_backend"]
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (CudnnBackend(), FlashBackend(), EfficientBackend(), MathBackend())
+}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; raises ``AttentionInputError`` listing the known names otherwise."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        from ..errors import AttentionInputError
+
+        known = ", ".join(sorted(BACKENDS))
+        raise AttentionInputError(f"Expected a backend name ({known}), but got {name!r} instead.") from None

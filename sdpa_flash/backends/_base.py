@@ -1,0 +1,361 @@
+"""What every backend shares: requirements as data, one reasons function, and the runner builder.
+
+A backend is a small class whose *data* (``REQUIREMENTS``, one :class:`Requirements` per device type) says
+what its kernel accepts, and whose ``_call`` invokes that kernel. Everything else — whether a call is
+supported, why not, and which exact, cheap transformations (padding the head dim, repeating K/V for GQA,
+cutting never-visible keys, materialising a causal mask) make it fit — is derived here from that data, once
+per distinct call signature, so the per-call path is a single pre-built closure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+
+from ..capability import Capabilities
+from ..spec import AttentionSpec, dtype_name
+
+__all__ = ["Backend", "Requirements", "Runner"]
+
+Runner = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, "float | None"], torch.Tensor
+]
+"""``run(q, k, v, attn_mask, dropout_p, scale) -> out``, all in (B, H, S, D) layout."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirements:
+    """What one backend's kernel accepts on one device type.
+
+    Attributes:
+        dtypes: accepted dtypes of q, k and v.
+        min_cc: lowest CUDA compute capability, inclusive.
+        max_cc: highest CUDA compute capability, inclusive (``None``: no known limit).
+        bf16_min_cc: lowest compute capability for bfloat16 (``None``: as ``min_cc``).
+        max_head_dim: largest head dimension (q/k and v).
+        head_dim_multiple: the kernel needs head dims that are multiples of this; other sizes are
+            zero-padded (exact: zeros add nothing to q·k and give zero columns that are cut off).
+        same_head_dim_v: the value head dim must equal the query/key head dim.
+        mask: an explicit ``attn_mask`` (bool or additive float) is accepted.
+        dropout: ``dropout_p > 0`` is accepted.
+        native_gqa: fewer key/value heads than query heads are read in place (otherwise K/V are repeated).
+        kernel_causal: the corner the kernel's causal flag is aligned to when ``Sq != Sk``; ``None`` when
+            that is not established (then non-square causal calls are made square or given a mask).
+        mask_with_causal: the kernel takes a mask and its causal flag together (otherwise the causal part is
+            folded into the mask).
+        backward: the kernel has a backward.
+        min_cudnn: lowest cuDNN version (integer form, ``90000`` = 9.0.0).
+        min_torch: lowest torch release with this kernel behaving as described.
+    """
+
+    dtypes: frozenset[torch.dtype]
+    min_cc: tuple[int, int] | None = None
+    max_cc: tuple[int, int] | None = None
+    bf16_min_cc: tuple[int, int] | None = None
+    max_head_dim: int | None = None
+    head_dim_multiple: int = 1
+    same_head_dim_v: bool = False
+    mask: bool = False
+    dropout: bool = True
+    native_gqa: bool = False
+    kernel_causal: str | None = "top_left"
+    mask_with_causal: bool = False
+    backward: bool = True
+    min_cudnn: int | None = None
+    min_torch: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Prep:
+    """The exact transformations that make one call fit one kernel (decided once per spec)."""
+
+    repeat_kv: int = 1
+    pad_qk_to: int | None = None
+    pad_v_to: int | None = None
+    truncate_keys: bool = False
+    causal_mask: str | None = None
+    kernel_causal: bool = False
+    float_bias: bool = False  # the private aten ops add a boolean mask as 0/1 numbers: always pass a float bias
+
+    def notes(self, spec: AttentionSpec) -> tuple[str, ...]:
+        out = []
+        if self.repeat_kv > 1:
+            out.append(f"K/V repeated {self.repeat_kv}x for GQA (no native GQA in this kernel)")
+        if self.pad_qk_to or self.pad_v_to:
+            out.append(
+                f"head dim zero-padded {spec.head_dim}->{self.pad_qk_to or spec.head_dim}"
+                + (f" (v {spec.head_dim_v}->{self.pad_v_to})" if self.pad_v_to else "")
+            )
+        if self.truncate_keys:
+            out.append(
+                f"top-left causal with Sq={spec.seqlen_q} < Sk={spec.seqlen_k}: keys past Sq are never visible,"
+                " so a square causal call runs on the first Sq keys"
+            )
+        if self.causal_mask:
+            out.append(f"{self.causal_mask.replace('_', '-')} causal materialised as a ({spec.seqlen_q}, "
+                       f"{spec.seqlen_k}) boolean mask")
+        if self.float_bias and spec.mask == "bool":
+            out.append("boolean attn_mask converted to an additive float bias")
+        return tuple(out)
+
+
+def _fmt_cc(cc: tuple[int, int] | None) -> str:
+    return "none" if cc is None else f"({cc[0]}, {cc[1]})"
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+class Backend:
+    """One SDPA backend: requirements as data, reasons, and a runner for the direct route."""
+
+    name: ClassVar[str]
+    sdp_backend: ClassVar[str]
+    fused: ClassVar[bool] = True
+    memory: ClassVar[str] = "O(N)"
+    REQUIREMENTS: ClassVar[dict[str, Requirements]]
+    TORCH_CHECK: ClassVar[str | None] = None
+    """Name of ``torch.backends.cuda.can_use_*_attention`` consulted on a real CUDA device."""
+    MASKED_VALUE: ClassVar[float] = float("-inf")
+    """What a False entry of a boolean mask becomes in the additive bias this kernel receives."""
+
+    # ----------------------------------------------------------------------------------------- deciding
+    def requirements(self, device_type: str) -> Requirements | None:
+        return self.REQUIREMENTS.get(device_type)
+
+    def not_supported_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+        """Every reason this backend cannot run ``spec`` on ``caps``; empty when it can."""
+        req = self.requirements(caps.device_type)
+        if req is None:
+            have = ", ".join(sorted(self.REQUIREMENTS)) or "none"
+            return [f"not available on device type {caps.device_type!r} (has kernels for: {have})"]
+        reasons: list[str] = []
+        if self.name not in caps.backends:
+            reasons.append(f"not built into this PyTorch ({caps.torch_version}) for {caps.arch}")
+        cc = caps.compute_capability
+        if cc is not None:
+            if req.min_cc is not None and cc < req.min_cc:
+                reasons.append(f"requires compute capability >= {_fmt_cc(req.min_cc)}, this GPU has {_fmt_cc(cc)}")
+            if req.max_cc is not None and cc > req.max_cc:
+                reasons.append(f"requires compute capability <= {_fmt_cc(req.max_cc)}, this GPU has {_fmt_cc(cc)}")
+        if req.min_cudnn is not None and (caps.cudnn_version or 0) < req.min_cudnn:
+            reasons.append(f"requires cuDNN >= {req.min_cudnn}, this build has {caps.cudnn_version}")
+        if spec.dtype not in req.dtypes:
+            names = ", ".join(sorted(dtype_name(d) for d in req.dtypes))
+            reasons.append(f"dtype={dtype_name(spec.dtype)} (supported: {names})")
+        elif spec.dtype == torch.bfloat16 and req.bf16_min_cc is not None and cc is not None and cc < req.bf16_min_cc:
+            reasons.append(f"bfloat16 requires compute capability >= {_fmt_cc(req.bf16_min_cc)}, this GPU has "
+                           f"{_fmt_cc(cc)}; use float16")
+        if req.max_head_dim is not None:
+            big = max(spec.head_dim, spec.head_dim_v)
+            if _round_up(big, req.head_dim_multiple) > req.max_head_dim:
+                reasons.append(f"head_dim={big} (supported: <= {req.max_head_dim})")
+        if req.same_head_dim_v and spec.head_dim != spec.head_dim_v:
+            reasons.append(f"value head_dim={spec.head_dim_v} differs from query/key head_dim={spec.head_dim} "
+                           "(this kernel needs them equal)")
+        if spec.mask is not None and not req.mask:
+            reasons.append("attn_mask is not supported (pass causal=... for causal masks; a key-padding mask "
+                           "belongs on the varlen path)")
+        if spec.dropout and not req.dropout:
+            reasons.append("dropout_p > 0 is not supported")
+        if spec.needs_grad and not req.backward:
+            reasons.append("has no backward, and the inputs require grad")
+        _, why = self._causal_strategy(spec, req)
+        if why:
+            reasons.append(why)
+        reasons.extend(self.extra_reasons(spec, caps))
+        if req.min_torch is not None:
+            from packaging.version import Version
+
+            if Version(caps.torch_version) < Version(req.min_torch):
+                reasons.append(f"requires torch >= {req.min_torch}, this is {caps.torch_version}")
+        return reasons
+
+    def extra_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+        """Backend-specific limits that do not fit the :class:`Requirements` fields (default: none)."""
+        return []
+
+    @staticmethod
+    def _causal_strategy(spec: AttentionSpec, req: Requirements) -> tuple[str, str | None]:
+        """How causal masking is realised: ``none``, ``kernel``, ``truncate_keys`` or ``mask``."""
+        kind = spec.effective_causal
+        if kind is None:
+            return "none", None
+        if (kind == "top_left" and spec.seqlen_q == spec.seqlen_k) or kind == req.kernel_causal:
+            if spec.mask is not None and not req.mask_with_causal:
+                return "mask", None
+            return "kernel", None
+        if kind == "top_left" and spec.seqlen_q < spec.seqlen_k:
+            return "truncate_keys", None
+        if req.mask:
+            return "mask", None
+        corner = f"aligns causal to the {req.kernel_causal.replace('_', '-')} corner" if req.kernel_causal else (
+            "has no established causal alignment for Sq != Sk")
+        fix = " (pass causal='bottom_right' for flash-attn's convention)" if kind == "top_left" else ""
+        return "none", (
+            f"causal={kind} with seqlen_q={spec.seqlen_q} > seqlen_k={spec.seqlen_k}: this kernel {corner} "
+            f"and takes no mask{fix}"
+        )
+
+    def prep(self, spec: AttentionSpec, device_type: str) -> Prep:
+        """The transformations that make ``spec`` fit this kernel (assumes it is supported)."""
+        req = self.REQUIREMENTS[device_type]
+        strategy, _ = self._causal_strategy(spec, req)
+        m = req.head_dim_multiple
+        pad_qk = _round_up(spec.head_dim, m) if spec.head_dim % m else None
+        pad_v = _round_up(spec.head_dim_v, m) if spec.head_dim_v % m else None
+        if req.same_head_dim_v:
+            pad_v = pad_qk
+        has_mask = spec.mask is not None or strategy == "mask"
+        return Prep(
+            repeat_kv=1 if req.native_gqa else spec.heads_q // spec.heads_kv,
+            pad_qk_to=pad_qk,
+            pad_v_to=pad_v,
+            truncate_keys=strategy == "truncate_keys",
+            causal_mask=spec.effective_causal if strategy == "mask" else None,
+            kernel_causal=strategy in ("kernel", "truncate_keys"),
+            float_bias=has_mask,
+        )
+
+    def torch_reasons(self, spec: AttentionSpec, prep: Prep, device: torch.device) -> list[str]:
+        """PyTorch's own verdict for the kernel call we would make, on a real CUDA device."""
+        check = getattr(torch.backends.cuda, self.TORCH_CHECK or "", None)
+        params_cls = getattr(torch.backends.cuda, "SDPAParams", None)
+        if check is None or params_cls is None or device.type != "cuda":
+            return []
+        d = prep.pad_qk_to or spec.head_dim
+        dv = prep.pad_v_to or spec.head_dim_v
+        sk = spec.seqlen_q if prep.truncate_keys else spec.seqlen_k
+        hkv = spec.heads_kv * prep.repeat_kv
+        base = torch.empty(max(d, dv, sk), device=device, dtype=spec.dtype)
+        q = base.as_strided((spec.batch, spec.heads_q, spec.seqlen_q, d), (0, 0, 0, 1))
+        k = base.as_strided((spec.batch, hkv, sk, d), (0, 0, 0, 1))
+        v = base.as_strided((spec.batch, hkv, sk, dv), (0, 0, 0, 1))
+        mask = None
+        if spec.mask is not None or prep.causal_mask is not None:
+            mask = base.as_strided((spec.batch, spec.heads_q, spec.seqlen_q, sk), (0, 0, 0, 1))
+        args = (q, k, v, mask, 0.5 if spec.dropout else 0.0, prep.kernel_causal)
+        try:
+            params = params_cls(*args, hkv != spec.heads_q)
+        except TypeError:  # torch < 2.5: no enable_gqa field
+            params = params_cls(*args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ok = bool(check(params, True))
+        if ok:
+            return []
+        msgs = [str(w.message).strip().rstrip(".") for w in caught]
+        return [f"PyTorch: {m}" for m in msgs if m] or ["PyTorch's can_use check declined these inputs"]
+
+    # ------------------------------------------------------------------------------------------- doing
+    def _call(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None,
+        dropout_p: float,
+        is_causal: bool,
+        scale: float | None,
+        needs_lse: bool,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def kernel(self, device_type: str) -> Callable[..., torch.Tensor]:
+        """The function calling this backend's kernel on ``device_type`` (signature of :meth:`_call`)."""
+        return self._call
+
+    def runner(self, spec: AttentionSpec, prep: Prep) -> Runner:
+        """A closure that runs this kernel on (B, H, S, D) inputs with ``prep`` applied."""
+        return make_runner(self.kernel(spec.device_type), spec.needs_grad, self.MASKED_VALUE,
+                           spec.head_dim, spec.head_dim_v, spec.seqlen_q, *dataclasses.astuple(prep))
+
+
+def make_runner(
+    call: Callable[..., torch.Tensor],
+    needs_lse: bool,
+    masked_value: float,
+    head_dim: int,
+    head_dim_v: int,
+    seqlen_q: int,
+    repeat_kv: int,
+    pad_qk_to: int | None,
+    pad_v_to: int | None,
+    truncate_keys: bool,
+    causal_mask: str | None,
+    kernel_causal: bool,
+    float_bias: bool,
+) -> Runner:
+    """Build ``run(q, k, v, attn_mask, dropout_p, scale)`` for one kernel and one set of adaptations."""
+    is_causal = kernel_causal
+    if (repeat_kv, pad_qk_to, pad_v_to, truncate_keys, causal_mask) == (1, None, None, False, None):
+        if not float_bias:
+            # The common case: nothing to adapt, one kernel call.
+            def run_plain(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+                return call(q, k, v, None, dropout_p, is_causal, scale, needs_lse)
+
+            return run_plain
+
+        def run_masked(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+            return call(q, k, v, _as_float_bias(attn_mask, q.dtype, masked_value), dropout_p, is_causal, scale,
+                        needs_lse)
+
+        return run_masked
+
+    default_scale = 1.0 / math.sqrt(head_dim)
+
+    def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+        if truncate_keys:
+            k, v = k[:, :, :seqlen_q], v[:, :, :seqlen_q]
+            if attn_mask is not None and attn_mask.shape[-1] != 1:
+                attn_mask = attn_mask[..., :seqlen_q]
+        if repeat_kv > 1:
+            k = k.repeat_interleave(repeat_kv, dim=1)
+            v = v.repeat_interleave(repeat_kv, dim=1)
+        if pad_qk_to is not None:
+            if scale is None:
+                scale = default_scale
+            q = torch.nn.functional.pad(q, (0, pad_qk_to - head_dim))
+            k = torch.nn.functional.pad(k, (0, pad_qk_to - head_dim))
+        if pad_v_to is not None:
+            v = torch.nn.functional.pad(v, (0, pad_v_to - head_dim_v))
+        if causal_mask is not None:
+            attn_mask = _merge_causal(attn_mask, causal_mask, q.shape[-2], k.shape[-2], q.device)
+        if float_bias and attn_mask is not None:
+            attn_mask = _as_float_bias(attn_mask, q.dtype, masked_value)
+        out = call(q, k, v, attn_mask, dropout_p, is_causal, scale, needs_lse)
+        if pad_v_to is not None:
+            out = out[..., :head_dim_v]
+        return out
+
+    return run
+
+
+def causal_mask_tensor(kind: str, sq: int, sk: int, device: torch.device) -> torch.Tensor:
+    """The (Sq, Sk) boolean causal mask, True where attending is allowed.
+
+    ``top_left``: query i sees keys j <= i. ``bottom_right``: query i sees keys j <= i + Sk - Sq.
+    """
+    offset = 0 if kind == "top_left" else sk - sq
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+def _merge_causal(mask: torch.Tensor | None, kind: str, sq: int, sk: int, device: torch.device) -> torch.Tensor:
+    causal = causal_mask_tensor(kind, sq, sk, device)
+    if mask is None:
+        return causal
+    if mask.dtype == torch.bool:
+        return mask & causal
+    return mask.masked_fill(~causal, float("-inf"))
+
+
+def _as_float_bias(mask: torch.Tensor, dtype: torch.dtype, masked_value: float) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, masked_value)
+    return mask if mask.dtype == dtype else mask.to(dtype)

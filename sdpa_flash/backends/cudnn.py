@@ -1,0 +1,55 @@
+"""``SDPBackend.CUDNN_ATTENTION``: cuDNN's fused attention (the fastest kernel on Hopper and Blackwell)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ..capability import Capabilities
+from ..spec import AttentionSpec
+from ._base import Backend, Requirements
+
+__all__ = ["CudnnBackend"]
+
+
+class CudnnBackend(Backend):
+    name = "cudnn"
+    sdp_backend = "CUDNN_ATTENTION"
+    TORCH_CHECK = "can_use_cudnn_attention"
+    # PyTorch turns a boolean mask into -65504 rather than -inf for cuDNN (a cuDNN -inf workaround).
+    MASKED_VALUE = -65504.0
+    REQUIREMENTS: ClassVar[dict[str, Requirements]] = {
+        "cuda": Requirements(
+            dtypes=frozenset((torch.float16, torch.bfloat16)),
+            min_cc=(8, 0),
+            max_head_dim=256,
+            head_dim_multiple=8,
+            mask=True,
+            native_gqa=True,
+            # cuDNN's corner for non-square causal is not established: such calls are made square or masked.
+            kernel_causal=None,
+            min_cudnn=90000,
+        ),
+    }
+
+    def extra_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+        reasons = []
+        cc = caps.compute_capability
+        big = max(spec.head_dim, spec.head_dim_v)
+        if big > 128 and cc is not None and cc[0] not in (9, 10):
+            reasons.append(f"head_dim={big} (supported: <= 128 on {caps.arch}; up to 256 on sm90/sm100)")
+        if spec.seqlen_k == 1:
+            reasons.append("seqlen_k=1 is not supported by cuDNN attention")
+        if spec.seqlen_q == 1 and spec.dropout:
+            reasons.append("seqlen_q=1 with dropout is not supported by cuDNN attention")
+        if spec.batch > 65535 or spec.heads_q > 65535:
+            reasons.append(f"batch={spec.batch}, heads={spec.heads_q} (supported: <= 65535 each)")
+        return reasons
+
+    def _call(self, q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+        if bias is not None:
+            bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        return torch._scaled_dot_product_cudnn_attention(
+            q, k, v, bias, needs_lse, dropout_p, is_causal, False, scale=scale
+        )[0]

@@ -1,0 +1,60 @@
+"""``SDPBackend.FLASH_ATTENTION``: FlashAttention-2 on CUDA, PyTorch's own flash kernel on the CPU."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ..capability import Capabilities
+from ..spec import AttentionSpec
+from ._base import Backend, Requirements
+
+__all__ = ["FlashBackend"]
+
+
+class FlashBackend(Backend):
+    name = "flash"
+    sdp_backend = "FLASH_ATTENTION"
+    TORCH_CHECK = "can_use_flash_attention"
+    REQUIREMENTS: ClassVar[dict[str, Requirements]] = {
+        # PyTorch's CUDA flash kernel is flash-attn 2: causal is aligned bottom-right when Sq != Sk (which is
+        # why PyTorch's own check refuses is_causal there), no masks, GQA read in place, q/k/v head dims equal.
+        "cuda": Requirements(
+            dtypes=frozenset((torch.float16, torch.bfloat16)),
+            min_cc=(8, 0),
+            max_head_dim=256,
+            head_dim_multiple=8,
+            same_head_dim_v=True,
+            native_gqa=True,
+            kernel_causal="bottom_right",
+        ),
+        # The CPU kernel: blocked online softmax; masks yes, dropout no, any head dim, top-left causal.
+        "cpu": Requirements(
+            dtypes=frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64)),
+            same_head_dim_v=True,
+            mask=True,
+            dropout=False,
+            native_gqa=True,
+            kernel_causal="top_left",
+        ),
+    }
+
+    def extra_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+        cc = caps.compute_capability
+        # sm86-sm89 (and sm120/121) lack the shared memory for the large-head-dim backward kernels.
+        if cc is not None and spec.needs_grad and ((8, 6) <= cc <= (8, 9) or (12, 0) <= cc <= (12, 1)):
+            if (spec.head_dim > 224 and spec.dropout) or 192 < spec.head_dim <= 224:
+                return [f"backward with head_dim={spec.head_dim} needs more shared memory than {caps.arch} has"]
+        return []
+
+    def kernel(self, device_type: str):  # type: ignore[no-untyped-def]
+        return _cpu if device_type == "cpu" else self._call
+
+    def _call(self, q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+        return torch._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+
+
+def _cpu(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+    return torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, attn_mask=bias,
+                                                             scale=scale)[0]

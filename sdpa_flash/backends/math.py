@@ -1,0 +1,26 @@
+"""``SDPBackend.MATH``: PyTorch's composite reference. Any device, dtype, mask; O(S^2) memory."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ._base import Backend, Requirements
+
+__all__ = ["MathBackend"]
+
+_ANY_FLOAT = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+_MATH = Requirements(dtypes=_ANY_FLOAT, mask=True, native_gqa=False, kernel_causal="top_left",
+                     mask_with_causal=False)
+
+
+class MathBackend(Backend):
+    name = "math"
+    sdp_backend = "MATH"
+    fused = False
+    memory = "O(N^2)"
+    REQUIREMENTS: ClassVar[dict[str, Requirements]] = {"cuda": _MATH, "cpu": _MATH, "mps": _MATH, "xpu": _MATH}
+
+    def _call(self, q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+        return torch._scaled_dot_product_attention_math(q, k, v, bias, dropout_p, is_causal, scale=scale)[0]

@@ -1,0 +1,175 @@
+"""What this machine can run: a frozen, hashable description of one device.
+
+Probing is lazy and cached per device: importing sdpa_flash touches no GPU. A :class:`Capabilities` is plain
+data, so the planner can be exercised with constructed profiles (``Capabilities.synthetic(...)``) for GPUs
+that are not present, which is how the test-suite checks decisions for sm70 ... sm100 on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import torch
+
+__all__ = ["Capabilities", "capabilities"]
+
+BACKEND_NAMES: tuple[str, ...] = ("cudnn", "flash", "efficient", "math")
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What one device and this PyTorch build can do.
+
+    Attributes:
+        device_type: ``"cuda"``, ``"cpu"``, ...
+        device_index: CUDA ordinal, or ``None`` for the CPU.
+        name: the device's name (``"NVIDIA H200"``), or ``"cpu"``.
+        compute_capability: ``(major, minor)`` on CUDA, ``None`` elsewhere.
+        sm_count: number of streaming multiprocessors (CUDA only).
+        total_memory: device memory in bytes (CUDA only).
+        torch_version: ``torch.__version__`` without the local part (``"2.11.0"``).
+        cuda_version: the CUDA runtime PyTorch was built with, or ``None``.
+        hip_version: the ROCm/HIP version PyTorch was built with, or ``None``.
+        cudnn_version: cuDNN's version as an integer (``91900`` for 9.19.0), or ``None``.
+        backends: the SDPA backends this build has for this device (``"flash"``, ``"cudnn"``, ...).
+        flash_impl: the flash implementation registered with PyTorch (torch >= 2.10), e.g. ``"FA3"``;
+            ``None`` means PyTorch's built-in FlashAttention-2 (or no flash kernel at all).
+        probed: ``True`` when read from a real device of this process, ``False`` for a constructed profile.
+    """
+
+    device_type: str
+    device_index: int | None = None
+    name: str = ""
+    compute_capability: tuple[int, int] | None = None
+    sm_count: int | None = None
+    total_memory: int | None = None
+    torch_version: str = ""
+    cuda_version: str | None = None
+    hip_version: str | None = None
+    cudnn_version: int | None = None
+    backends: frozenset[str] = frozenset()
+    flash_impl: str | None = None
+    probed: bool = False
+
+    @property
+    def arch(self) -> str:
+        """A short architecture tag: ``"sm90"``, ``"cpu"``, ``"rocm"``."""
+        if self.device_type == "cuda" and self.hip_version:
+            return "rocm"
+        if self.compute_capability is not None:
+            major, minor = self.compute_capability
+            return f"sm{major}{minor}"
+        return self.device_type
+
+    @classmethod
+    def synthetic(
+        cls,
+        device_type: str = "cuda",
+        compute_capability: tuple[int, int] | None = (9, 0),
+        *,
+        torch_version: str | None = None,
+        cudnn_version: int | None = 91900,
+        backends: frozenset[str] | None = None,
+        name: str | None = None,
+        **extra: Any,
+    ) -> Capabilities:
+        """A constructed profile, e.g. ``Capabilities.synthetic("cuda", (7, 5))`` for a T4.
+
+        Unless given, ``backends`` is what a stock CUDA (or CPU) build of PyTorch ships for that device.
+        """
+        if device_type == "cpu":
+            compute_capability = None
+            cudnn_version = None
+        if backends is None:
+            backends = frozenset(BACKEND_NAMES if device_type == "cuda" else ("flash", "math"))
+        return cls(
+            device_type=device_type,
+            device_index=0 if device_type == "cuda" else None,
+            name=name if name is not None else (f"synthetic {device_type} {compute_capability or ''}".strip()),
+            compute_capability=compute_capability,
+            torch_version=torch_version or _torch_version(),
+            cuda_version="13.0" if device_type == "cuda" else None,
+            cudnn_version=cudnn_version,
+            backends=backends,
+            probed=False,
+            **extra,
+        )
+
+
+def _torch_version() -> str:
+    return torch.__version__.split("+")[0]
+
+
+def capabilities(device: torch.device | str | int | None = None) -> Capabilities:
+    """Probe (once, then cached) what ``device`` can run.
+
+    Args:
+        device: a ``torch.device``, a string such as ``"cuda:1"`` or ``"cpu"``, a CUDA ordinal, or ``None``
+            for the current CUDA device when CUDA is available and the CPU otherwise.
+
+    Returns:
+        The device's :class:`Capabilities`.
+    """
+    if device is None:
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    elif isinstance(device, int):
+        dev = torch.device("cuda", device)
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _probe(dev.type, dev.index)
+
+
+@functools.cache
+def _probe(device_type: str, index: int | None) -> Capabilities:
+    common: dict[str, Any] = {
+        "torch_version": _torch_version(),
+        "cuda_version": torch.version.cuda,
+        "hip_version": getattr(torch.version, "hip", None),
+        "probed": True,
+    }
+    if device_type == "cpu":
+        return Capabilities(device_type="cpu", name="cpu", backends=frozenset(("flash", "math")), **common)
+    if device_type != "cuda":
+        # MPS, XPU, ...: PyTorch's math reference is always there; fused kernels of other devices are
+        # reached through PyTorch's own dispatcher, which sdpa_flash does not model.
+        return Capabilities(device_type=device_type, device_index=index, name=device_type,
+                            backends=frozenset(("math",)), **common)
+    props = torch.cuda.get_device_properties(index)
+    backends = {"math", "efficient"}
+    if _flash_available():
+        backends.add("flash")
+    cudnn_version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    if cudnn_version is not None and not common["hip_version"]:
+        backends.add("cudnn")
+    return Capabilities(
+        device_type="cuda",
+        device_index=index,
+        name=props.name,
+        compute_capability=(props.major, props.minor),
+        sm_count=props.multi_processor_count,
+        total_memory=props.total_memory,
+        cudnn_version=cudnn_version,
+        backends=frozenset(backends),
+        flash_impl=_flash_impl(),
+        **common,
+    )
+
+
+def _flash_available() -> bool:
+    check = getattr(torch.backends.cuda, "is_flash_attention_available", None)
+    return bool(check()) if check is not None else True
+
+
+def _flash_impl() -> str | None:
+    impl = getattr(torch.nn.attention, "current_flash_attention_impl", None)
+    if impl is None:
+        return None
+    try:
+        value = impl()
+    except Exception:  # a registry that cannot answer is the same as no registration
+        return None
+    return None if value is None else str(value)

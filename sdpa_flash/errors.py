@@ -1,0 +1,50 @@
+"""The library's exception family.
+
+Every error sdpa_flash raises on purpose derives from :class:`SdpaFlashError`, so callers can catch the
+whole family in one clause. Bad input is also a :class:`ValueError` (or :class:`TypeError` where the
+*type* of an argument is wrong), so code written against plain PyTorch keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+__all__ = [
+    "AttentionInputError",
+    "BackendUnavailableError",
+    "SdpaFlashError",
+]
+
+
+class SdpaFlashError(Exception):
+    """Base class of every error raised by sdpa_flash."""
+
+
+class AttentionInputError(SdpaFlashError, ValueError):
+    """The arguments of a call are invalid; the message says which one, what it was and what is expected."""
+
+
+class BackendUnavailableError(SdpaFlashError, RuntimeError):
+    """No backend allowed by the policy can run these inputs on this device.
+
+    Attributes:
+        inputs: a one-line description of the inputs (shapes, dtype, device, options).
+        reasons: every backend that was tried, in order, with the reasons it could not run.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        inputs: str = "",
+        reasons: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        self.inputs = inputs
+        self.reasons: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in (reasons or {}).items()}
+        lines = [message]
+        if inputs:
+            lines.append(f"  inputs: {inputs}")
+        for name, why in self.reasons.items():
+            lines.append(f"  `{name}` is not supported because:")
+            lines.extend(f"    - {w}" for w in why)
+        super().__init__("\n".join(lines))

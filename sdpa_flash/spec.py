@@ -1,0 +1,96 @@
+"""``AttentionSpec``: the small, hashable summary of one attention call that the planner decides on."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = ["AttentionSpec", "CausalKind", "MaskKind"]
+
+CausalKind = str | None
+"""``None`` (no causal masking), ``"top_left"`` (PyTorch's ``is_causal``) or ``"bottom_right"`` (flash-attn)."""
+
+MaskKind = str | None
+"""``None``, ``"bool"`` (True = attend) or ``"float"`` (added to the scores)."""
+
+_DTYPE_NAMES = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Everything about a call that decides which backend may run it; shapes are in (B, H, S, D) terms.
+
+    Attributes:
+        device_type: ``"cuda"``, ``"cpu"``, ...
+        dtype: the dtype of query, key and value (they must agree).
+        batch: B.
+        heads_q: query heads, Hq.
+        heads_kv: key/value heads, Hkv; ``Hq % Hkv == 0`` (GQA/MQA when ``Hkv < Hq``).
+        seqlen_q: query length, Sq.
+        seqlen_k: key/value length, Sk.
+        head_dim: query/key head dimension, D.
+        head_dim_v: value head dimension, Dv.
+        causal: ``None``, ``"top_left"`` or ``"bottom_right"``; with ``Sq == Sk`` both are the same mask.
+        mask: ``None``, ``"bool"`` or ``"float"`` (an explicit ``attn_mask``).
+        dropout: whether ``dropout_p > 0``.
+        needs_grad: whether autograd will need a backward through the call.
+        nested: whether the inputs are nested (jagged) tensors.
+    """
+
+    device_type: str
+    dtype: torch.dtype
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    head_dim_v: int
+    causal: CausalKind = None
+    mask: MaskKind = None
+    dropout: bool = False
+    needs_grad: bool = False
+    nested: bool = False
+
+    @property
+    def gqa(self) -> bool:
+        """Whether key/value have fewer heads than the query."""
+        return self.heads_kv != self.heads_q
+
+    @property
+    def effective_causal(self) -> CausalKind:
+        """The causal kind with the square case folded: ``"top_left"`` whenever ``Sq == Sk``."""
+        if self.causal is not None and self.seqlen_q == self.seqlen_k:
+            return "top_left"
+        return self.causal
+
+    def describe(self) -> str:
+        """One line for error messages: ``query (2, 16, 4096, 128) bfloat16 on cuda, causal=top_left``."""
+        parts = [
+            f"query ({self.batch}, {self.heads_q}, {self.seqlen_q}, {self.head_dim})",
+            f"key ({self.batch}, {self.heads_kv}, {self.seqlen_k}, {self.head_dim})",
+            f"value ({self.batch}, {self.heads_kv}, {self.seqlen_k}, {self.head_dim_v})",
+            f"{dtype_name(self.dtype)} on {self.device_type}",
+        ]
+        if self.causal:
+            parts.append(f"causal={self.causal}")
+        if self.mask:
+            parts.append(f"attn_mask={self.mask}")
+        if self.dropout:
+            parts.append("dropout")
+        if self.needs_grad:
+            parts.append("requires grad")
+        if self.nested:
+            parts.append("nested")
+        return ", ".join(parts)
