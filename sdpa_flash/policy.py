@@ -432,7 +432,8 @@ def plan(spec: AttentionSpec, caps: Capabilities, policy: Policy = _DEFAULT) -> 
         reasons[name] = tuple(why) if why else (f"ranked below {chosen} for {caps.arch} by the policy",)
     for name in BACKENDS:
         if name not in reasons and name != chosen:
-            reasons[name] = (f"not allowed by policy {policy}",)
+            why = BACKENDS[name].not_supported_reasons(spec, caps) if policy.name == "auto" else []
+            reasons[name] = tuple(why) or (f"not allowed by policy {policy}",)
     prep = BACKENDS[chosen].prep(spec, caps.device_type)
     return Plan(chosen, spec, caps, policy, order, reasons, fallback=fallback,
                 notes=prep.notes(spec), evidence=evidence, prep=prep)

@@ -89,7 +89,8 @@ class Prep:
         if self.pad_qk_to or self.pad_v_to:
             out.append(
                 f"head dim zero-padded {spec.head_dim}->{self.pad_qk_to or spec.head_dim}"
-                + (f" (v {spec.head_dim_v}->{self.pad_v_to})" if self.pad_v_to else "")
+                + (f" (v {spec.head_dim_v}->{self.pad_v_to})" if self.pad_v_to and spec.head_dim_v != spec.head_dim
+                   else "")
             )
         if self.truncate_keys:
             out.append(

@@ -1,0 +1,279 @@
+"""plan() over constructed Capabilities: the decisions and reasons for CPU and sm70 ... sm100, on any machine."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from sdpa_flash import (
+    AttentionSpec,
+    BackendUnavailableError,
+    Capabilities,
+    DenylistEntry,
+    Policy,
+    add_denylist_entry,
+    plan,
+    remove_denylist_entry,
+)
+from sdpa_flash.policy import resolve_policy
+
+PROFILES = {
+    "cpu": Capabilities.synthetic("cpu"),
+    "sm70": Capabilities.synthetic("cuda", (7, 0)),
+    "sm75": Capabilities.synthetic("cuda", (7, 5)),
+    "sm80": Capabilities.synthetic("cuda", (8, 0)),
+    "sm86": Capabilities.synthetic("cuda", (8, 6)),
+    "sm89": Capabilities.synthetic("cuda", (8, 9)),
+    "sm90": Capabilities.synthetic("cuda", (9, 0)),
+    "sm100": Capabilities.synthetic("cuda", (10, 0)),
+}
+
+
+def spec(device_type: str = "cuda", dtype: torch.dtype = torch.bfloat16, **kw: object) -> AttentionSpec:
+    base: dict[str, object] = dict(
+        device_type=device_type, dtype=dtype, batch=2, heads_q=16, heads_kv=16, seqlen_q=1024, seqlen_k=1024,
+        head_dim=128, head_dim_v=128, causal="top_left", mask=None, dropout=False, needs_grad=True,
+    )
+    base.update(kw)
+    return AttentionSpec(**base)  # type: ignore[arg-type]
+
+
+def typical(profile: str) -> AttentionSpec:
+    caps = PROFILES[profile]
+    if caps.device_type == "cpu":
+        return spec("cpu", torch.float32)
+    return spec(dtype=torch.bfloat16 if caps.compute_capability >= (8, 0) else torch.float16)
+
+
+AUTO = resolve_policy("auto")
+
+
+# ------------------------------------------------------------------------------- the auto decision table
+@pytest.mark.parametrize(
+    ("profile", "expected"),
+    [("cpu", "flash"), ("sm70", "efficient"), ("sm75", "efficient"), ("sm80", "flash"), ("sm86", "flash"),
+     ("sm89", "flash"), ("sm90", "cudnn"), ("sm100", "cudnn")],
+)
+def test_auto_picks_the_ranked_kernel(profile: str, expected: str) -> None:
+    p = plan(typical(profile), PROFILES[profile], AUTO)
+    assert p.backend == expected
+    assert not p.fallback
+    assert p.order[0] == expected  # the first-ranked backend can run the typical call on every profile
+    assert set(p.reasons) | {p.backend} == {"cudnn", "flash", "efficient", "math"}
+    assert p.evidence
+
+
+@pytest.mark.parametrize("profile", ["sm70", "sm75"])
+def test_pre_ampere_reasons_name_the_capability(profile: str) -> None:
+    p = plan(typical(profile), PROFILES[profile], AUTO)
+    cc = PROFILES[profile].compute_capability
+    for name in ("flash", "cudnn"):
+        assert f"requires compute capability >= (8, 0), this GPU has ({cc[0]}, {cc[1]})" in p.reasons[name]
+
+
+def test_bf16_on_volta_falls_back_to_math_and_says_why() -> None:
+    p = plan(spec(dtype=torch.bfloat16), PROFILES["sm70"], AUTO)
+    assert p.backend == "math" and p.fallback
+    assert any("bfloat16 requires compute capability >= (8, 0)" in r for r in p.reasons["efficient"])
+    with pytest.raises(BackendUnavailableError, match="fallback mode is 'error'"):
+        plan(spec(dtype=torch.bfloat16), PROFILES["sm70"], resolve_policy("auto", fallback="error"))
+    with pytest.raises(BackendUnavailableError) as info:
+        plan(spec(dtype=torch.bfloat16), PROFILES["sm70"], resolve_policy("fused"))
+    assert set(info.value.reasons) == {"efficient", "flash", "cudnn"}  # math is never tried under "fused"
+
+
+def test_lower_ranked_backends_get_a_ranking_reason() -> None:
+    p = plan(typical("sm90"), PROFILES["sm90"], AUTO)
+    assert p.reasons["flash"] == ("ranked below cudnn for sm90 by the policy",)
+    assert str(p).startswith("cudnn via direct aten op  (flash: ranked below cudnn")
+    text = p.explain()
+    assert "backend: cudnn" in text and "ranking: cudnn > flash > efficient > math" in text
+
+
+def test_cpu_reasons_for_cuda_only_backends() -> None:
+    p = plan(typical("cpu"), PROFILES["cpu"], AUTO)
+    assert p.reasons["cudnn"] == ("not available on device type 'cpu' (has kernels for: cuda)",)
+
+
+# ---------------------------------------------------------------------------------- strict policies
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_flash_policy_is_strict(profile: str) -> None:
+    caps, s = PROFILES[profile], typical(profile)
+    flash = resolve_policy("flash")
+    if profile in ("sm70", "sm75"):
+        with pytest.raises(BackendUnavailableError) as info:
+            plan(s, caps, flash)
+        assert list(info.value.reasons) == ["flash"]
+        assert "requires compute capability >= (8, 0)" in str(info.value)
+        assert "inputs: query (2, 16, 1024, 128)" in str(info.value)
+    else:
+        p = plan(s, caps, flash)
+        assert p.backend == "flash" and not p.fallback
+        assert p.reasons["cudnn"] == ("not allowed by policy flash",)
+
+
+def test_math_policy_always_runs() -> None:
+    for name, caps in PROFILES.items():
+        assert plan(typical(name), caps, resolve_policy("math")).backend == "math"
+
+
+def test_custom_list_order_and_fallback() -> None:
+    pol = resolve_policy(["flash", "math"])
+    assert plan(typical("sm80"), PROFILES["sm80"], pol).backend == "flash"
+    p = plan(typical("sm75"), PROFILES["sm75"], pol)
+    assert p.backend == "math" and p.fallback
+    with pytest.raises(BackendUnavailableError):
+        plan(typical("sm75"), PROFILES["sm75"], resolve_policy("cudnn,flash"))
+    assert plan(typical("sm80"), PROFILES["sm80"], resolve_policy("cudnn,flash")).backend == "cudnn"
+
+
+# --------------------------------------------------------------------------------- input-driven reasons
+def test_mask_excludes_flash_and_keeps_cudnn_on_hopper() -> None:
+    p = plan(spec(mask="bool"), PROFILES["sm90"], AUTO)
+    assert p.backend == "cudnn"
+    assert any(r.startswith("attn_mask is not supported") for r in p.reasons["flash"])
+    p80 = plan(spec(mask="float"), PROFILES["sm80"], AUTO)
+    assert p80.backend == "efficient"
+
+
+def test_dtype_and_head_dim_reasons() -> None:
+    p = plan(spec(dtype=torch.float32), PROFILES["sm90"], AUTO)
+    assert p.backend == "efficient"
+    assert "dtype=float32 (supported: bfloat16, float16)" in p.reasons["cudnn"]
+    p = plan(spec(head_dim=512, head_dim_v=512), PROFILES["sm90"], AUTO)
+    assert p.backend == "efficient"
+    assert "head_dim=512 (supported: <= 256)" in p.reasons["flash"]
+    p = plan(spec(head_dim=192, head_dim_v=192), PROFILES["sm80"], AUTO)
+    assert p.backend == "flash"
+    with pytest.raises(BackendUnavailableError, match=r"head_dim=192 \(supported: <= 128 on sm80"):
+        plan(spec(head_dim=192, head_dim_v=192), PROFILES["sm80"], resolve_policy("cudnn"))
+
+
+def test_ada_backward_shared_memory_limit() -> None:
+    with pytest.raises(BackendUnavailableError, match="needs more shared memory than sm89"):
+        plan(spec(head_dim=200, head_dim_v=200), PROFILES["sm89"], resolve_policy("flash"))
+    assert plan(spec(head_dim=200, head_dim_v=200, needs_grad=False), PROFILES["sm89"],
+                resolve_policy("flash")).backend == "flash"
+    assert plan(spec(head_dim=200, head_dim_v=200), PROFILES["sm80"], resolve_policy("flash")).backend == "flash"
+
+
+def test_value_head_dim_must_match_for_flash() -> None:
+    p = plan(spec(head_dim_v=64), PROFILES["sm80"], AUTO)
+    assert p.backend == "efficient"
+    assert any("value head_dim=64 differs" in r for r in p.reasons["flash"])
+
+
+def test_padding_and_gqa_adaptations_are_noted() -> None:
+    p = plan(spec(head_dim=60, head_dim_v=60), PROFILES["sm80"], AUTO)
+    assert p.backend == "flash" and p.prep.pad_qk_to == 64
+    assert "head dim zero-padded 60->64" in p.notes
+    p = plan(spec(heads_kv=4), PROFILES["sm80"], resolve_policy("efficient"))
+    assert p.prep.repeat_kv == 4 and any("repeated 4x for GQA" in n for n in p.notes)
+    p = plan(spec(heads_kv=4), PROFILES["sm80"], AUTO)
+    assert p.backend == "flash" and p.prep.repeat_kv == 1 and not p.notes
+
+
+# ------------------------------------------------------------------------------------- causal corners
+def test_bottom_right_is_native_for_flash_and_masked_elsewhere() -> None:
+    s = spec(causal="bottom_right", seqlen_q=256, seqlen_k=1024)
+    p = plan(s, PROFILES["sm80"], AUTO)
+    assert p.backend == "flash" and p.prep.kernel_causal and p.prep.causal_mask is None
+    p = plan(s, PROFILES["sm90"], AUTO)
+    assert p.backend == "cudnn" and p.prep.causal_mask == "bottom_right" and not p.prep.kernel_causal
+    assert any("bottom-right causal materialised" in n for n in p.notes)
+
+
+def test_top_left_with_more_keys_truncates_for_flash() -> None:
+    p = plan(spec(seqlen_q=256, seqlen_k=1024), PROFILES["sm80"], AUTO)
+    assert p.backend == "flash" and p.prep.truncate_keys and p.prep.kernel_causal
+    assert any("keys past Sq are never visible" in n for n in p.notes)
+
+
+def test_top_left_with_more_queries_is_refused_by_flash_with_a_fix() -> None:
+    s = spec(seqlen_q=1024, seqlen_k=256)
+    with pytest.raises(BackendUnavailableError, match="pass causal='bottom_right'"):
+        plan(s, PROFILES["sm80"], resolve_policy("flash"))
+    assert plan(s, PROFILES["sm80"], AUTO).backend == "efficient"  # the efficient kernel is top-left natively
+
+
+def test_square_causal_kinds_are_the_same_decision() -> None:
+    a = plan(spec(causal="top_left"), PROFILES["sm90"], AUTO)
+    b = plan(spec(causal="bottom_right"), PROFILES["sm90"], AUTO)
+    assert a.backend == b.backend and a.prep == b.prep
+
+
+# ------------------------------------------------------------------------------------------- denylist
+def test_builtin_denylist_mask_nan_on_hopper() -> None:
+    caps = dataclasses.replace(PROFILES["sm90"], torch_version="2.11.0")
+    s = spec(mask="bool", seqlen_q=1088, seqlen_k=1088)  # 1088 % 128 == 64
+    p = plan(s, caps, AUTO)
+    assert p.backend == "efficient"
+    assert any("pytorch/pytorch#196678" in r for r in p.reasons["cudnn"])
+    assert plan(dataclasses.replace(s, needs_grad=False), caps, AUTO).backend == "cudnn"
+    assert plan(spec(mask="bool", seqlen_q=1024, seqlen_k=1024), caps, AUTO).backend == "cudnn"
+
+
+def test_builtin_denylist_blackwell_gqa() -> None:
+    caps = dataclasses.replace(PROFILES["sm100"], torch_version="2.13.0")
+    p = plan(spec(heads_kv=4), caps, AUTO)
+    assert p.backend == "flash" and any("#193893" in r for r in p.reasons["cudnn"])
+    assert plan(spec(heads_kv=8), caps, AUTO).backend == "cudnn"
+
+
+def test_builtin_denylist_by_torch_and_cudnn_version() -> None:
+    old = dataclasses.replace(PROFILES["sm90"], torch_version="2.5.0")
+    assert plan(spec(), old, AUTO).backend == "flash"
+    assert plan(spec(needs_grad=False), old, AUTO).backend == "cudnn"
+    old_cudnn = dataclasses.replace(PROFILES["sm90"], cudnn_version=91500)
+    assert plan(spec(seqlen_q=1000, seqlen_k=1000), old_cudnn, AUTO).backend == "flash"
+    assert plan(spec(seqlen_q=1024, seqlen_k=1024), old_cudnn, AUTO).backend == "cudnn"
+
+
+def test_user_denylist_entry_vetoes_and_is_removable() -> None:
+    entry = DenylistEntry("flash", "test: flash misbehaves at head_dim 64", source="local",
+                          when=lambda s: s.head_dim == 64)
+    s = spec(head_dim=64, head_dim_v=64)
+    assert plan(s, PROFILES["sm80"], AUTO).backend == "flash"
+    add_denylist_entry(entry)
+    try:
+        p = plan(s, PROFILES["sm80"], AUTO)
+        assert p.backend == "efficient"
+        assert p.reasons["flash"] == ("denylisted: test: flash misbehaves at head_dim 64 [local]",)
+        assert plan(spec(), PROFILES["sm80"], AUTO).backend == "flash"
+    finally:
+        remove_denylist_entry(entry)
+    assert plan(s, PROFILES["sm80"], AUTO).backend == "flash"
+
+
+def test_denylist_rejects_unknown_backend() -> None:
+    from sdpa_flash import AttentionInputError
+
+    with pytest.raises(AttentionInputError, match=r"DenylistEntry\.backend"):
+        add_denylist_entry(DenylistEntry("warp", "x"))
+
+
+# ----------------------------------------------------------------------------------------- properties
+def test_plan_is_cached_and_pure() -> None:
+    s, caps = typical("sm90"), PROFILES["sm90"]
+    assert plan(s, caps, AUTO) is plan(s, caps, AUTO)
+    assert plan(s, caps, Policy()) == plan(s, caps, AUTO)
+
+
+def test_zero_size_problem_needs_no_kernel() -> None:
+    p = plan(spec(batch=0), PROFILES["sm90"], resolve_policy("flash"))
+    assert p.backend == "math" and "zero-size" in p.notes[0]
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_every_backend_has_reasons_or_runs(profile: str) -> None:
+    caps = PROFILES[profile]
+    for pol in ("auto", "fused", "math", "flash", "cudnn", "efficient"):
+        try:
+            p = plan(typical(profile), caps, resolve_policy(pol))
+        except BackendUnavailableError as exc:
+            assert exc.reasons and all(exc.reasons.values())
+        else:
+            assert all(p.reasons[n] for n in p.reasons)
+            assert p.backend not in p.reasons
