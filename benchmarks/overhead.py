@@ -37,6 +37,19 @@ def per_call_us(fn: Callable[[], object], n: int, device: str) -> float:
     return (time.perf_counter() - t) / n * 1e6
 
 
+def _direct_op(backend: str, device: str, causal: bool) -> Callable[..., object]:
+    """The kernel's own op called from Python with no policy layer: the floor for a direct route."""
+    if backend == "cudnn":
+        return lambda q, k, v: torch._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, causal)[0]
+    if backend == "flash" and device == "cuda":
+        return lambda q, k, v: torch._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[0]
+    if backend == "flash":
+        return lambda q, k, v: torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)[0]
+    if backend == "efficient":
+        return lambda q, k, v: torch._scaled_dot_product_efficient_attention(q, k, v, None, False, 0.0, causal)[0]
+    return lambda q, k, v: torch._scaled_dot_product_attention_math(q, k, v, None, 0.0, causal)[0]
+
+
 def measure(device: str, rounds: int, n: int, causal: bool) -> dict[str, object]:
     torch.manual_seed(0)
     torch.set_num_threads(1)  # intra-op thread wake-ups add noise larger than what is measured here
@@ -62,7 +75,13 @@ def measure(device: str, rounds: int, n: int, causal: bool) -> dict[str, object]
         with sdpa_kernel([forced]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-    ways = {"raw F.sdpa": raw, "sdpa_flash.attention": ours, "attention(policy='flash')": ours_flash,
+    direct = _direct_op(plan.backend, device, causal)
+
+    def direct_op() -> object:
+        return direct(q, k, v)
+
+    ways = {"raw F.sdpa": raw, f"direct {plan.backend} aten op (floor)": direct_op,
+            "sdpa_flash.attention": ours, "attention(policy='flash')": ours_flash,
             f"sdpa_kernel([{plan.backend}]) + F.sdpa": with_sdpa_kernel}
     torch.testing.assert_close(ours(), raw(), rtol=2e-2, atol=2e-2)  # same answer before timing
     for fn in ways.values():

@@ -39,13 +39,14 @@ _SDPA = F.scaled_dot_product_attention  # the original, to notice when a layer h
 _mode_on: Callable[[], bool] = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
 _has_tf: Callable[..., bool] = torch._C._has_torch_function_variadic
 _grad_on = torch.is_grad_enabled
+_block_policy = _policy._BLOCK.get
 _any_autocast: Callable[[], bool] = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CAUSAL = {False: None, None: None, True: "top_left", "top_left": "top_left", "bottom_right": "bottom_right"}
 _CACHE_LIMIT = 4096
 
-# key -> (run(q, k, v, mask, dropout_p, scale) on the user's layout, fallback warning or None)
-_cache: dict[Any, tuple[Callable[..., torch.Tensor], str | None]] = {}
+# key -> (run(q, k, v, mask, dropout_p, scale) on the user's layout, fallback warning or None, the policy)
+_cache: dict[Any, tuple[Callable[..., torch.Tensor], str | None, Policy]] = {}
 _resolved: dict[Any, Policy] = {}
 
 
@@ -106,23 +107,23 @@ def attention(
     if _compiling():
         return _compiled(query, key, value, attn_mask, causal, dropout_p, scale, layout, policy)
     if policy is None:
-        pol = _policy._BLOCK.get() or _policy._process_policy or _policy._from_env()
+        pol = _block_policy() or _policy._process_policy or _policy._env_policy or _policy._from_env()
     else:
         pol = policy if type(policy) is Policy else _resolved.get(policy) or _resolve(policy)  # type: ignore[arg-type]
     if _mode_on() or _has_tf(query, key, value) or F.scaled_dot_product_attention is not _SDPA:
         return _special(query, key, value, attn_mask, causal, dropout_p, scale, layout, pol)
     try:
-        # Key and value dtypes/devices that disagree with the query's are caught by the kernels' own checks
-        # (every aten op checks devices; every kernel checks dtypes) and re-raised as typed errors below.
+        # Key/value devices that disagree with the query's are caught by the aten ops' own device checks and
+        # re-raised as typed errors below. Dtypes are in the key: the cuDNN kernel does not check them.
         ck = (
-            query.shape, key.shape, value.shape, query.dtype, query.device,
+            query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device,
             None if attn_mask is None else (attn_mask.shape, attn_mask.dtype),
-            causal, dropout_p, scale, layout, pol,
+            causal, dropout_p, scale, layout, id(pol),  # the entry keeps `pol` alive, so its id stays unique
             _grad_on() and (query.requires_grad or key.requires_grad or value.requires_grad),
         )
-        run, fallback = _cache[ck]
+        run, fallback, _ = _cache[ck]
     except KeyError:
-        run, fallback = _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, pol)
+        run, fallback, _ = _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, pol)
     except (AttributeError, TypeError):  # not tensors, or unhashable options: let validation say what is wrong
         _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
         raise
@@ -184,7 +185,7 @@ def _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, p
             f"{spec.describe()} because {blocked}. Use sdpa_flash.explain(...) for details, or "
             "policy='fused' to make this an error."
         )
-    entry = (run, fallback)
+    entry = (run, fallback, pol)
     if len(_cache) >= _CACHE_LIMIT:
         _cache.clear()
     _cache[ck] = entry

@@ -241,7 +241,10 @@ class Backend:
         mask = None
         if spec.mask is not None or prep.causal_mask is not None:
             mask = base.as_strided((spec.batch, spec.heads_q, spec.seqlen_q, sk), (0, 0, 0, 1))
-        args = (q, k, v, mask, 0.5 if spec.dropout else 0.0, prep.kernel_causal)
+        # Ask about the call we make: a kernel-native bottom-right causal call is one PyTorch's check would
+        # refuse only because it assumes top-left semantics for is_causal with Sq != Sk.
+        native_corner = prep.kernel_causal and sk != spec.seqlen_q
+        args = (q, k, v, mask, 0.5 if spec.dropout else 0.0, prep.kernel_causal and not native_corner)
         try:
             params = params_cls(*args, hkv != spec.heads_q)
         except TypeError:  # torch < 2.5: no enable_gqa field
@@ -297,7 +300,11 @@ def make_runner(
     is_causal = kernel_causal
     if (repeat_kv, pad_qk_to, pad_v_to, truncate_keys, causal_mask) == (1, None, None, False, None):
         if not float_bias:
-            # The common case: nothing to adapt, one kernel call.
+            # The common case: nothing to adapt, one kernel call (kernels may supply a flatter closure).
+            plain = getattr(call, "plain", None)
+            if plain is not None:
+                return plain(is_causal, needs_lse)  # type: ignore[no-any-return]
+
             def run_plain(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
                 return call(q, k, v, None, dropout_p, is_causal, scale, needs_lse)
 

@@ -47,9 +47,27 @@ class CudnnBackend(Backend):
             reasons.append(f"batch={spec.batch}, heads={spec.heads_q} (supported: <= 65535 each)")
         return reasons
 
+    def kernel(self, device_type: str):  # type: ignore[no-untyped-def]
+        return _call
+
     def _call(self, q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
-        if bias is not None:
-            bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        return torch._scaled_dot_product_cudnn_attention(
-            q, k, v, bias, needs_lse, dropout_p, is_causal, False, scale=scale
-        )[0]
+        return _call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse)
+
+
+def _call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+    if bias is not None:
+        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return torch._scaled_dot_product_cudnn_attention(q, k, v, bias, needs_lse, dropout_p, is_causal, False,
+                                                     scale=scale)[0]
+
+
+def _plain(is_causal: bool, needs_lse: bool):  # type: ignore[no-untyped-def]
+    op = torch._scaled_dot_product_cudnn_attention
+
+    def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+        return op(q, k, v, None, needs_lse, dropout_p, is_causal, scale=scale)[0]
+
+    return run
+
+
+_call.plain = _plain  # type: ignore[attr-defined]

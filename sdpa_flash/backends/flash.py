@@ -49,12 +49,40 @@ class FlashBackend(Backend):
         return []
 
     def kernel(self, device_type: str):  # type: ignore[no-untyped-def]
-        return _cpu if device_type == "cpu" else self._call
+        return _cpu if device_type == "cpu" else _cuda
 
     def _call(self, q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
-        return torch._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+        return _cuda(q, k, v, bias, dropout_p, is_causal, scale, needs_lse)
+
+
+def _cuda(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+    return torch._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+
+
+def _cuda_plain(is_causal: bool, needs_lse: bool):  # type: ignore[no-untyped-def]
+    op = torch._scaled_dot_product_flash_attention
+
+    def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+        return op(q, k, v, dropout_p, is_causal, scale=scale)[0]
+
+    return run
+
+
+_cuda.plain = _cuda_plain  # type: ignore[attr-defined]
 
 
 def _cpu(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
     return torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, attn_mask=bias,
                                                              scale=scale)[0]
+
+
+def _cpu_plain(is_causal: bool, needs_lse: bool):  # type: ignore[no-untyped-def]
+    op = torch._scaled_dot_product_flash_attention_for_cpu
+
+    def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+        return op(q, k, v, dropout_p, is_causal, scale=scale)[0]
+
+    return run
+
+
+_cpu.plain = _cpu_plain  # type: ignore[attr-defined]
