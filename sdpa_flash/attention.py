@@ -182,8 +182,8 @@ def _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, p
         blocked = "; ".join(f"{n}: {r[0]}" for n, r in p.reasons.items() if n in p.order[: p.order.index(p.backend)])
         fallback = (
             f"sdpa_flash fell back to the {p.backend} backend ({BACKENDS[p.backend].memory} memory) for "
-            f"{spec.describe()} because {blocked}. Use sdpa_flash.explain(...) for details, or "
-            "policy='fused' to make this an error."
+            f"{spec.describe()} because {blocked}. sdpa_flash.explain(...) shows every reason; "
+            "fallback='error' makes this an error, fallback='silent' silences it."
         )
     entry = (run, fallback, pol)
     if len(_cache) >= _CACHE_LIMIT:
@@ -299,7 +299,7 @@ def _compiled(query, key, value, attn_mask, causal, dropout_p, scale, layout, po
     pol = None
     if policy is not None:
         resolved = policy if isinstance(policy, Policy) else resolve_policy(policy)
-        pol = (resolved.name, resolved.backends, resolved.fallback)
+        pol = (resolved.name, resolved.backends, resolved.fallback, resolved.memory_budget)
     name, masked_value, *prep = _compile_choice(fields, query.device, pol)
     run = make_runner(_KERNELS[(name, fields[0])], fields[12], masked_value, fields[7], fields[8], fields[5], *prep)
     if layout == "bshd":

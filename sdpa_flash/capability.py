@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import torch
 
 __all__ = ["Capabilities", "capabilities"]
 
-BACKEND_NAMES: tuple[str, ...] = ("cudnn", "flash", "efficient", "math")
+BACKEND_NAMES: tuple[str, ...] = ("cudnn", "flash", "efficient", "math", "chunked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +84,7 @@ class Capabilities:
             compute_capability = None
             cudnn_version = None
         if backends is None:
-            backends = frozenset(BACKEND_NAMES if device_type == "cuda" else ("flash", "math"))
+            backends = frozenset(BACKEND_NAMES if device_type == "cuda" else ("flash", "math", "chunked"))
         return cls(
             device_type=device_type,
             device_index=0 if device_type == "cuda" else None,
@@ -132,14 +133,15 @@ def _probe(device_type: str, index: int | None) -> Capabilities:
         "probed": True,
     }
     if device_type == "cpu":
-        return Capabilities(device_type="cpu", name="cpu", backends=frozenset(("flash", "math")), **common)
+        return Capabilities(device_type="cpu", name="cpu", backends=frozenset(("flash", "math", "chunked")),
+                            total_memory=_host_memory(), **common)
     if device_type != "cuda":
         # MPS, XPU, ...: PyTorch's math reference is always there; fused kernels of other devices are
         # reached through PyTorch's own dispatcher, which sdpa_flash does not model.
         return Capabilities(device_type=device_type, device_index=index, name=device_type,
-                            backends=frozenset(("math",)), **common)
+                            backends=frozenset(("math", "chunked")), **common)
     props = torch.cuda.get_device_properties(index)
-    backends = {"math", "efficient"}
+    backends = {"math", "efficient", "chunked"}
     if _flash_available():
         backends.add("flash")
     cudnn_version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
@@ -157,6 +159,13 @@ def _probe(device_type: str, index: int | None) -> Capabilities:
         flash_impl=_flash_impl(),
         **common,
     )
+
+
+def _host_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
 
 
 def _flash_available() -> bool:

@@ -64,11 +64,14 @@ class Policy:
             under a custom list any backend after the first: ``"warn_once"`` (one warning per call site and
             reason), ``"error"`` (raise :class:`BackendUnavailableError`) or ``"silent"``. Single-backend
             policies and ``"fused"`` never fall back: they raise.
+        memory_budget: bytes the O(S^2) math backend may materialise before a non-strict policy prefers the
+            exact, memory-bounded ``chunked`` backend; ``None`` means half the device's memory.
     """
 
     name: str = "auto"
     backends: tuple[str, ...] = ()
     fallback: str = "warn_once"
+    memory_budget: int | None = None
 
     @property
     def strict(self) -> bool:
@@ -78,13 +81,16 @@ class Policy:
     def __hash__(self) -> int:  # cached: policies are part of attention()'s per-call cache key
         h = self.__dict__.get("_hash")
         if h is None:
-            h = hash((self.name, self.backends, self.fallback))
+            h = hash((self.name, self.backends, self.fallback, self.memory_budget))
             object.__setattr__(self, "_hash", h)
         return h
 
     def __str__(self) -> str:
         body = self.name if self.name != "custom" else "[" + ", ".join(self.backends) + "]"
-        return body if self.fallback == "warn_once" else f"{body} (fallback={self.fallback})"
+        opts = [f"fallback={self.fallback}"] if self.fallback != "warn_once" else []
+        if self.memory_budget is not None:
+            opts.append(f"memory_budget={_fmt_bytes(self.memory_budget)}")
+        return f"{body} ({', '.join(opts)})" if opts else body
 
 
 PolicyLike = str | Sequence[str] | Policy
@@ -92,14 +98,25 @@ PolicyLike = str | Sequence[str] | Policy
 string of backend names (``"cudnn,flash"``) or a sequence of backend names."""
 
 
-def resolve_policy(policy: PolicyLike, *, fallback: str | None = None) -> Policy:
-    """Turn any :data:`PolicyLike` into a :class:`Policy`; unknown names raise ``AttentionInputError``."""
+def resolve_policy(
+    policy: PolicyLike, *, fallback: str | None = None, memory_budget: int | str | None = None
+) -> Policy:
+    """Turn any :data:`PolicyLike` into a :class:`Policy`; unknown names raise ``AttentionInputError``.
+
+    ``memory_budget`` is bytes (an int) or a string such as ``"8GiB"`` / ``"512MB"``.
+    """
     if fallback is not None and fallback not in FALLBACK_MODES:
         raise AttentionInputError(
             f"Expected fallback to be one of {', '.join(FALLBACK_MODES)}, but got {fallback!r} instead."
         )
+    budget = parse_bytes(memory_budget, "memory_budget") if memory_budget is not None else None
     if isinstance(policy, Policy):
-        return policy if fallback is None else dataclasses.replace(policy, fallback=fallback)
+        changes: dict[str, object] = {}
+        if fallback is not None:
+            changes["fallback"] = fallback
+        if budget is not None:
+            changes["memory_budget"] = budget
+        return dataclasses.replace(policy, **changes) if changes else policy  # type: ignore[arg-type]
     if isinstance(policy, str):
         names = [p.strip() for p in policy.split(",")] if "," in policy else [policy.strip()]
     elif isinstance(policy, Sequence) and all(isinstance(p, str) for p in policy):
@@ -111,7 +128,7 @@ def resolve_policy(policy: PolicyLike, *, fallback: str | None = None) -> Policy
         )
     fb = fallback or "warn_once"
     if len(names) == 1 and names[0] in ("auto", "fused"):
-        return Policy(names[0], (), fb)
+        return Policy(names[0], (), fb, budget)
     unknown = [n for n in names if n not in BACKENDS]
     if unknown or not names:
         raise AttentionInputError(
@@ -121,8 +138,33 @@ def resolve_policy(policy: PolicyLike, *, fallback: str | None = None) -> Policy
     if len(set(names)) != len(names):
         raise AttentionInputError(f"Expected each backend at most once in policy, but got {names!r} instead.")
     if len(names) == 1:
-        return Policy(names[0], (names[0],), fb)
-    return Policy("custom", tuple(names), fb)
+        return Policy(names[0], (names[0],), fb, budget)
+    return Policy("custom", tuple(names), fb, budget)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | str, what: str = "size") -> int:
+    """``8589934592``, ``"8GiB"``, ``"512 MB"`` -> bytes; anything else raises ``AttentionInputError``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        import re
+
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _UNITS and float(m.group(1)) > 0:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise AttentionInputError(f"Expected {what} to be a positive number of bytes or a size such as '8GiB', "
+                              f"but got {value!r} instead.")
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
 
 
 _DEFAULT = Policy()
@@ -136,11 +178,13 @@ def _from_env() -> Policy:
     if _env_policy is None:
         raw = os.environ.get("SDPA_FLASH_POLICY", "auto")
         fb = os.environ.get("SDPA_FLASH_FALLBACK")
+        mb = os.environ.get("SDPA_FLASH_MEMORY_BUDGET")
         try:
-            _env_policy = resolve_policy(raw or "auto", fallback=fb or None)
+            _env_policy = resolve_policy(raw or "auto", fallback=fb or None, memory_budget=mb or None)
         except AttentionInputError as exc:
             raise AttentionInputError(
-                f"Invalid environment: SDPA_FLASH_POLICY={raw!r} SDPA_FLASH_FALLBACK={fb!r}: {exc}"
+                f"Invalid environment: SDPA_FLASH_POLICY={raw!r} SDPA_FLASH_FALLBACK={fb!r} "
+                f"SDPA_FLASH_MEMORY_BUDGET={mb!r}: {exc}"
             ) from None
     return _env_policy
 
@@ -156,14 +200,19 @@ def get_policy() -> Policy:
     return _from_env()
 
 
-def set_policy(policy: PolicyLike | None, *, fallback: str | None = None) -> None:
+def set_policy(
+    policy: PolicyLike | None, *, fallback: str | None = None, memory_budget: int | str | None = None
+) -> None:
     """Set (or with ``None``, clear) the process-wide policy. ``use_policy`` blocks still take precedence."""
     global _process_policy
-    _process_policy = None if policy is None else resolve_policy(policy, fallback=fallback)
+    _process_policy = None if policy is None else resolve_policy(
+        policy, fallback=fallback, memory_budget=memory_budget)
 
 
 @contextlib.contextmanager
-def use_policy(policy: PolicyLike, *, fallback: str | None = None) -> Iterator[Policy]:
+def use_policy(
+    policy: PolicyLike, *, fallback: str | None = None, memory_budget: int | str | None = None
+) -> Iterator[Policy]:
     """Use ``policy`` for every ``attention()`` call in this block (this thread / asyncio task only).
 
     Example::
@@ -171,7 +220,7 @@ def use_policy(policy: PolicyLike, *, fallback: str | None = None) -> Iterator[P
         with sdpa_flash.use_policy("flash"):          # strict: raises if FLASH_ATTENTION cannot run
             out = sdpa_flash.attention(q, k, v)
     """
-    resolved = resolve_policy(policy, fallback=fallback)
+    resolved = resolve_policy(policy, fallback=fallback, memory_budget=memory_budget)
     token = _BLOCK.set(resolved)
     try:
         yield resolved
@@ -202,21 +251,22 @@ class RankingRule:
 
 RANKING: tuple[RankingRule, ...] = (
     RankingRule(
-        "cuda", ("cudnn", "flash", "efficient", "math"), min_cc=(9, 0),
+        "cuda", ("cudnn", "flash", "efficient", "math", "chunked"), min_cc=(9, 0),
         evidence="measured on an H200 (sm90), torch 2.11 + cuDNN 9.19: cuDNN ran 1.5-1.8x FLASH and FLASH "
                  "1.7-2.2x EFFICIENT at every shape of benchmarks/RESULTS.md (2026-11-21)",
     ),
     RankingRule(
-        "cuda", ("flash", "efficient", "cudnn", "math"), min_cc=(8, 0), below_cc=(9, 0),
+        "cuda", ("flash", "efficient", "cudnn", "math", "chunked"), min_cc=(8, 0), below_cc=(9, 0),
         evidence="PyTorch's own default priority for Ampere/Ada (flash, then efficient); not yet measured here",
     ),
     RankingRule(
-        "cuda", ("efficient", "flash", "cudnn", "math"), below_cc=(8, 0),
+        "cuda", ("efficient", "flash", "cudnn", "math", "chunked"), below_cc=(8, 0),
         evidence="only the efficient kernel supports compute capability < 8.0",
     ),
-    RankingRule("cuda", ("flash", "efficient", "math"), rocm=True,
+    RankingRule("cuda", ("flash", "efficient", "math", "chunked"), rocm=True,
                 evidence="ROCm builds ship flash and efficient through AOTriton; not measured here"),
-    RankingRule("cpu", ("flash", "math"), evidence="PyTorch's CPU flash kernel is O(N) memory; math is O(N^2)"),
+    RankingRule("cpu", ("flash", "math", "chunked"),
+                evidence="PyTorch's CPU flash kernel is O(N) memory; math is O(N^2)"),
 )
 
 
@@ -225,7 +275,8 @@ def ranking(caps: Capabilities) -> RankingRule:
     for rule in RANKING:
         if rule.matches(caps):
             return rule
-    return RankingRule(caps.device_type, ("math",), evidence=f"no fused kernels are modelled for {caps.device_type}")
+    return RankingRule(caps.device_type, ("math", "chunked"),
+                       evidence=f"no fused kernels are modelled for {caps.device_type}")
 
 
 # --------------------------------------------------------------------------------------------- denylist
@@ -373,6 +424,15 @@ class Plan:
         return "\n".join(lines)
 
 
+def _math_bytes(spec: AttentionSpec) -> int:
+    """What the math backend materialises: scores and probabilities (B, H, Sq, Sk) in at least float32."""
+    import torch
+
+    item = max(torch.finfo(spec.dtype).bits // 8, 4)
+    copies = 3 if spec.needs_grad else 2
+    return copies * spec.batch * spec.heads_q * spec.seqlen_q * spec.seqlen_k * item
+
+
 def _candidates(policy: Policy, caps: Capabilities) -> tuple[tuple[str, ...], str]:
     rule = ranking(caps)
     if policy.name == "auto":
@@ -402,9 +462,16 @@ def plan(spec: AttentionSpec, caps: Capabilities, policy: Policy = _DEFAULT) -> 
 
         device = torch.device("cuda", caps.device_index)
     entries = denylist()
+    budget = policy.memory_budget if policy.memory_budget is not None else (
+        caps.total_memory // 2 if caps.total_memory else None)
     for name in order:
         backend = BACKENDS[name]
         reasons = backend.not_supported_reasons(spec, caps)
+        if name == "math" and not policy.strict and budget is not None and _math_bytes(spec) > budget:
+            reasons.append(
+                f"would materialise {_fmt_bytes(_math_bytes(spec))} of attention scores, over the memory budget of "
+                f"{_fmt_bytes(budget)} (memory_budget= / SDPA_FLASH_MEMORY_BUDGET); the chunked backend computes "
+                "the same exactly in blocks")
         reasons += [e.describe() for e in entries if e.backend == name and e.matches(spec, caps)]
         if not reasons and device is not None and backend.TORCH_CHECK:
             reasons = backend.torch_reasons(spec, backend.prep(spec, caps.device_type), device)

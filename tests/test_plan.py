@@ -61,7 +61,7 @@ def test_auto_picks_the_ranked_kernel(profile: str, expected: str) -> None:
     assert p.backend == expected
     assert not p.fallback
     assert p.order[0] == expected  # the first-ranked backend can run the typical call on every profile
-    assert set(p.reasons) | {p.backend} == {"cudnn", "flash", "efficient", "math"}
+    assert set(p.reasons) | {p.backend} == {"cudnn", "flash", "efficient", "math", "chunked"}
     assert p.evidence
 
 
@@ -89,7 +89,7 @@ def test_lower_ranked_backends_get_a_ranking_reason() -> None:
     assert p.reasons["flash"] == ("ranked below cudnn for sm90 by the policy",)
     assert str(p).startswith("cudnn via direct aten op  (flash: ranked below cudnn")
     text = p.explain()
-    assert "backend: cudnn" in text and "ranking: cudnn > flash > efficient > math" in text
+    assert "backend: cudnn" in text and "ranking: cudnn > flash > efficient > math > chunked" in text
 
 
 def test_cpu_reasons_for_cuda_only_backends() -> None:

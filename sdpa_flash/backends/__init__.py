@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._base import Backend, Requirements
+from .chunked import ChunkedBackend
 from .cudnn import CudnnBackend
 from .efficient import EfficientBackend
 from .flash import FlashBackend
@@ -11,7 +12,7 @@ from .math import MathBackend
 __all__ = ["BACKENDS", "Backend", "Requirements", "get_backend"]
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (CudnnBackend(), FlashBackend(), EfficientBackend(), MathBackend())
+    b.name: b for b in (CudnnBackend(), FlashBackend(), EfficientBackend(), MathBackend(), ChunkedBackend())
 }
 
 

@@ -45,7 +45,8 @@ class Requirements:
         dropout: ``dropout_p > 0`` is accepted.
         native_gqa: fewer key/value heads than query heads are read in place (otherwise K/V are repeated).
         kernel_causal: the corner the kernel's causal flag is aligned to when ``Sq != Sk``; ``None`` when
-            that is not established (then non-square causal calls are made square or given a mask).
+            that is not established (then non-square causal calls are made square or given a mask); ``"any"``
+            when the kernel takes the corner itself.
         mask_with_causal: the kernel takes a mask and its causal flag together (otherwise the causal part is
             folded into the mask).
         backward: the kernel has a backward.
@@ -79,7 +80,7 @@ class Prep:
     pad_v_to: int | None = None
     truncate_keys: bool = False
     causal_mask: str | None = None
-    kernel_causal: bool = False
+    kernel_causal: bool | str = False  # True: the kernel's own corner; a corner name for kernels taking "any"
     float_bias: bool = False  # the private aten ops add a boolean mask as 0/1 numbers: always pass a float bias
 
     def notes(self, spec: AttentionSpec) -> tuple[str, ...]:
@@ -188,7 +189,9 @@ class Backend:
         kind = spec.effective_causal
         if kind is None:
             return "none", None
-        if (kind == "top_left" and spec.seqlen_q == spec.seqlen_k) or kind == req.kernel_causal:
+        if (kind == "top_left" and spec.seqlen_q == spec.seqlen_k) or kind == req.kernel_causal or (
+            req.kernel_causal == "any"
+        ):
             if spec.mask is not None and not req.mask_with_causal:
                 return "mask", None
             return "kernel", None
@@ -220,7 +223,8 @@ class Backend:
             pad_v_to=pad_v,
             truncate_keys=strategy == "truncate_keys",
             causal_mask=spec.effective_causal if strategy == "mask" else None,
-            kernel_causal=strategy in ("kernel", "truncate_keys"),
+            kernel_causal=(spec.effective_causal or False) if req.kernel_causal == "any" and strategy == "kernel"
+            else strategy in ("kernel", "truncate_keys"),
             float_bias=has_mask,
         )
 

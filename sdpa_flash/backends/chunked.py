@@ -1,0 +1,185 @@
+"""``chunked``: an exact, memory-bounded attention in pure PyTorch (the FlashAttention tiling, not a kernel).
+
+The forward walks key/value blocks with an online softmax (running row maximum ``m``, normaliser ``l``,
+accumulator), per block of queries, and keeps only the output and the row log-sum-exp; the backward recomputes
+each block's probabilities from that log-sum-exp (FlashAttention-2's backward equations):
+
+    P = exp(S - lse),  dV += P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ += dS K * scale,
+    dK += dS^T Q * scale.
+
+So no (Sq, Sk) matrix is ever materialised: the peak extra memory is one (B, H, block_q, block_k) block. It is
+what ``"auto"`` runs when no fused kernel can take a call and the math backend would materialise more than the
+policy's memory budget; it accepts what math accepts except dropout (declined: its random stream would not match
+math's, and an inexact dropout is not offered). Fully masked query rows give zeros, like PyTorch's math backend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import SdpaFlashError
+from ._base import Backend, Requirements
+
+__all__ = ["ChunkedBackend", "chunked_attention"]
+
+_ANY_FLOAT = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+_BLOCK_BYTES = 64 * 2**20  # one (B, H, block_q, block_k) score block in the accumulation dtype
+
+
+class ChunkedBackend(Backend):
+    name = "chunked"
+    sdp_backend = "MATH"  # the nearest SDPBackend: it is composed of ordinary PyTorch ops
+    fused = False
+    memory = "O(N)"
+    _REQ = Requirements(dtypes=_ANY_FLOAT, mask=True, dropout=False, native_gqa=False, kernel_causal="any",
+                        mask_with_causal=True)
+    REQUIREMENTS: ClassVar[dict[str, Requirements]] = {"cuda": _REQ, "cpu": _REQ, "mps": _REQ, "xpu": _REQ}
+
+    def kernel(self, device_type: str):  # type: ignore[no-untyped-def]
+        return _call
+
+
+def _call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+    if dropout_p:
+        raise SdpaFlashError("the chunked backend does not implement dropout")
+    corner = is_causal if isinstance(is_causal, str) else ("top_left" if is_causal else None)
+    return chunked_attention(q, k, v, bias, corner, scale)
+
+
+def _block_sizes(b: int, h: int, sq: int, sk: int, itemsize: int) -> tuple[int, int]:
+    """Square-ish power-of-two blocks whose score tile stays under ``_BLOCK_BYTES``."""
+    bq = bk = 1024
+    while bq * bk * b * h * itemsize > _BLOCK_BYTES and bq * bk > 16 * 16:
+        if bk >= bq:
+            bk //= 2
+        else:
+            bq //= 2
+    return min(bq, max(sq, 1)), min(bk, max(sk, 1))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_bias(
+    bias: torch.Tensor | None, corner: str | None, offset: int, q0: int, q1: int, k0: int, k1: int,
+    device: torch.device, dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """The additive bias of one (q0:q1, k0:k1) tile: the user's mask slice plus the causal part."""
+    out = None
+    if bias is not None:
+        out = bias[..., q0:q1, k0:k1] if bias.shape[-2] != 1 else bias[..., :, k0:k1]
+        if out.shape[-1] == 1 and k1 - k0 != 1:
+            out = out.expand(*out.shape[:-1], k1 - k0)
+        out = out.to(dtype)
+    if corner is not None:
+        rows = torch.arange(q0, q1, device=device).unsqueeze(1)
+        cols = torch.arange(k0, k1, device=device).unsqueeze(0)
+        causal = torch.zeros((q1 - q0, k1 - k0), dtype=dtype, device=device).masked_fill_(
+            cols > rows + offset, float("-inf"))
+        out = causal if out is None else out + causal
+    return out
+
+
+def _tile_visible(corner: str | None, offset: int, q0: int, q1: int, k0: int) -> bool:
+    """Whether any key of a tile starting at k0 is visible from queries q0..q1-1 under the causal corner."""
+    return corner is None or k0 <= q1 - 1 + offset
+
+
+class _Chunked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q, k, v, bias, corner, scale):  # type: ignore[no-untyped-def,override]
+        b, h, sq, _ = q.shape
+        sk, dv = k.shape[-2], v.shape[-1]
+        acc = _acc_dtype(q.dtype)
+        offset = 0 if corner in (None, "top_left") else sk - sq
+        bq, bk = _block_sizes(b, h, sq, sk, torch.finfo(acc).bits // 8)
+        out = torch.empty((b, h, sq, dv), dtype=q.dtype, device=q.device)
+        lse = torch.empty((b, h, sq), dtype=acc, device=q.device)
+        for q0 in range(0, sq, bq):
+            q1 = min(q0 + bq, sq)
+            qb = q[:, :, q0:q1].to(acc) * scale
+            m = torch.full((b, h, q1 - q0, 1), float("-inf"), dtype=acc, device=q.device)
+            l_ = torch.zeros((b, h, q1 - q0, 1), dtype=acc, device=q.device)
+            o = torch.zeros((b, h, q1 - q0, dv), dtype=acc, device=q.device)
+            for k0 in range(0, sk, bk):
+                if not _tile_visible(corner, offset, q0, q1, k0):
+                    break
+                k1 = min(k0 + bk, sk)
+                s = qb @ k[:, :, k0:k1].to(acc).transpose(-1, -2)
+                tb = _block_bias(bias, corner, offset, q0, q1, k0, k1, q.device, acc)
+                if tb is not None:
+                    s = s + tb
+                m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+                m_safe = m_new.masked_fill(torch.isinf(m_new) & (m_new < 0), 0.0)  # rows with nothing visible yet
+                p = torch.exp(s - m_safe)
+                corr = torch.exp(m - m_safe)
+                l_ = l_ * corr + p.sum(-1, keepdim=True)
+                o = o * corr + p @ v[:, :, k0:k1].to(acc)
+                m = m_new
+            empty = l_ == 0  # fully masked rows: output 0 (PyTorch's math backend gives 0 there too)
+            out[:, :, q0:q1] = (o / l_.masked_fill(empty, 1.0)).to(q.dtype)
+            lse[:, :, q0:q1] = (m + torch.log(l_)).masked_fill(empty, float("-inf")).squeeze(-1)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.bias, ctx.corner, ctx.scale, ctx.blocks, ctx.offset = bias, corner, scale, (bq, bk), offset
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out):  # type: ignore[no-untyped-def,override]
+        q, k, v, out, lse = ctx.saved_tensors
+        bias, corner, scale, (bq, bk), offset = ctx.bias, ctx.corner, ctx.scale, ctx.blocks, ctx.offset
+        acc = lse.dtype
+        sq, sk = q.shape[-2], k.shape[-2]
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+        dvv = torch.zeros(v.shape, dtype=acc, device=q.device)
+        delta = (grad_out.to(acc) * out.to(acc)).sum(-1, keepdim=True)  # rowsum(dO * O)
+        lse_safe = lse.masked_fill(torch.isinf(lse), float("inf")).unsqueeze(-1)  # masked rows: P = 0
+        for q0 in range(0, sq, bq):
+            q1 = min(q0 + bq, sq)
+            qb = q[:, :, q0:q1].to(acc)
+            gb = grad_out[:, :, q0:q1].to(acc)
+            for k0 in range(0, sk, bk):
+                if not _tile_visible(corner, offset, q0, q1, k0):
+                    break
+                k1 = min(k0 + bk, sk)
+                kb, vb = k[:, :, k0:k1].to(acc), v[:, :, k0:k1].to(acc)
+                s = (qb * scale) @ kb.transpose(-1, -2)
+                tb = _block_bias(bias, corner, offset, q0, q1, k0, k1, q.device, acc)
+                if tb is not None:
+                    s = s + tb
+                p = torch.exp(s - lse_safe[:, :, q0:q1])
+                dvv[:, :, k0:k1] += p.transpose(-1, -2) @ gb
+                ds = p * (gb @ vb.transpose(-1, -2) - delta[:, :, q0:q1])
+                dq[:, :, q0:q1] += (ds @ kb) * scale
+                dk[:, :, k0:k1] += (ds.transpose(-1, -2) @ qb) * scale
+        return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), None, None, None
+
+
+def chunked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    causal: str | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact attention in blocks, O(S) extra memory. q ``(B, H, Sq, D)``, k ``(B, H, Sk, D)``, v ``(B, H, Sk, Dv)``.
+
+    Args:
+        bias: an additive float mask broadcastable to (B, H, Sq, Sk) (``-inf`` = masked), or ``None``.
+        causal: ``None``, ``"top_left"`` or ``"bottom_right"``.
+        scale: softmax scale; ``None`` is ``1/sqrt(D)``.
+    """
+    if bias is not None and bias.requires_grad:
+        raise SdpaFlashError("the chunked backend does not propagate gradients to attn_mask; detach it or use "
+                             "policy='math'")
+    if bias is not None:
+        bias = bias.detach()
+        while bias.dim() < 4:
+            bias = bias.unsqueeze(0)
+    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _Chunked.apply(q, k, v, bias, causal, s)  # type: ignore[no-any-return]

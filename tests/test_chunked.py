@@ -1,0 +1,127 @@
+"""The memory-bounded exact fallback: equal to math forward and backward, chosen when math would not fit."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import sdpa_flash
+import sdpa_flash.backends.chunked as chunked_mod
+from sdpa_flash import AttentionInputError, BackendUnavailableError
+from sdpa_flash.policy import parse_bytes, resolve_policy
+from sdpa_flash.testing import assert_close_to_reference, reference_attention
+
+
+@pytest.fixture(autouse=True)
+def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Blocks of at most 16x16 (B=2, H=2, float64) so every test walks many tiles, including ragged edges.
+    monkeypatch.setattr(chunked_mod, "_BLOCK_BYTES", 2 * 2 * 16 * 16 * 8)
+
+
+def _check(dtype: torch.dtype, sq: int, sk: int, causal: bool | str, mask: str | None, hk: int = 2) -> None:
+    g = torch.Generator().manual_seed(sq * 131 + sk)
+    base = [torch.randn(2, 2, sq, 16, generator=g), torch.randn(2, hk, sk, 16, generator=g),
+            torch.randn(2, hk, sk, 8, generator=g)]
+    attn_mask = None
+    if mask == "bool":
+        attn_mask = torch.rand(2, 1, sq, sk, generator=g) < 0.85
+    elif mask == "float":
+        attn_mask = torch.randn(sq, sk, generator=g).to(dtype)
+    grad = torch.randn(2, 2, sq, 8, generator=g).to(dtype)
+    leaves = [t.to(dtype).requires_grad_() for t in base]
+    out = sdpa_flash.attention(*leaves, attn_mask=attn_mask, causal=causal, policy="chunked")
+    grads = torch.autograd.grad(out, leaves, grad)
+    ref_leaves = [t.double().requires_grad_() for t in base]
+    ref = reference_attention(*ref_leaves, attn_mask=attn_mask, causal=causal)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
+    same_leaves = [t.to(dtype).requires_grad_() for t in base]
+    same = reference_attention(*same_leaves, attn_mask=attn_mask, causal=causal, dtype=None)
+    same_grads = torch.autograd.grad(same, same_leaves, grad)
+    assert_close_to_reference([out, *grads], [same, *same_grads], [ref, *ref_grads])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("causal", [False, True, "bottom_right"], ids=["full", "top_left", "bottom_right"])
+@pytest.mark.parametrize(("sq", "sk"), [(40, 40), (24, 70), (70, 24)])
+def test_chunked_matches_math(dtype: torch.dtype, causal: bool | str, sq: int, sk: int) -> None:
+    _check(dtype, sq, sk, causal, None)
+
+
+@pytest.mark.parametrize("mask", ["bool", "float"])
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+def test_chunked_with_masks_and_gqa(mask: str, causal: bool | str) -> None:
+    _check(torch.float64, 33, 47, causal, mask, hk=1)
+
+
+def test_fully_masked_rows_are_zero_with_zero_gradient() -> None:
+    q = torch.randn(1, 1, 6, 8, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(1, 1, 3, 8, dtype=torch.float64, requires_grad=True)
+    out = sdpa_flash.attention(q, kv, kv, causal="bottom_right", policy="chunked")  # rows 0-2 see no key
+    assert torch.equal(out[0, 0, :3], torch.zeros(3, 8, dtype=torch.float64))
+    out.sum().backward()
+    assert torch.equal(q.grad[0, 0, :3], torch.zeros(3, 8, dtype=torch.float64))
+    assert torch.isfinite(kv.grad).all()
+
+
+def test_dropout_is_declined_with_a_reason() -> None:
+    q = torch.randn(1, 1, 8, 8)
+    with pytest.raises(BackendUnavailableError, match="dropout_p > 0 is not supported"):
+        sdpa_flash.attention(q, q, q, dropout_p=0.1, policy="chunked")
+
+
+def test_auto_prefers_chunked_when_math_exceeds_the_budget() -> None:
+    q = torch.randn(1, 2, 64, 8)
+    pol = resolve_policy("auto", memory_budget=1000)
+    assert sdpa_flash.explain(q, q, q, policy=pol).backend == "flash"  # fused kernels first; the budget is math's
+    # CPU flash has no dropout, so "auto" would fall to math, which is over budget here: chunked declines
+    # dropout too, so nothing can run, and the error says why for each.
+    with pytest.raises(BackendUnavailableError, match="over the memory budget of 1000 B"):
+        sdpa_flash.explain(q, q, q, dropout_p=0.1, policy=pol)
+    plan = sdpa_flash.explain(q, q, q, policy=resolve_policy(["math", "chunked"], memory_budget=1000))
+    assert plan.backend == "chunked" and plan.fallback
+    assert "over the memory budget of 1000 B" in plan.reasons["math"][0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sdpa_flash.attention(q, q, q, policy=resolve_policy(["math", "chunked"], memory_budget=1000))
+    assert any("fell back to the chunked backend" in str(w.message) for w in caught)
+    # A strict math policy is obeyed whatever the budget.
+    assert sdpa_flash.explain(q, q, q, policy=resolve_policy("math", memory_budget=1000)).backend == "math"
+
+
+def test_budget_from_use_policy_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = torch.randn(1, 2, 64, 8, dtype=torch.float64)
+    with sdpa_flash.use_policy(["math", "chunked"], memory_budget="1KiB"):
+        assert sdpa_flash.explain(q, q, q).backend == "chunked"
+        with pytest.warns(UserWarning, match="fell back to the chunked backend"):
+            out = sdpa_flash.attention(q, q, q)
+    torch.testing.assert_close(out, reference_attention(q, q, q))
+    monkeypatch.setenv("SDPA_FLASH_MEMORY_BUDGET", "lots")
+    monkeypatch.setattr(sdpa_flash.policy, "_env_policy", None)
+    with pytest.raises(AttentionInputError, match="SDPA_FLASH_MEMORY_BUDGET"):
+        sdpa_flash.get_policy()
+    monkeypatch.setenv("SDPA_FLASH_MEMORY_BUDGET", "2 GiB")
+    monkeypatch.setattr(sdpa_flash.policy, "_env_policy", None)
+    assert sdpa_flash.get_policy().memory_budget == 2 * 2**30
+    monkeypatch.setattr(sdpa_flash.policy, "_env_policy", None)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("8GiB", 8 * 2**30), ("512 MB", 512 * 10**6), (4096, 4096), ("1.5kb", 1500)]
+)
+def test_parse_bytes(text: int | str, value: int) -> None:
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("bad", ["", "-1GB", "8 parsecs", 0, -5, True, 1.5])
+def test_parse_bytes_rejects(bad: object) -> None:
+    with pytest.raises(AttentionInputError, match="Expected size"):
+        parse_bytes(bad)  # type: ignore[arg-type]
+
+
+def test_chunked_refuses_a_mask_that_needs_grad() -> None:
+    q = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    bias = torch.zeros(8, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(sdpa_flash.SdpaFlashError, match="does not propagate gradients to attn_mask"):
+        sdpa_flash.attention(q, q, q, attn_mask=bias, policy="chunked")
