@@ -29,7 +29,7 @@ from . import policy as _policy
 from .backends import BACKENDS
 from .backends._base import causal_mask_tensor, make_runner
 from .capability import capabilities
-from .errors import AttentionInputError
+from .errors import AttentionInputError, BackendUnavailableError
 from .policy import Plan, Policy, PolicyLike, plan, resolve_policy
 from .spec import AttentionSpec, dtype_name
 
@@ -42,6 +42,7 @@ _grad_on = torch.is_grad_enabled
 _block_policy = _policy._BLOCK.get
 _any_autocast: Callable[[], bool] = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# 0/1 and False/True are accepted alike (they are equal keys of attention()'s cache, so they must be).
 _CAUSAL = {False: None, None: None, True: "top_left", "top_left": "top_left", "bottom_right": "bottom_right"}
 _CACHE_LIMIT = 4096
 
@@ -109,8 +110,10 @@ def attention(
     if policy is None:
         pol = _block_policy() or _policy._process_policy or _policy._env_policy or _policy._from_env()
     else:
-        pol = policy if type(policy) is Policy else _resolved.get(policy) or _resolve(policy)  # type: ignore[arg-type]
-    if _mode_on() or _has_tf(query, key, value) or F.scaled_dot_product_attention is not _SDPA:
+        pol = policy if type(policy) is Policy else (type(policy) is str and _resolved.get(policy)) or _resolve(policy)
+    if _mode_on() or _has_tf(query, key, value) or F.scaled_dot_product_attention is not _SDPA or (
+        _any_autocast() and _autocast_enabled(query.device.type)
+    ):
         return _special(query, key, value, attn_mask, causal, dropout_p, scale, layout, pol)
     try:
         # Key/value devices that disagree with the query's are caught by the aten ops' own device checks and
@@ -127,8 +130,6 @@ def attention(
     except (AttributeError, TypeError):  # not tensors, or unhashable options: let validation say what is wrong
         _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
         raise
-    if _any_autocast() and _autocast_enabled(query.device.type):
-        return _special(query, key, value, attn_mask, causal, dropout_p, scale, layout, pol)
     if fallback is not None:
         _warn_fallback(fallback)
     try:
@@ -195,12 +196,18 @@ def _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, p
 _warned: set[tuple[str, int, str]] = set()
 
 
+_PACKAGE_DIR = __file__.rsplit("/", 1)[0].rsplit("\\", 1)[0]
+
+
 def _warn_fallback(message: str) -> None:
-    frame = sys._getframe(2)
+    """Warn once per (call site outside this package, message)."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
     site = (frame.f_code.co_filename, frame.f_lineno, message)
     if site not in _warned:
         _warned.add(site)
-        warnings.warn(message, UserWarning, stacklevel=3)
+        warnings.warn(message, UserWarning, stacklevel=level)
 
 
 # ------------------------------------------------------------------------------- leaving the fast path
@@ -208,12 +215,12 @@ def _interception(query: Any, key: Any, value: Any) -> str:
     """Why the call must go through ``F.scaled_dot_product_attention`` ('' when it need not)."""
     if getattr(query, "is_nested", False):
         return "nested (jagged) tensors are handled by PyTorch's SDPA dispatcher"
-    if _has_tf(query, key, value):
-        return "a tensor subclass (e.g. DTensor) must see the call"
     if F.scaled_dot_product_attention is not _SDPA:
         return "torch.nn.functional.scaled_dot_product_attention is wrapped (e.g. by context parallel)"
-    if _mode_on():
+    if _mode_on():  # checked before subclasses: with a mode active, every tensor reports __torch_function__
         return "a torch function mode is active"
+    if _has_tf(query, key, value):
+        return "a tensor subclass (e.g. DTensor) must see the call"
     return ""
 
 
@@ -271,20 +278,40 @@ def _merge(mask, kind, sq, sk, device):  # type: ignore[no-untyped-def]
 
 # ---------------------------------------------------------------------------------------- torch.compile
 _compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
-_KERNELS = {(name, dt): b.kernel(dt) for name, b in BACKENDS.items() for dt in b.REQUIREMENTS}
-_assume_constant = getattr(torch.compiler, "assume_constant_result", None) or torch._dynamo.assume_constant_result
-
-
-@_assume_constant
+# Under torch.compile the kernels are called through their aten overloads, which dynamo traces.
+_KERNELS = {(name, dt): b.kernel(dt, traced=True) for name, b in BACKENDS.items() for dt in b.REQUIREMENTS}
 def _compile_choice(fields: tuple[Any, ...], device: torch.device, pol: tuple[Any, ...] | None) -> tuple[Any, ...]:
     """Plan once, while torch.compile traces; the result is baked into the graph as constants."""
     spec = AttentionSpec(*fields)
     policy = _policy.get_policy() if pol is None else Policy(*pol)
-    p = plan(spec, capabilities(device), policy)
+    try:
+        p = plan(spec, capabilities(device), policy)
+    except BackendUnavailableError as exc:
+        return ("", str(exc))  # raised as a typed error by the traced code: dynamo wraps errors raised here
     if p.fallback and p.policy.fallback == "warn_once":
         warnings.warn(f"sdpa_flash fell back to the {p.backend} backend for {spec.describe()} (decided while "
                       "compiling). Use sdpa_flash.explain(...) for details.", UserWarning, stacklevel=2)
-    return (p.backend, BACKENDS[p.backend].MASKED_VALUE, *dataclasses.astuple(p.prep))
+    b = BACKENDS[p.backend]
+    return (p.backend, b.MASKED_VALUE, b.ZERO_MASKED_ROWS, *dataclasses.astuple(p.prep))
+
+
+# What torch.compiler.assume_constant_result does (in torch 2.5 through 2.13), without importing torch._dynamo
+# (1.5 s) when sdpa_flash is imported: dynamo calls the function while tracing and bakes the result in.
+_compile_choice._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _concrete_int(x: Any) -> int:
+    """``x`` as a Python int, also when dynamo traces it as a symbolic size (SymInt).
+
+    Dynamo keeps ``int(symint)`` symbolic, but it evaluates each comparison with a guard, so a binary search
+    over comparisons rebuilds the exact value as a constant (guarding the graph on it). On plain ints the
+    comparisons fold away while tracing.
+    """
+    n = 0
+    for bit in range(62, -1, -1):
+        if x >= n + (1 << bit):
+            n += 1 << bit
+    return n
 
 
 def _compiled(query, key, value, attn_mask, causal, dropout_p, scale, layout, policy):  # type: ignore[no-untyped-def]
@@ -293,6 +320,11 @@ def _compiled(query, key, value, attn_mask, causal, dropout_p, scale, layout, po
     The policy is the ``policy=`` argument, else the one in force when the function is compiled.
     """
     fields = _validate_fields(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+    # The plan depends on the sizes, so they must reach _compile_choice as Python ints: with dynamic shapes
+    # this specialises the graph on them (recompiling per distinct attention shape, as static shapes do).
+    # (With dynamic=True dynamo also makes float defaults such as dropout_p symbolic: branch to a constant.)
+    fields = (*fields[:2], *(_concrete_int(f) for f in fields[2:9]), fields[9], fields[10],
+              True if fields[11] else False, *fields[12:])
     if fields[-1]:
         raise AttentionInputError("Expected dense tensors under torch.compile, but got nested tensors; call "
                                   "torch.nn.functional.scaled_dot_product_attention on them instead.")
@@ -300,8 +332,12 @@ def _compiled(query, key, value, attn_mask, causal, dropout_p, scale, layout, po
     if policy is not None:
         resolved = policy if isinstance(policy, Policy) else resolve_policy(policy)
         pol = (resolved.name, resolved.backends, resolved.fallback, resolved.memory_budget)
-    name, masked_value, *prep = _compile_choice(fields, query.device, pol)
-    run = make_runner(_KERNELS[(name, fields[0])], fields[12], masked_value, fields[7], fields[8], fields[5], *prep)
+    choice = _compile_choice(fields, query.device, pol)
+    if not choice[0]:
+        raise BackendUnavailableError(choice[1])
+    name, masked_value, zero_rows, *prep = choice
+    run = make_runner(_KERNELS[(name, fields[0])], fields[12], masked_value, zero_rows, fields[7], fields[8],
+                      fields[5], *prep)
     if layout == "bshd":
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         return run(q, k, v, attn_mask, dropout_p, scale).transpose(1, 2)
@@ -368,13 +404,12 @@ def _validate_fields(query, key, value, attn_mask, causal, dropout_p, scale, lay
     if (hk == 0 and hq != 0) or (hk and hq % hk):
         raise fail(f"Expected the query heads ({hq}) to be a multiple of the key/value heads ({hk}) (GQA/MQA), "
                    "but they are not.")
-    kind = _CAUSAL.get(causal, "invalid") if isinstance(causal, (bool, str, type(None))) else "invalid"
+    kind = _CAUSAL.get(causal, "invalid") if isinstance(causal, (int, str, type(None))) else "invalid"
     if kind == "invalid":
         raise fail(f"Expected causal to be False, True, 'top_left' or 'bottom_right', but got {causal!r} instead.")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise fail(f"Expected dropout_p to be a float in [0, 1), but got {dropout_p!r} instead.")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
         raise fail(f"Expected scale to be None or a finite float, but got {scale!r} instead.")
     mask_kind = None
     if attn_mask is not None:

@@ -116,7 +116,7 @@ def resolve_policy(
             changes["fallback"] = fallback
         if budget is not None:
             changes["memory_budget"] = budget
-        return dataclasses.replace(policy, **changes) if changes else policy  # type: ignore[arg-type]
+        return _intern(dataclasses.replace(policy, **changes)) if changes else policy  # type: ignore[arg-type]
     if isinstance(policy, str):
         names = [p.strip() for p in policy.split(",")] if "," in policy else [policy.strip()]
     elif isinstance(policy, Sequence) and all(isinstance(p, str) for p in policy):
@@ -128,7 +128,7 @@ def resolve_policy(
         )
     fb = fallback or "warn_once"
     if len(names) == 1 and names[0] in ("auto", "fused"):
-        return Policy(names[0], (), fb, budget)
+        return _intern(Policy(names[0], (), fb, budget))
     unknown = [n for n in names if n not in BACKENDS]
     if unknown or not names:
         raise AttentionInputError(
@@ -138,8 +138,17 @@ def resolve_policy(
     if len(set(names)) != len(names):
         raise AttentionInputError(f"Expected each backend at most once in policy, but got {names!r} instead.")
     if len(names) == 1:
-        return Policy(names[0], (names[0],), fb, budget)
-    return Policy("custom", tuple(names), fb, budget)
+        return _intern(Policy(names[0], (names[0],), fb, budget))
+    return _intern(Policy("custom", tuple(names), fb, budget))
+
+
+_interned: dict[Policy, Policy] = {}
+
+
+def _intern(policy: Policy) -> Policy:
+    """One object per distinct policy, so attention()'s cache (keyed on the policy's id) is shared by every
+    ``use_policy`` block and call that asks for the same policy."""
+    return _interned.setdefault(policy, policy)
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -168,6 +177,7 @@ def _fmt_bytes(n: int) -> str:
 
 
 _DEFAULT = Policy()
+_interned[_DEFAULT] = _DEFAULT
 _BLOCK: contextvars.ContextVar[Policy | None] = contextvars.ContextVar("sdpa_flash_policy", default=None)
 _process_policy: Policy | None = None
 _env_policy: Policy | None = None
@@ -453,7 +463,9 @@ def plan(spec: AttentionSpec, caps: Capabilities, policy: Policy = _DEFAULT) -> 
     order, evidence = _candidates(policy, caps)
     if spec.batch == 0 or spec.heads_q == 0 or spec.seqlen_q == 0 or spec.seqlen_k == 0:
         note = "zero-size problem: the result is empty (or zeros when there are no keys); nothing to choose"
-        return Plan("math", spec, caps, policy, order, {}, notes=(note,), evidence=evidence)
+        prep = BACKENDS["math"].prep(spec, caps.device_type if caps.device_type in BACKENDS["math"].REQUIREMENTS
+                                     else "cpu")
+        return Plan("math", spec, caps, policy, order, {}, notes=(note,), evidence=evidence, prep=prep)
     blocked: dict[str, tuple[str, ...]] = {}
     chosen: str | None = None
     device = None

@@ -277,3 +277,12 @@ def test_every_backend_has_reasons_or_runs(profile: str) -> None:
         else:
             assert all(p.reasons[n] for n in p.reasons)
             assert p.backend not in p.reasons
+
+
+def test_torch_debug_lines_are_parsed_into_reasons() -> None:
+    from sdpa_flash.backends._base import _torch_warning_lines
+
+    text = ("[W1121 14:00:00.000000000 sdp_utils.cpp:117] Warning: Flash attention does not support the is_causal "
+            "flag when seqlen_q != seqlen_k. (function check_flash_causal_non_square_seqlens)\n")
+    assert _torch_warning_lines(text) == [
+        " Flash attention does not support the is_causal flag when seqlen_q != seqlen_k."]

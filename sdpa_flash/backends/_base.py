@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from collections.abc import Callable
 from typing import ClassVar
@@ -106,6 +107,41 @@ class Prep:
         return tuple(out)
 
 
+class _StderrCapture:
+    """Capture what C++ code writes to file descriptor 2 (PyTorch prints the can_use_* debug reasons there)."""
+
+    text = ""
+
+    def __enter__(self) -> _StderrCapture:
+        import sys
+        import tempfile
+
+        sys.stderr.flush()
+        self._tmp = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._tmp.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._tmp.seek(0)
+        self.text = self._tmp.read().decode(errors="replace")
+        self._tmp.close()
+
+
+def _torch_warning_lines(text: str) -> list[str]:
+    """``[W... sdp_utils.cpp:123] Warning: Flash attention requires ... (function operator())`` -> the message."""
+    out = []
+    for line in text.splitlines():
+        if "Warning:" in line:
+            msg = line.split("Warning:", 1)[1]
+            out.append(msg.split(" (function ", 1)[0])
+        elif line.strip():
+            out.append(line)
+    return out
+
+
 def _fmt_cc(cc: tuple[int, int] | None) -> str:
     return "none" if cc is None else f"({cc[0]}, {cc[1]})"
 
@@ -126,6 +162,9 @@ class Backend:
     """Name of ``torch.backends.cuda.can_use_*_attention`` consulted on a real CUDA device."""
     MASKED_VALUE: ClassVar[float] = float("-inf")
     """What a False entry of a boolean mask becomes in the additive bias this kernel receives."""
+    ZERO_MASKED_ROWS: ClassVar[bool] = False
+    """The kernel does not give 0 for query rows that see no key (a finite MASKED_VALUE), so the runner zeroes
+    them, matching PyTorch's math backend."""
 
     # ----------------------------------------------------------------------------------------- deciding
     def requirements(self, device_type: str) -> Requirements | None:
@@ -253,13 +292,14 @@ class Backend:
             params = params_cls(*args, hkv != spec.heads_q)
         except TypeError:  # torch < 2.5: no enable_gqa field
             params = params_cls(*args)
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _StderrCapture() as err:
             warnings.simplefilter("always")
             ok = bool(check(params, True))
         if ok:
             return []
-        msgs = [str(w.message).strip().rstrip(".") for w in caught]
-        return [f"PyTorch: {m}" for m in msgs if m] or ["PyTorch's can_use check declined these inputs"]
+        msgs = [str(w.message) for w in caught] + _torch_warning_lines(err.text)
+        msgs = [m.strip().rstrip(".") for m in msgs if m.strip()]
+        return [f"PyTorch: {m}" for m in dict.fromkeys(msgs)] or ["PyTorch's can_use check declined these inputs"]
 
     # ------------------------------------------------------------------------------------------- doing
     def _call(
@@ -275,13 +315,17 @@ class Backend:
     ) -> torch.Tensor:
         raise NotImplementedError
 
-    def kernel(self, device_type: str) -> Callable[..., torch.Tensor]:
-        """The function calling this backend's kernel on ``device_type`` (signature of :meth:`_call`)."""
+    def kernel(self, device_type: str, *, traced: bool = False) -> Callable[..., torch.Tensor]:
+        """The function calling this backend's kernel on ``device_type`` (signature of :meth:`_call`).
+
+        ``traced=True`` gives the variant for ``torch.compile``: it calls the aten op overload, which dynamo
+        traces, where the eager variant calls PyTorch's faster Python binding of the same op.
+        """
         return self._call
 
     def runner(self, spec: AttentionSpec, prep: Prep) -> Runner:
         """A closure that runs this kernel on (B, H, S, D) inputs with ``prep`` applied."""
-        return make_runner(self.kernel(spec.device_type), spec.needs_grad, self.MASKED_VALUE,
+        return make_runner(self.kernel(spec.device_type), spec.needs_grad, self.MASKED_VALUE, self.ZERO_MASKED_ROWS,
                            spec.head_dim, spec.head_dim_v, spec.seqlen_q, *dataclasses.astuple(prep))
 
 
@@ -289,6 +333,7 @@ def make_runner(
     call: Callable[..., torch.Tensor],
     needs_lse: bool,
     masked_value: float,
+    zero_masked_rows: bool,
     head_dim: int,
     head_dim_v: int,
     seqlen_q: int,
@@ -315,8 +360,9 @@ def make_runner(
             return run_plain
 
         def run_masked(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
-            return call(q, k, v, _as_float_bias(attn_mask, q.dtype, masked_value), dropout_p, is_causal, scale,
-                        needs_lse)
+            out = call(q, k, v, _as_float_bias(attn_mask, q.dtype, masked_value), dropout_p, is_causal, scale,
+                       needs_lse)
+            return out * _rows_alive(attn_mask) if zero_masked_rows else out
 
         return run_masked
 
@@ -339,14 +385,24 @@ def make_runner(
             v = torch.nn.functional.pad(v, (0, pad_v_to - head_dim_v))
         if causal_mask is not None:
             attn_mask = _merge_causal(attn_mask, causal_mask, q.shape[-2], k.shape[-2], q.device)
+        alive = _rows_alive(attn_mask) if zero_masked_rows and attn_mask is not None else None
         if float_bias and attn_mask is not None:
             attn_mask = _as_float_bias(attn_mask, q.dtype, masked_value)
         out = call(q, k, v, attn_mask, dropout_p, is_causal, scale, needs_lse)
+        if alive is not None:
+            out = out * alive
         if pad_v_to is not None:
             out = out[..., :head_dim_v]
         return out
 
     return run
+
+
+def with_plain(call: Callable[..., torch.Tensor], plain: Callable[[bool | str, bool], Runner]) -> Callable[
+    ..., torch.Tensor]:
+    """Attach ``plain(is_causal, needs_lse) -> Runner``, a one-frame runner for calls that need no adaptation."""
+    call.plain = plain  # type: ignore[attr-defined]
+    return call
 
 
 def causal_mask_tensor(kind: str, sq: int, sk: int, device: torch.device) -> torch.Tensor:
@@ -365,6 +421,13 @@ def _merge_causal(mask: torch.Tensor | None, kind: str, sq: int, sk: int, device
     if mask.dtype == torch.bool:
         return mask & causal
     return mask.masked_fill(~causal, float("-inf"))
+
+
+def _rows_alive(mask: torch.Tensor) -> torch.Tensor:
+    """(..., Sq, 1) of 1 where a query row sees at least one key under ``mask``, else 0 (in the mask's dtype
+    family: bool masks give bool, float masks compare against -inf)."""
+    keep = mask if mask.dtype == torch.bool else mask != float("-inf")
+    return keep.any(-1, keepdim=True)
 
 
 def _as_float_bias(mask: torch.Tensor, dtype: torch.dtype, masked_value: float) -> torch.Tensor:

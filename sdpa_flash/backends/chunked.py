@@ -38,7 +38,7 @@ class ChunkedBackend(Backend):
                         mask_with_causal=True)
     REQUIREMENTS: ClassVar[dict[str, Requirements]] = {"cuda": _REQ, "cpu": _REQ, "mps": _REQ, "xpu": _REQ}
 
-    def kernel(self, device_type: str):  # type: ignore[no-untyped-def]
+    def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
         return _call
 
 

@@ -8,7 +8,7 @@ import torch
 
 from ..capability import Capabilities
 from ..spec import AttentionSpec
-from ._base import Backend, Requirements
+from ._base import Backend, Requirements, with_plain
 
 __all__ = ["CudnnBackend"]
 
@@ -19,6 +19,7 @@ class CudnnBackend(Backend):
     TORCH_CHECK = "can_use_cudnn_attention"
     # PyTorch turns a boolean mask into -65504 rather than -inf for cuDNN (a cuDNN -inf workaround).
     MASKED_VALUE = -65504.0
+    ZERO_MASKED_ROWS = True  # with a finite MASKED_VALUE a row that sees no key would average V
     REQUIREMENTS: ClassVar[dict[str, Requirements]] = {
         "cuda": Requirements(
             dtypes=frozenset((torch.float16, torch.bfloat16)),
@@ -47,27 +48,27 @@ class CudnnBackend(Backend):
             reasons.append(f"batch={spec.batch}, heads={spec.heads_q} (supported: <= 65535 each)")
         return reasons
 
-    def kernel(self, device_type: str):  # type: ignore[no-untyped-def]
-        return _call
+    def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
+        return _TRACED if traced else _EAGER
 
     def _call(self, q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
-        return _call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse)
+        return _EAGER(q, k, v, bias, dropout_p, is_causal, scale, needs_lse)
 
 
-def _call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
-    if bias is not None:
-        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    return torch._scaled_dot_product_cudnn_attention(q, k, v, bias, needs_lse, dropout_p, is_causal, False,
-                                                     scale=scale)[0]
+def _kernel(op):  # type: ignore[no-untyped-def]
+    def call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+        if bias is not None:
+            bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        return op(q, k, v, bias, needs_lse, dropout_p, is_causal, False, scale=scale)[0]
+
+    def plain(is_causal, needs_lse):  # type: ignore[no-untyped-def]
+        def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+            return op(q, k, v, None, needs_lse, dropout_p, is_causal, False, scale=scale)[0]
+
+        return run
+
+    return with_plain(call, plain)
 
 
-def _plain(is_causal: bool, needs_lse: bool):  # type: ignore[no-untyped-def]
-    op = torch._scaled_dot_product_cudnn_attention
-
-    def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
-        return op(q, k, v, None, needs_lse, dropout_p, is_causal, scale=scale)[0]
-
-    return run
-
-
-_call.plain = _plain  # type: ignore[attr-defined]
+_EAGER = _kernel(torch._scaled_dot_product_cudnn_attention)
+_TRACED = _kernel(torch.ops.aten._scaled_dot_product_cudnn_attention.default)

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from ._base import Backend, Requirements
+from ._base import Backend, Requirements, with_plain
 
 __all__ = ["EfficientBackend"]
 
@@ -29,12 +29,26 @@ class EfficientBackend(Backend):
         ),
     }
 
+    def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
+        return _TRACED if traced else _EAGER
+
     def _call(self, q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+        return _EAGER(q, k, v, bias, dropout_p, is_causal, scale, needs_lse)
+
+
+def _kernel(op):  # type: ignore[no-untyped-def]
+    def call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
         if bias is not None:
             bias = _aligned_bias(bias, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        return torch._scaled_dot_product_efficient_attention(
-            q, k, v, bias, needs_lse, dropout_p, is_causal, scale=scale
-        )[0]
+        return op(q, k, v, bias, needs_lse, dropout_p, is_causal, scale=scale)[0]
+
+    def plain(is_causal, needs_lse):  # type: ignore[no-untyped-def]
+        def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+            return op(q, k, v, None, needs_lse, dropout_p, is_causal, scale=scale)[0]
+
+        return run
+
+    return with_plain(call, plain)
 
 
 def _aligned_bias(bias: torch.Tensor, b: int, h: int, sq: int, sk: int) -> torch.Tensor:
@@ -45,3 +59,7 @@ def _aligned_bias(bias: torch.Tensor, b: int, h: int, sq: int, sk: int) -> torch
     padded = -(-sk // _BIAS_ALIGN) * _BIAS_ALIGN
     out = torch.empty(b, h, sq, padded, dtype=bias.dtype, device=bias.device)[..., :sk]
     return out.copy_(bias)
+
+
+_EAGER = _kernel(torch._scaled_dot_product_efficient_attention)
+_TRACED = _kernel(torch.ops.aten._scaled_dot_product_efficient_attention.default)

@@ -8,7 +8,7 @@ import torch
 
 from ..capability import Capabilities
 from ..spec import AttentionSpec
-from ._base import Backend, Requirements
+from ._base import Backend, Requirements, with_plain
 
 __all__ = ["FlashBackend"]
 
@@ -48,41 +48,42 @@ class FlashBackend(Backend):
                 return [f"backward with head_dim={spec.head_dim} needs more shared memory than {caps.arch} has"]
         return []
 
-    def kernel(self, device_type: str):  # type: ignore[no-untyped-def]
-        return _cpu if device_type == "cpu" else _cuda
+    def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
+        if device_type == "cpu":
+            return _CPU_TRACED if traced else _CPU
+        return _CUDA_TRACED if traced else _CUDA
 
     def _call(self, q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
-        return _cuda(q, k, v, bias, dropout_p, is_causal, scale, needs_lse)
+        return _CUDA(q, k, v, bias, dropout_p, is_causal, scale, needs_lse)
 
 
-def _cuda(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
-    return torch._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+def _cuda_kernel(op):  # type: ignore[no-untyped-def]
+    def call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+        return op(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+
+    def plain(is_causal, needs_lse):  # type: ignore[no-untyped-def]
+        def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+            return op(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+
+        return run
+
+    return with_plain(call, plain)
 
 
-def _cuda_plain(is_causal: bool, needs_lse: bool):  # type: ignore[no-untyped-def]
-    op = torch._scaled_dot_product_flash_attention
+def _cpu_kernel(op):  # type: ignore[no-untyped-def]
+    def call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+        return op(q, k, v, dropout_p, is_causal, attn_mask=bias, scale=scale)[0]
 
-    def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
-        return op(q, k, v, dropout_p, is_causal, scale=scale)[0]
+    def plain(is_causal, needs_lse):  # type: ignore[no-untyped-def]
+        def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+            return op(q, k, v, dropout_p, is_causal, scale=scale)[0]
 
-    return run
+        return run
 
-
-_cuda.plain = _cuda_plain  # type: ignore[attr-defined]
-
-
-def _cpu(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
-    return torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, attn_mask=bias,
-                                                             scale=scale)[0]
+    return with_plain(call, plain)
 
 
-def _cpu_plain(is_causal: bool, needs_lse: bool):  # type: ignore[no-untyped-def]
-    op = torch._scaled_dot_product_flash_attention_for_cpu
-
-    def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
-        return op(q, k, v, dropout_p, is_causal, scale=scale)[0]
-
-    return run
-
-
-_cpu.plain = _cpu_plain  # type: ignore[attr-defined]
+_CUDA = _cuda_kernel(torch._scaled_dot_product_flash_attention)
+_CUDA_TRACED = _cuda_kernel(torch.ops.aten._scaled_dot_product_flash_attention.default)
+_CPU = _cpu_kernel(torch._scaled_dot_product_flash_attention_for_cpu)
+_CPU_TRACED = _cpu_kernel(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default)

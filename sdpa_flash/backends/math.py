@@ -22,5 +22,19 @@ class MathBackend(Backend):
     memory = "O(N^2)"
     REQUIREMENTS: ClassVar[dict[str, Requirements]] = {"cuda": _MATH, "cpu": _MATH, "mps": _MATH, "xpu": _MATH}
 
+    def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
+        return _TRACED if traced else _EAGER
+
     def _call(self, q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
-        return torch._scaled_dot_product_attention_math(q, k, v, bias, dropout_p, is_causal, scale=scale)[0]
+        return _EAGER(q, k, v, bias, dropout_p, is_causal, scale, needs_lse)
+
+
+def _kernel(op):  # type: ignore[no-untyped-def]
+    def call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+        return op(q, k, v, bias, dropout_p, is_causal, scale=scale)[0]
+
+    return call
+
+
+_EAGER = _kernel(torch._scaled_dot_product_attention_math)
+_TRACED = _kernel(torch.ops.aten._scaled_dot_product_attention_math.default)

@@ -1,0 +1,134 @@
+"""``python -m sdpa_flash``: the report, its JSON form, ``--require`` and the exit codes (0 ok, 1 requirement
+not met or self-check failed, 2 bad usage), run as a user runs it; plus in-process calls of ``main()``."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+import sdpa_flash
+from sdpa_flash import policy as policy_mod
+from sdpa_flash.__main__ import main
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TIMEOUT = 120
+
+
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, **env: str) -> Result:
+    """``python -m sdpa_flash ARGS`` in a clean environment (no SDPA_FLASH_* variables) plus ``env``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SDPA_FLASH_")}
+    proc = subprocess.run([sys.executable, "-m", "sdpa_flash", *args], cwd=ROOT, env={**base, **env},
+                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_report_passes_self_check() -> None:
+    r = run_cli()
+    assert r.returncode == 0, r.stderr
+    assert "self-check" in r.stdout
+    assert "PASS" in r.stdout
+    assert "FAIL" not in r.stdout
+    assert f"sdpa_flash {sdpa_flash.__version__}" in r.stdout
+    assert re.search(r"^\s*flash\s+available <- chosen by the policy", r.stdout, flags=re.M)
+    assert "policy:  auto  (default)" in r.stdout
+
+
+def test_report_json() -> None:
+    r = run_cli("--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert {"torch", "device", "backends", "self_check", "policy"} <= rep.keys()
+    assert rep["device"]["type"] == "cpu"
+    assert rep["policy"] == "auto"
+    assert rep["chosen"] == "flash"
+    assert rep["backends"]["flash"]["available"] is True
+    assert rep["backends"]["math"]["available"] is True
+    assert rep["backends"]["cudnn"]["available"] is False
+    ran = [row for row in rep["self_check"] if row["status"] != "SKIP"]
+    assert {row["backend"] for row in ran} >= {"flash", "math"}
+    assert all(row["status"] == "PASS" for row in ran), ran
+    for row in ran:
+        assert set(row["errors"]) == {"out", "dq", "dk", "dv"}
+        assert all(e["error"] <= e["bound"] for e in row["errors"].values())
+
+
+def test_require_flash_met() -> None:
+    r = run_cli("--require", "flash", "--no-check")
+    assert r.returncode == 0, r.stderr
+    assert "requirement 'flash' met" in r.stdout
+    assert "self-check" not in r.stdout
+
+
+def test_require_cudnn_not_met() -> None:
+    r = run_cli("--require", "cudnn", "--no-check")
+    assert r.returncode == 1
+    assert "cudnn" in r.stderr
+    assert "not available on device type 'cpu'" in r.stderr
+    assert "requirement 'cudnn' not met" in r.stderr
+
+
+def test_require_bogus_is_a_usage_error() -> None:
+    r = run_cli("--require", "bogus")
+    assert r.returncode == 2
+    assert "sdpa_flash:" in r.stderr
+    assert "Expected policy to be one of" in r.stderr and "'bogus'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_environment_is_a_usage_error() -> None:
+    r = run_cli("--no-check", SDPA_FLASH_POLICY="bogus")
+    assert r.returncode == 2
+    assert "SDPA_FLASH_POLICY" in r.stderr and "'bogus'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------- in-process
+@pytest.fixture
+def default_policy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    saved_env, saved_process = policy_mod._env_policy, policy_mod._process_policy
+    for var in [v for v in os.environ if v.startswith("SDPA_FLASH_")]:
+        monkeypatch.delenv(var)
+    policy_mod._env_policy = None
+    policy_mod._process_policy = None
+    try:
+        yield
+    finally:
+        policy_mod._env_policy, policy_mod._process_policy = saved_env, saved_process
+
+
+@pytest.mark.usefixtures("default_policy")
+def test_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--require", "flash", "--no-check"]) == 0
+    assert "requirement 'flash' met" in capsys.readouterr().out
+
+    assert main(["--require", "cudnn", "--device", "cpu", "--no-check"]) == 1
+    assert "not available on device type 'cpu'" in capsys.readouterr().err
+
+    assert main(["--require", "bogus"]) == 2
+    assert "'bogus'" in capsys.readouterr().err
+
+    assert main(["--json", "--no-check", "--device", "cpu"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["chosen"] == "flash" and "self_check" not in rep
+
+    assert main(["--require", "math", "--json", "--no-check"]) == 0  # --json: the report, not the one-liner
+    assert json.loads(capsys.readouterr().out)["policy"] == "auto"
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "self-check" in out and "PASS" in out and "FAIL" not in out
