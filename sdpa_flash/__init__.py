@@ -27,6 +27,7 @@ from .policy import (
 )
 from .require import require
 from .spec import AttentionSpec
+from .stats import FallbackStat, Stats, reset_stats, stats
 
 __version__ = "0.1.0"
 
@@ -36,9 +37,11 @@ __all__ = [
     "BackendUnavailableError",
     "Capabilities",
     "DenylistEntry",
+    "FallbackStat",
     "Plan",
     "Policy",
     "SdpaFlashError",
+    "Stats",
     "__version__",
     "add_denylist_entry",
     "attention",
@@ -49,6 +52,8 @@ __all__ = [
     "plan",
     "remove_denylist_entry",
     "require",
+    "reset_stats",
     "set_policy",
+    "stats",
     "use_policy",
 ]

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import policy as _policy
+from . import stats as _stats
 from .backends import BACKENDS
 from .backends._base import causal_mask_tensor, make_runner
 from .capability import capabilities
@@ -46,8 +47,9 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CAUSAL = {False: None, None: None, True: "top_left", "top_left": "top_left", "bottom_right": "bottom_right"}
 _CACHE_LIMIT = 4096
 
-# key -> (run(q, k, v, mask, dropout_p, scale) on the user's layout, fallback warning or None, the policy)
-_cache: dict[Any, tuple[Callable[..., torch.Tensor], str | None, Policy]] = {}
+# key -> (run(q, k, v, mask, dropout_p, scale) on the user's layout, (backend, reason, warning or None) for a
+#        fallback else None, the policy (kept alive: the key holds its id), the plan's call counter)
+_cache: dict[Any, tuple[Callable[..., torch.Tensor], tuple[str, str, str | None] | None, Policy, Any]] = {}
 _resolved: dict[Any, Policy] = {}
 
 
@@ -57,6 +59,7 @@ def _resolve(policy: PolicyLike) -> Policy:
         _resolved[policy] = pol
     return pol
 _policy._invalidation_hooks.append(_cache.clear)
+_stats._reset_hooks.append(_cache.clear)
 
 
 def attention(
@@ -124,14 +127,15 @@ def attention(
             causal, dropout_p, scale, layout, id(pol),  # the entry keeps `pol` alive, so its id stays unique
             _grad_on() and (query.requires_grad or key.requires_grad or value.requires_grad),
         )
-        run, fallback, _ = _cache[ck]
+        run, fallback, _, counter = _cache[ck]
     except KeyError:
-        run, fallback, _ = _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, pol)
+        run, fallback, _, counter = _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, pol)
     except (AttributeError, TypeError):  # not tensors, or unhashable options: let validation say what is wrong
         _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
         raise
+    next(counter)
     if fallback is not None:
-        _warn_fallback(fallback)
+        _on_fallback(*fallback)
     try:
         return run(query, key, value, attn_mask, dropout_p, scale)
     except RuntimeError:
@@ -179,34 +183,33 @@ def _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, p
             return inner(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, p_, s).transpose(1, 2)
 
     fallback = None
-    if p.fallback and p.policy.fallback == "warn_once":
+    if p.fallback:
         blocked = "; ".join(f"{n}: {r[0]}" for n, r in p.reasons.items() if n in p.order[: p.order.index(p.backend)])
-        fallback = (
+        message = (
             f"sdpa_flash fell back to the {p.backend} backend ({BACKENDS[p.backend].memory} memory) for "
             f"{spec.describe()} because {blocked}. sdpa_flash.explain(...) shows every reason; "
             "fallback='error' makes this an error, fallback='silent' silences it."
         )
-    entry = (run, fallback, pol)
+        fallback = (p.backend, blocked, message if p.policy.fallback == "warn_once" else None)
+    entry = (run, fallback, pol, _stats.plan_counter(p.backend, p.route, spec.describe()))
     if len(_cache) >= _CACHE_LIMIT:
         _cache.clear()
     _cache[ck] = entry
     return entry
 
 
-_warned: set[tuple[str, int, str]] = set()
 
 
 _PACKAGE_DIR = __file__.rsplit("/", 1)[0].rsplit("\\", 1)[0]
 
 
-def _warn_fallback(message: str) -> None:
-    """Warn once per (call site outside this package, message)."""
+def _on_fallback(backend: str, reason: str, message: str | None) -> None:
+    """Count a fallback at its call site (outside this package); warn the first time there, if asked to."""
     frame, level = sys._getframe(1), 2
     while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         frame, level = frame.f_back, level + 1
-    site = (frame.f_code.co_filename, frame.f_lineno, message)
-    if site not in _warned:
-        _warned.add(site)
+    first = _stats.record_fallback(backend, reason, frame.f_code.co_filename, frame.f_lineno)
+    if first and message is not None:
         warnings.warn(message, UserWarning, stacklevel=level)
 
 
@@ -255,7 +258,8 @@ def _special(query, key, value, attn_mask, causal, dropout_p, scale, layout, pol
     why = _interception(query, key, value)
     spec = _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
     if not spec.nested:
-        plan(spec, capabilities(query.device), pol)  # the policy still has to allow the call
+        p = plan(spec, capabilities(query.device), pol)  # the policy still has to allow the call
+        next(_stats.plan_counter(p.backend, "sdpa", spec.describe()))
     q, k, v = (t.transpose(1, 2) for t in (query, key, value)) if layout == "bshd" else (query, key, value)
     kind = spec.effective_causal
     is_causal = kind == "top_left" and attn_mask is None
