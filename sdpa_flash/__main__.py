@@ -2,6 +2,7 @@
 
 Paste its output into bug reports. ``--json`` gives the same as machine-readable data; ``--require POLICY``
 exits with status 1 and the reasons when that policy (or backend) cannot run here — a startup check for jobs.
+``python -m sdpa_flash bench ...`` runs the benchmarks (:mod:`sdpa_flash.bench`; ``bench --help``).
 """
 
 from __future__ import annotations
@@ -162,7 +163,13 @@ def _print(rep: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sdpa_flash", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m sdpa_flash", description=__doc__.splitlines()[0],
+                                 epilog="python -m sdpa_flash bench --help: the benchmarks")
     ap.add_argument("--device", help="cpu, cuda or cuda:N (default: the current CUDA device, else cpu)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--require", metavar="POLICY",
