@@ -73,6 +73,7 @@ def attention(
     scale: float | None = None,
     layout: str = "bhsd",
     policy: PolicyLike | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention on the fastest kernel the policy allows, with autograd.
 
@@ -95,6 +96,11 @@ def attention(
         scale: the softmax scale; ``None`` means ``1 / sqrt(D)``.
         layout: ``"bhsd"`` or ``"bshd"``; the output has the same layout.
         policy: overrides the policy in force for this call (see :func:`sdpa_flash.use_policy`).
+        key_padding_mask: optional ``(B, Sk)`` boolean, True = a real token (SDPA's and Hugging Face's
+            convention; ``nn.MultiheadAttention``'s is the opposite). The batch is packed and computed on the
+            varlen path (:mod:`sdpa_flash.varlen`), never as a dense masked kernel. With ``Sq == Sk`` the same
+            mask marks the padded queries, whose output rows are zeros (and pass no gradient); with
+            ``Sq != Sk`` every query is real. Not combinable with ``attn_mask``.
 
     Returns:
         The attention output.
@@ -108,6 +114,8 @@ def attention(
         >>> attention(q, k, v, causal=True).shape
         torch.Size([2, 8, 128, 64])
     """
+    if key_padding_mask is not None:
+        return _padded(query, key, value, key_padding_mask, attn_mask, causal, dropout_p, scale, layout, policy)
     if _compiling():
         return _compiled(query, key, value, attn_mask, causal, dropout_p, scale, layout, policy)
     if policy is None:
@@ -154,12 +162,18 @@ def explain(
     scale: float | None = None,
     layout: str = "bhsd",
     policy: PolicyLike | None = None,
-) -> Plan:
+    key_padding_mask: torch.Tensor | None = None,
+) -> Any:
     """The :class:`Plan` that :func:`attention` would follow for these arguments, without running anything.
 
     ``str(plan)`` is one line (``"cudnn via direct aten op  (flash: ranked below cudnn ...; ...)"``) and
-    ``plan.explain()`` a full account. Raises what :func:`attention` would raise.
+    ``plan.explain()`` a full account. Raises what :func:`attention` would raise. With ``key_padding_mask``
+    it is the varlen engine's plan (:class:`sdpa_flash.varlen.VarlenPlan`, or a :class:`Plan` for the dense
+    fallback it notes).
     """
+    if key_padding_mask is not None:
+        return _padded(query, key, value, key_padding_mask, attn_mask, causal, dropout_p, scale, layout, policy,
+                       explain_only=True)
     pol = _policy.get_policy() if policy is None else resolve_policy(policy)
     if isinstance(query, torch.Tensor) and _autocast_enabled(query.device.type):
         query, key, value, attn_mask = _autocast_inputs(query, key, value, attn_mask)
@@ -278,6 +292,80 @@ def _merge(mask, kind, sq, sk, device):  # type: ignore[no-untyped-def]
     if mask is None:
         return causal
     return mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, float("-inf"))
+
+
+# ------------------------------------------------------------------------------------ key padding mask
+_mask_layouts: dict[int, tuple[Any, int, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]] = {}
+
+
+def _mask_layout(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """(batch index, position index, lengths) of the True entries of a (B, S) mask, in row-major order.
+
+    Cached per mask object (a weak reference plus its version counter), so the layers of a model that share
+    one padding mask read its lengths on the host — a device sync — once, not once per layer.
+    """
+    import weakref
+
+    got = _mask_layouts.get(id(mask))
+    if got is not None and got[0]() is mask and got[1] == mask._version:
+        return got[2]
+    b_idx, s_idx = torch.nonzero(mask, as_tuple=True)
+    lens = tuple(int(n) for n in mask.sum(1).tolist())
+    if len(_mask_layouts) >= 64:
+        _mask_layouts.clear()
+    _mask_layouts[id(mask)] = (weakref.ref(mask), mask._version, (b_idx, s_idx, lens))
+    return b_idx, s_idx, lens
+
+
+def _padded(query, key, value, kpm, attn_mask, causal, dropout_p, scale, layout, policy, *,  # type: ignore[no-untyped-def]
+            explain_only=False):
+    """attention() with a key padding mask: pack, run the varlen engine, scatter back (zeros at padding)."""
+    from . import _varlen_engine
+    from .varlen import _check_mask, varlen_attention_packed
+
+    if attn_mask is not None:
+        raise AttentionInputError("Expected either attn_mask or key_padding_mask, but got both; fold the key "
+                                  "padding into attn_mask (True = attend), or pass only key_padding_mask.")
+    spec = _validate(query, key, value, None, causal, dropout_p, scale, layout)
+    if spec.nested:
+        raise AttentionInputError("Expected dense tensors with key_padding_mask, but got nested tensors (their "
+                                  "raggedness is already the mask).")
+    b, sq, sk = spec.batch, spec.seqlen_q, spec.seqlen_k
+    _check_mask(kpm, (b, sk), query.device, "key_padding_mask")
+    kind = spec.effective_causal
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value)) if layout == "bhsd" else (query, key, value)
+    if _compiling() or (sq != sk and kind is not None):
+        # Causal masking in padded coordinates with Sq != Sk (or tracing, where the lengths cannot be read):
+        # the exact dense route, with the key padding folded into a boolean mask.
+        mask = kpm[:, None, None, :]
+        if explain_only:
+            p = explain(query, key, value, attn_mask=mask, causal=causal, dropout_p=dropout_p, scale=scale,
+                        layout=layout, policy=policy)
+            why = ("torch.compile is tracing" if _compiling() else
+                   f"causal={kind} with Sq={sq} != Sk={sk} is defined in padded coordinates")
+            return dataclasses.replace(p, notes=(*p.notes, f"key_padding_mask: dense masked route because {why}"))
+        return attention(query, key, value, attn_mask=mask, causal=causal, dropout_p=dropout_p, scale=scale,
+                         layout=layout, policy=policy)
+    kb, ks, lens_k = _mask_layout(kpm)
+    if sq == sk:
+        qb, qs, lens_q = kb, ks, lens_k
+        qp = q[qb, qs]
+    else:
+        qb = qs = None
+        lens_q = (sq,) * b
+        qp = q.reshape(b * sq, *q.shape[2:])
+    kp, vp = k[kb, ks], v[kb, ks]
+    if explain_only:
+        return _varlen_engine.explain(qp, kp, vp, lens_q, lens_k, causal=kind or False, dropout_p=dropout_p,
+                                      policy=policy)
+    out = varlen_attention_packed(qp, kp, vp, None, None, max(lens_q, default=0), max(lens_k, default=0),
+                                  causal=kind or False, scale=scale, dropout_p=dropout_p, policy=policy,
+                                  seqlens_q=lens_q, seqlens_k=lens_k)
+    if qb is None:
+        full = out.view(b, sq, *out.shape[1:])
+    else:
+        full = out.new_zeros(b, sq, *out.shape[1:]).index_put((qb, qs), out)
+    return full.transpose(1, 2) if layout == "bhsd" else full
 
 
 # ---------------------------------------------------------------------------------------- torch.compile

@@ -1,0 +1,740 @@
+"""The varlen engine: plan (pure, cached) and run exact attention over a ragged batch.
+
+Candidate paths, each exact — no sequence ever sees another's tokens or padding:
+
+``grouped``
+    Sequences are sorted by length and cut into *groups*; each group is one dense ``attention()`` call on
+    ``(b, L_q, H, D)`` gathered from the packed tensor, so the policy's dense kernel (cuDNN on Hopper) does the
+    work, and on CUDA the groups run on a few side streams at once so small calls fill the GPU together. A
+    group whose members are shorter than its padded length is made exact one of three ways:
+
+    * causal self-attention (every member has ``L_q == L_k``), right-padded: real queries never see the
+      padding keys (they come after them), so nothing is masked;
+    * ``"coordinate"``: one extra head-dim coordinate, 1 on every query and ``-2^100`` on padding keys (0 on
+      real keys), so a padding key's score is ``-2^100 * scale`` and its softmax weight exactly 0, with no
+      mask for the kernel to read (the head dim grows by 8: ``D + 1`` rounded up to a multiple of 8);
+    * ``"mask"``: a ``(b, 1, 1, L_k)`` boolean key mask.
+
+    Padding rows are gathered from real rows (never uninitialised memory), and their outputs are dropped, so
+    their gradients are exactly 0.
+
+``flash_varlen``
+    One call of the flash kernel with ``cu_seqlens`` (CUDA): no padding at all, one launch.
+
+``hybrid``
+    The shortest sequences in one flash varlen call, the rest in groups.
+
+The grouping and the choice between paths come from a cost model (:class:`CostModel`, data per device type):
+a group costs a fixed per-call time plus its padded FLOPs at the kernel's rate for that length; dynamic
+programming over the sorted lengths finds the cheapest cut, and the cheapest path wins. ``explain()`` shows
+each path's estimate and why the others lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .capability import Capabilities, capabilities
+from .errors import AttentionInputError, BackendUnavailableError
+from .policy import Policy, get_policy, resolve_policy
+from .spec import AttentionSpec, dtype_name
+
+__all__ = ["COST_MODELS", "CostModel", "Group", "VarlenPlan", "VarlenSpec", "clear_caches", "explain", "plan_varlen", "run"]
+
+_CAUSAL = {False: None, None: None, True: "top_left", "top_left": "top_left", "bottom_right": "bottom_right"}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclasses.dataclass(frozen=True)
+class VarlenSpec:
+    """What a varlen call's plan depends on (lengths as host tuples; shapes in (T, H, D) terms)."""
+
+    device_type: str
+    dtype: torch.dtype
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    head_dim_v: int
+    seqlens_q: tuple[int, ...]
+    seqlens_k: tuple[int, ...]
+    causal: str | None = None
+    dropout: bool = False
+    needs_grad: bool = False
+
+    def describe(self) -> str:
+        n = len(self.seqlens_q)
+        same = self.seqlens_q == self.seqlens_k
+        lens = f"{sum(self.seqlens_q)} tokens, longest {max(self.seqlens_q, default=0)}"
+        if not same:
+            lens += f"; keys {sum(self.seqlens_k)} tokens, longest {max(self.seqlens_k, default=0)}"
+        parts = [f"{n} sequences ({lens})", f"Hq={self.heads_q} Hkv={self.heads_kv} D={self.head_dim}"
+                 + (f" Dv={self.head_dim_v}" if self.head_dim_v != self.head_dim else ""),
+                 f"{dtype_name(self.dtype)} on {self.device_type}"]
+        if self.causal:
+            parts.append(f"causal={self.causal}")
+        if self.dropout:
+            parts.append("dropout")
+        if self.needs_grad:
+            parts.append("requires grad")
+        return ", ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """How long a path takes, roughly: data per device type, calibrated by ``benchmarks/varlen_probe.py``.
+
+    Times are microseconds; rates TFLOP/s. A dense call of padded lengths ``(Lq, Lk)`` runs at
+    ``rate * L / (L + half_len)`` with ``L = min(Lq, Lk)``; forward+backward uses the ``*_bwd`` figures.
+
+    Attributes:
+        call_us / call_us_bwd: fixed cost of one group (gather, kernel launch, select), fwd / fwd+bwd.
+        rate / rate_bwd: the dense kernel's saturated rate.
+        half_len / half_len_bwd: the length at which it reaches half of that rate.
+        varlen_call_us / varlen_call_us_bwd: fixed cost of the flash varlen call.
+        varlen_rate / varlen_rate_bwd: the flash varlen kernel's rate.
+        coordinate_penalty: extra cost factor of the extra head-dim coordinate beyond its FLOPs.
+        padding: how a non-causal group with padding keys is made exact: ``"coordinate"`` or ``"mask"``.
+        streams: side streams the groups are spread over (CUDA; 0 = the current stream only).
+        max_group_span: the most sequences the dynamic programme considers for one group.
+    """
+
+    call_us: float
+    call_us_bwd: float
+    rate: float
+    rate_bwd: float
+    half_len: float
+    half_len_bwd: float
+    varlen_call_us: float = math.inf
+    varlen_call_us_bwd: float = math.inf
+    varlen_rate: float = 1.0
+    varlen_rate_bwd: float = 1.0
+    coordinate_penalty: float = 1.0
+    padding: str = "coordinate"
+    streams: int = 0
+    max_group_span: int = 64
+
+    def dense_us(self, b: int, heads: int, lq: int, lk: int, d: int, dv: int, causal: bool, bwd: bool) -> float:
+        flops = 2.0 * b * heads * lq * lk * (d + dv) * (0.5 if causal else 1.0) * (3.5 if bwd else 1.0)
+        length = min(lq, lk)
+        rate, half = (self.rate_bwd, self.half_len_bwd) if bwd else (self.rate, self.half_len)
+        return (self.call_us_bwd if bwd else self.call_us) + flops / (rate * length / (length + half)) / 1e6
+
+    def varlen_us(self, work: float, heads: int, d: int, dv: int, causal: bool, bwd: bool) -> float:
+        """``work`` = sum of Lq_i * Lk_i over the sequences."""
+        flops = 2.0 * heads * work * (d + dv) * (0.5 if causal else 1.0) * (3.5 if bwd else 1.0)
+        rate = self.varlen_rate_bwd if bwd else self.varlen_rate
+        return (self.varlen_call_us_bwd if bwd else self.varlen_call_us) + flops / rate / 1e6
+
+
+COST_MODELS: dict[str, CostModel] = {
+    # H200, torch 2.11, cuDNN 9.19 (shared/BASELINE.md): dense cuDNN 510 / 609 / 615 TFLOP/s forward at
+    # S = 512 / 4k / 16k and 372 / 526 / 558 forward+backward; flash varlen 340 forward, 298 forward+backward.
+    "cuda": CostModel(call_us=30.0, call_us_bwd=90.0, rate=620.0, rate_bwd=570.0, half_len=110.0,
+                      half_len_bwd=270.0, varlen_call_us=40.0, varlen_call_us_bwd=120.0, varlen_rate=340.0,
+                      varlen_rate_bwd=298.0, coordinate_penalty=1.0, padding="coordinate", streams=4),
+    # CPU: the flash kernel runs near its rate from small lengths; a call costs ~30 us of Python and dispatch.
+    "cpu": CostModel(call_us=40.0, call_us_bwd=120.0, rate=0.05, rate_bwd=0.04, half_len=8.0, half_len_bwd=8.0,
+                     padding="mask"),
+}
+_FALLBACK_MODEL = COST_MODELS["cpu"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """One dense call: ``members`` (sequence indices) padded to ``(len_q, len_k)``.
+
+    ``padding``: ``"none"`` (every member has exactly these lengths), ``"causal"`` (causal square, padding
+    keys never visible), ``"coordinate"`` or ``"mask"`` (padding keys hidden that way), or ``"queries"`` (only
+    query rows are padded: their outputs are dropped).
+    """
+
+    members: tuple[int, ...]
+    len_q: int
+    len_k: int
+    padding: str = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class VarlenPlan:
+    """What :func:`sdpa_flash.varlen.varlen_attention` runs for one batch, and why.
+
+    Attributes:
+        path: ``"grouped"``, ``"flash_varlen"``, ``"hybrid"`` or ``"empty"``.
+        backend: the backend of the dense group calls as the policy plans it for the largest group (the
+            calls are made through ``attention()``, which may pick per call), or ``"flash"`` for flash varlen.
+        groups: the dense calls.
+        varlen_members: sequences computed by the one flash varlen call (``flash_varlen`` / ``hybrid``).
+        zero_members: sequences with queries but no keys: their output is zeros.
+        streams: CUDA side streams the groups are spread over.
+        estimates: each candidate path's estimated time (µs), ``inf`` where it cannot run.
+        reasons: why each other path was not chosen.
+        spec: the call's summary.
+        policy: the policy in force.
+    """
+
+    path: str
+    backend: str
+    groups: tuple[Group, ...]
+    varlen_members: tuple[int, ...]
+    zero_members: tuple[int, ...]
+    streams: int
+    estimates: dict[str, float]
+    reasons: dict[str, tuple[str, ...]]
+    spec: VarlenSpec
+    policy: Policy
+
+    @property
+    def padded_work(self) -> float:
+        """Padded over useful score entries (1.0 = no padding) of the grouped part."""
+        useful = sum(self.spec.seqlens_q[i] * self.spec.seqlens_k[i] for g in self.groups for i in g.members)
+        padded = sum(len(g.members) * g.len_q * g.len_k for g in self.groups)
+        return padded / useful if useful else 1.0
+
+    def __str__(self) -> str:
+        bits = []
+        if self.groups:
+            bits.append(f"{len(self.groups)} {self.backend} group call(s), padded work x{self.padded_work:.2f}")
+        if self.varlen_members:
+            bits.append(f"{len(self.varlen_members)} sequence(s) in one flash varlen call")
+        why = "; ".join(f"{k}: {v[0]}" for k, v in self.reasons.items() if v)
+        head = f"varlen {self.path}: " + (", ".join(bits) or "nothing to compute")
+        return f"{head}  ({why})" if why else head
+
+    def explain(self) -> str:
+        lines = [f"path:    {self.path}", f"policy:  {self.policy}", f"inputs:  {self.spec.describe()}"]
+        for name, est in self.estimates.items():
+            lines.append(f"estimate {name}: {'n/a' if math.isinf(est) else f'{est:,.0f} us'}")
+        if self.groups:
+            lines.append(f"groups:  {len(self.groups)} dense {self.backend} calls over {self.streams or 1} stream(s), "
+                         f"padded work x{self.padded_work:.2f}")
+            for g in self.groups[:12]:
+                lines.append(f"  {len(g.members):4d} x ({g.len_q}, {g.len_k}) padding={g.padding}")
+            if len(self.groups) > 12:
+                lines.append(f"  ... {len(self.groups) - 12} more")
+        if self.varlen_members:
+            lines.append(f"flash varlen: {len(self.varlen_members)} sequences in one call")
+        if self.zero_members:
+            lines.append(f"zeros:   {len(self.zero_members)} sequences have queries but no keys")
+        for name, why in self.reasons.items():
+            lines.append(f"{name}:")
+            lines.extend(f"  - {w}" for w in why)
+        return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------- planning
+def _dense_spec(spec: VarlenSpec, b: int, lq: int, lk: int, causal: str | None, mask: str | None,
+                d: int | None = None) -> AttentionSpec:
+    return AttentionSpec(spec.device_type, spec.dtype, b, spec.heads_q, spec.heads_kv, lq, lk, d or spec.head_dim,
+                         spec.head_dim_v, causal, mask, spec.dropout, spec.needs_grad)
+
+
+def _coordinate_dim(d: int) -> int:
+    return -(-(d + 1) // 8) * 8
+
+
+def _flash_allowed(policy: Policy) -> bool:
+    return policy.name in ("auto", "fused") or "flash" in policy.backends
+
+
+def _flash_varlen_reasons(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> list[str]:
+    if not _flash_allowed(policy):
+        return [f"not allowed by policy {policy}"]
+    if caps.device_type != "cuda":
+        return [f"the flash varlen kernel is CUDA only (this is {caps.device_type})"]
+    from .backends import BACKENDS
+
+    dense = _dense_spec(spec, 1, max(spec.seqlens_q, default=1), max(spec.seqlens_k, default=1),
+                        "bottom_right" if spec.causal else None, None)
+    reasons = [r for r in BACKENDS["flash"].not_supported_reasons(dense, caps) if "causal" not in r]
+    if spec.head_dim % 8 or spec.head_dim != spec.head_dim_v:
+        reasons.append(f"head dims {spec.head_dim}/{spec.head_dim_v}: the varlen kernel needs equal head dims that "
+                       "are multiples of 8")
+    if spec.causal == "top_left" and spec.seqlens_q != spec.seqlens_k:
+        reasons.append("causal='top_left' with query and key lengths that differ: the varlen kernel aligns causal "
+                       "bottom-right (pass causal='bottom_right' for flash-attn's convention)")
+    return reasons
+
+
+def _group_ok(spec: VarlenSpec, members: Sequence[int]) -> str | None:
+    """How a group of these members is made exact (``None``: it cannot be)."""
+    lq = [spec.seqlens_q[i] for i in members]
+    lk = [spec.seqlens_k[i] for i in members]
+    mq, mk = max(lq), max(lk)
+    if all(a == mq for a in lq) and all(b == mk for b in lk):
+        return "none"
+    if spec.causal is not None:
+        square = all(a == b for a, b in zip(lq, lk, strict=True))
+        return "causal" if square else None
+    return "queries" if all(b == mk for b in lk) else "keys"
+
+
+def _grouping(spec: VarlenSpec, ids: list[int], model: CostModel, pad_keys: str, d_coord: int,
+              bwd: bool) -> tuple[float, list[Group]]:
+    """Cheapest cut of ``ids`` (sorted by ``(L_k, L_q)``) into contiguous groups: dynamic programming on the
+    cost model. ``pad_keys`` is how padding keys are hidden (``"coordinate"``, ``"mask"``, or ``"none"``:
+    groups whose key lengths differ are not allowed)."""
+    n = len(ids)
+    if not n:
+        return 0.0, []
+    lq = [spec.seqlens_q[i] for i in ids]
+    lk = [spec.seqlens_k[i] for i in ids]
+    causal = spec.causal is not None
+    best = [0.0] + [math.inf] * n
+    cut = [0] * (n + 1)
+    kinds = [""] * (n + 1)
+    for j in range(1, n + 1):
+        mq = mk = 0
+        nq, nk = lq[j - 1], lk[j - 1]
+        square = True
+        for i in range(j - 1, max(-1, j - 1 - model.max_group_span), -1):
+            mq, mk, nq, nk = max(mq, lq[i]), max(mk, lk[i]), min(nq, lq[i]), min(nk, lk[i])
+            square = square and lq[i] == lk[i]
+            d = spec.head_dim
+            if nq == mq and nk == mk:
+                kind = "none"
+            elif causal:
+                if not square:
+                    break  # a causal group with unequal query/key lengths must be exact pairs
+                kind = "causal"
+            elif nk == mk:
+                kind = "queries"
+            elif pad_keys == "none":
+                break
+            else:
+                kind = pad_keys
+                if kind == "coordinate":
+                    d = d_coord
+            cost = model.dense_us(j - i, spec.heads_q, mq, mk, d, spec.head_dim_v, causal, bwd)
+            if kind == "coordinate":
+                cost *= model.coordinate_penalty
+            if best[i] + cost < best[j]:
+                best[j], cut[j], kinds[j] = best[i] + cost, i, kind
+    groups: list[Group] = []
+    j = n
+    while j:
+        i = cut[j]
+        groups.append(Group(tuple(ids[i:j]), max(lq[i:j]), max(lk[i:j]), kinds[j]))
+        j = i
+    return best[n], groups[::-1]
+
+
+@functools.lru_cache(maxsize=256)
+def plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> VarlenPlan:
+    """Choose the path, groups and streams for ``spec`` (pure; cached)."""
+    from .policy import plan as dense_plan
+
+    model = COST_MODELS.get(caps.device_type, _FALLBACK_MODEL)
+    bwd = spec.needs_grad
+    n = len(spec.seqlens_q)
+    zero = tuple(i for i in range(n) if spec.seqlens_q[i] > 0 and spec.seqlens_k[i] == 0)
+    live = [i for i in range(n) if spec.seqlens_q[i] > 0 and spec.seqlens_k[i] > 0]
+    live.sort(key=lambda i: (spec.seqlens_k[i], spec.seqlens_q[i]))
+    streams = model.streams if caps.device_type == "cuda" else 0
+    reasons: dict[str, tuple[str, ...]] = {}
+    if not live:
+        return VarlenPlan("empty", "", (), (), zero, 0, {}, {}, spec, policy)
+
+    # How padding keys are hidden: the cost model's choice, if the dense kernel can take it.
+    longest = max(live, key=lambda i: spec.seqlens_q[i] * spec.seqlens_k[i])
+    big_q, big_k = spec.seqlens_q[longest], spec.seqlens_k[longest]
+    d_coord = _coordinate_dim(spec.head_dim)
+    pad_keys = model.padding
+    dense_causal = spec.causal
+
+    def dense_reasons(mask: str | None, d: int | None = None) -> tuple[str, list[str]]:
+        try:
+            p = dense_plan(_dense_spec(spec, 1, big_q, big_k, dense_causal, mask, d), caps, policy)
+        except BackendUnavailableError as exc:
+            return "", [f"{name}: {r[0]}" for name, r in exc.reasons.items() if r] or [str(exc).splitlines()[0]]
+        return p.backend, []
+
+    backend, why_dense = dense_reasons(None)
+    if pad_keys == "coordinate":
+        b2, why = dense_reasons(None, d_coord)
+        if why or d_coord > 256 or b2 != backend:
+            pad_keys = "mask"
+    if pad_keys == "mask":
+        _, why = dense_reasons("bool")
+        if why:
+            pad_keys = "none"  # groups of exactly equal lengths only
+    estimates: dict[str, float] = {}
+    grouped_cost, groups = math.inf, []
+    if not why_dense:
+        grouped_cost, groups = _grouping(spec, live, model, pad_keys, d_coord, bwd)
+    else:
+        reasons["grouped"] = tuple(why_dense)
+    estimates["grouped"] = grouped_cost
+
+    flash_why = _flash_varlen_reasons(spec, caps, policy)
+    hybrid_cost, hybrid_groups, hybrid_varlen = math.inf, [], ()
+    if flash_why:
+        estimates["flash_varlen"] = estimates["hybrid"] = math.inf
+        reasons["flash_varlen"] = tuple(flash_why)
+        reasons["hybrid"] = ("needs the flash varlen kernel, which cannot run: " + flash_why[0],)
+    else:
+        work = [spec.seqlens_q[i] * spec.seqlens_k[i] for i in live]
+        causal = spec.causal is not None
+        estimates["flash_varlen"] = model.varlen_us(sum(work), spec.heads_q, spec.head_dim, spec.head_dim_v, causal,
+                                                    bwd)
+        if not why_dense:
+            # hybrid: the k shortest (by work) in one varlen call, the rest grouped; try a few cut points.
+            by_work = sorted(live, key=lambda i: spec.seqlens_q[i] * spec.seqlens_k[i])
+            for frac in (0.25, 0.5, 0.75, 0.875):
+                k = int(len(by_work) * frac)
+                if not 0 < k < len(by_work):
+                    continue
+                short = by_work[:k]
+                rest = sorted(by_work[k:], key=lambda i: (spec.seqlens_k[i], spec.seqlens_q[i]))
+                c_rest, g_rest = _grouping(spec, rest, model, pad_keys, d_coord, bwd)
+                c = c_rest + model.varlen_us(sum(spec.seqlens_q[i] * spec.seqlens_k[i] for i in short),
+                                             spec.heads_q, spec.head_dim, spec.head_dim_v, causal, bwd)
+                if c < hybrid_cost:
+                    hybrid_cost, hybrid_groups, hybrid_varlen = c, g_rest, tuple(sorted(short))
+        estimates["hybrid"] = hybrid_cost
+    finite = {k: v for k, v in estimates.items() if not math.isinf(v)}
+    if not finite:
+        raise BackendUnavailableError(
+            f"No varlen path allowed by policy {policy} can run this batch on {caps.name or caps.device_type}.",
+            inputs=spec.describe(), reasons=reasons)
+    path = min(finite, key=lambda k: finite[k])
+    for other, est in estimates.items():
+        if other != path and other not in reasons:
+            reasons[other] = (f"estimated {est:,.0f} us against {finite[path]:,.0f} us for {path} (cost model for "
+                              f"{caps.device_type})",)
+    if path == "grouped":
+        return VarlenPlan(path, backend, tuple(groups), (), zero, streams, estimates, reasons, spec, policy)
+    if path == "hybrid":
+        return VarlenPlan(path, backend, tuple(hybrid_groups), hybrid_varlen, zero, streams, estimates, reasons,
+                          spec, policy)
+    return VarlenPlan(path, "flash", (), tuple(sorted(live)), zero, 0, estimates, reasons, spec, policy)
+
+
+# ------------------------------------------------------------------------------------------- execution
+@dataclasses.dataclass
+class _Exec:
+    """What one plan needs on one device, built once: index tensors and split sizes.
+
+    Sequences that form a group on their own without padding are read as views of ``torch.split`` of the
+    packed tensors; the other groups' rows are gathered with a single ``index_select`` per input (one
+    ``index_add`` in the backward, not one full-size zero tensor per group), then split per group. Outputs are
+    assembled per sequence and concatenated once, in packed order.
+    """
+
+    singles: dict[int, int]  # group number -> its one sequence
+    gather_q: torch.Tensor | None
+    gather_k: torch.Tensor | None
+    sizes_q: list[int]  # rows of each gathered group, in gathered order
+    sizes_k: list[int]
+    gathered: list[int]  # group numbers, in gathered order
+    member_rows: list[list[int]]  # per gathered group: split sizes over its b * len_q rows (real, pad, real, ...)
+    varlen: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, int, int] | None
+    issue_order: list[int]  # groups, largest first (long kernels start first; short ones fill in)
+
+
+def _build_exec(p: VarlenPlan, device: torch.device) -> _Exec:
+    s = p.spec
+    cu_q = [0, *torch.tensor(s.seqlens_q, dtype=torch.long).cumsum(0).tolist()]
+    cu_k = [0, *torch.tensor(s.seqlens_k, dtype=torch.long).cumsum(0).tolist()]
+    singles: dict[int, int] = {}
+    idx_q: list[torch.Tensor] = []
+    idx_k: list[torch.Tensor] = []
+    sizes_q: list[int] = []
+    sizes_k: list[int] = []
+    gathered: list[int] = []
+    member_rows: list[list[int]] = []
+    for n, g in enumerate(p.groups):
+        if len(g.members) == 1 and g.padding == "none":
+            singles[n] = g.members[0]
+            continue
+        lens_q = torch.tensor([s.seqlens_q[i] for i in g.members])
+        lens_k = torch.tensor([s.seqlens_k[i] for i in g.members])
+        start_q = torch.tensor([cu_q[i] for i in g.members])
+        start_k = torch.tensor([cu_k[i] for i in g.members])
+        # padding positions read the sequence's own last row: real, finite data whose outputs are dropped
+        idx_q.append((start_q[:, None] + torch.minimum(torch.arange(g.len_q)[None, :], (lens_q - 1)[:, None]))
+                     .reshape(-1))
+        idx_k.append((start_k[:, None] + torch.minimum(torch.arange(g.len_k)[None, :], (lens_k - 1)[:, None]))
+                     .reshape(-1))
+        sizes_q.append(len(g.members) * g.len_q)
+        sizes_k.append(len(g.members) * g.len_k)
+        gathered.append(n)
+        rows: list[int] = []
+        for i in g.members:
+            rows += [s.seqlens_q[i], g.len_q - s.seqlens_q[i]]
+        member_rows.append(rows)
+    gq = torch.cat(idx_q).to(device) if idx_q else None
+    gk = torch.cat(idx_k).to(device) if idx_k else None
+    varlen = None
+    if p.varlen_members:
+        m = p.varlen_members
+        whole = len(m) == len(s.seqlens_q)
+        lq = [s.seqlens_q[i] for i in m]
+        lk = [s.seqlens_k[i] for i in m]
+        cq = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32).to(device)
+        ck = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32).to(device)
+        rq = None if whole else _ranges(cu_q, m).to(device)
+        rk = None if whole else _ranges(cu_k, m).to(device)
+        varlen = (rq, rk, cq, ck, max(lq), max(lk))
+    order = sorted(range(len(p.groups)), key=lambda n: -len(p.groups[n].members) * p.groups[n].len_q
+                   * p.groups[n].len_k)
+    return _Exec(singles, gq, gk, sizes_q, sizes_k, gathered, member_rows, varlen, order)
+
+
+def _ranges(cu: list[int], members: Sequence[int]) -> torch.Tensor:
+    """The packed row indices of ``members``' tokens, in that order."""
+    if not members:
+        return torch.zeros(0, dtype=torch.long)
+    starts = torch.tensor([cu[i] for i in members], dtype=torch.long)
+    lens = torch.tensor([cu[i + 1] - cu[i] for i in members], dtype=torch.long)
+    seg = torch.repeat_interleave(torch.arange(len(members)), lens)
+    offs = torch.arange(int(lens.sum())) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+    return starts[seg] + offs
+
+
+_exec_cache: dict[tuple[Any, ...], _Exec] = {}
+_streams: dict[int | None, list[torch.cuda.Stream]] = {}
+
+
+def _side_streams(device: torch.device, n: int) -> list[torch.cuda.Stream]:
+    got = _streams.get(device.index)
+    if got is None or len(got) < n:
+        got = [torch.cuda.Stream(device=device) for _ in range(n)]
+        _streams[device.index] = got
+    return got[:n]
+
+
+_Q_EXTRA = {torch.float16: 256.0, torch.bfloat16: 1.0, torch.float32: 1.0, torch.float64: 1.0}
+_K_EXTRA = {torch.float16: -32768.0, torch.bfloat16: -(2.0**100), torch.float32: -(2.0**100),
+            torch.float64: -(2.0**100)}
+
+
+def _with_coordinate(qg: torch.Tensor, kg: torch.Tensor, key_ok: torch.Tensor, d_coord: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append the masking coordinate: queries get ``c`` there, real keys 0, padding keys ``-big`` (exact: see
+    the module docstring). ``qg`` ``(b, Lq, Hq, D)``, ``kg`` ``(b, Lk, Hkv, D)``, ``key_ok`` ``(b, Lk)``."""
+    extra = d_coord - qg.shape[-1]
+    aq = qg.new_zeros(1, 1, 1, extra)
+    aq[..., 0] = _Q_EXTRA[qg.dtype]
+    ak = kg.new_zeros(*key_ok.shape, 1, extra)
+    ak[..., 0] = torch.where(key_ok, 0.0, _K_EXTRA[kg.dtype])[..., None].to(kg.dtype)
+    return (torch.cat([qg, aq.expand(*qg.shape[:-1], extra)], -1),
+            torch.cat([kg, ak.expand(*kg.shape[:-1], extra)], -1))
+
+
+def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale):  # type: ignore[no-untyped-def]
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, False,
+                                                   scale=scale)[0]
+
+
+def _spec_of(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seqlens_q: tuple[int, ...],
+             seqlens_k: tuple[int, ...], causal: Any, dropout_p: float) -> VarlenSpec:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise AttentionInputError(f"Expected {name} to be a torch.Tensor, but got {type(t).__name__} instead.")
+        if t.dim() != 3:
+            raise AttentionInputError(f"Expected {name} to be 3-D packed (T, H, D), but got a {t.dim()}-D tensor of "
+                                      f"shape {tuple(t.shape)} instead.")
+        if t.dtype not in _FLOATS:
+            raise AttentionInputError(f"Expected {name} to be floating point, but got dtype={t.dtype} instead.")
+    if not query.dtype == key.dtype == value.dtype:
+        raise AttentionInputError(f"Expected query, key and value to have one dtype, but got {query.dtype}, "
+                                  f"{key.dtype}, {value.dtype} instead.")
+    if not query.device == key.device == value.device:
+        raise AttentionInputError(f"Expected query, key and value on one device, but got {query.device}, "
+                                  f"{key.device}, {value.device} instead.")
+    if key.shape[0] != value.shape[0] or key.shape[1] != value.shape[1]:
+        raise AttentionInputError(f"Expected key and value to have the same tokens and heads, but got "
+                                  f"{tuple(key.shape)} and {tuple(value.shape)} instead.")
+    if query.shape[-1] != key.shape[-1]:
+        raise AttentionInputError(f"Expected query and key to have the same head dim, but got {query.shape[-1]} and "
+                                  f"{key.shape[-1]} instead.")
+    hq, hk = query.shape[1], key.shape[1]
+    if hk == 0 or hq % hk:
+        raise AttentionInputError(f"Expected the query heads ({hq}) to be a multiple of the key/value heads ({hk}) "
+                                  "(GQA/MQA), but they are not.")
+    if query.shape[-1] == 0 or value.shape[-1] == 0:
+        raise AttentionInputError("Expected non-zero head dims, but got "
+                                  f"{query.shape[-1]} (query/key) and {value.shape[-1]} (value) instead.")
+    if len(seqlens_q) != len(seqlens_k):
+        raise AttentionInputError(f"Expected as many query sequences as key sequences, but got {len(seqlens_q)} and "
+                                  f"{len(seqlens_k)} instead.")
+    if sum(seqlens_q) != query.shape[0]:
+        raise AttentionInputError(f"Expected the query lengths to sum to its {query.shape[0]} rows, but they sum to "
+                                  f"{sum(seqlens_q)} instead.")
+    if sum(seqlens_k) != key.shape[0]:
+        raise AttentionInputError(f"Expected the key lengths to sum to its {key.shape[0]} rows, but they sum to "
+                                  f"{sum(seqlens_k)} instead.")
+    kind = _CAUSAL.get(causal, "invalid") if isinstance(causal, (bool, str, type(None))) else "invalid"
+    if kind == "invalid":
+        raise AttentionInputError(f"Expected causal to be False, True, 'top_left' or 'bottom_right', but got "
+                                  f"{causal!r} instead.")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise AttentionInputError(f"Expected dropout_p to be a float in [0, 1), but got {dropout_p!r} instead.")
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    return VarlenSpec(query.device.type, query.dtype, hq, hk, query.shape[-1], value.shape[-1], seqlens_q, seqlens_k,
+                      kind, dropout_p > 0, needs_grad)
+
+
+def _host_lengths(cu: Any, given: Sequence[int] | None, max_seqlen: int, what: str) -> tuple[int, ...]:
+    if given is not None:
+        lens = tuple(int(x) for x in given)
+    else:
+        if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or \
+                cu.numel() < 1:
+            desc = f"{cu.dim()}-D dtype={cu.dtype}" if isinstance(cu, torch.Tensor) else type(cu).__name__
+            raise AttentionInputError(f"Expected {what} to be a 1-D int32 tensor with a leading 0, but got {desc} "
+                                      "instead.")
+        host = cu.tolist()
+        if host[0] != 0:
+            raise AttentionInputError(f"Expected {what} to start at 0, but it starts at {host[0]} instead.")
+        lens = tuple(b - a for a, b in itertools.pairwise(host))
+    if any(x < 0 for x in lens):
+        raise AttentionInputError(f"Expected {what} to be non-decreasing, but it has a negative length.")
+    if lens and max_seqlen is not None and max(lens) > max_seqlen:
+        raise AttentionInputError(f"Expected max_seqlen >= the longest sequence ({max(lens)}) for {what}, but got "
+                                  f"{max_seqlen} instead.")
+    return lens
+
+
+def _policy(policy: Any) -> Policy:
+    return get_policy() if policy is None else resolve_policy(policy)
+
+
+def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seqlens_q: Sequence[int],
+            seqlens_k: Sequence[int], *, causal: Any = False, dropout_p: float = 0.0, policy: Any = None
+            ) -> VarlenPlan:
+    spec = _spec_of(query, key, value, tuple(seqlens_q), tuple(seqlens_k), causal, dropout_p)
+    return plan_varlen(spec, capabilities(query.device), _policy(policy))
+
+
+def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_q: Any, cu_seqlens_k: Any,
+        max_seqlen_q: int, max_seqlen_k: int, *, causal: Any = False, scale: float | None = None,
+        dropout_p: float = 0.0, policy: Any = None, seqlens_q: Sequence[int] | None = None,
+        seqlens_k: Sequence[int] | None = None) -> torch.Tensor:
+    """Execute the plan for one packed call; see :func:`sdpa_flash.varlen.varlen_attention_packed`."""
+    lens_q = _host_lengths(cu_seqlens_q, seqlens_q, max_seqlen_q, "cu_seqlens_q")
+    lens_k = _host_lengths(cu_seqlens_k, seqlens_k, max_seqlen_k, "cu_seqlens_k")
+    spec = _spec_of(query, key, value, lens_q, lens_k, causal, dropout_p)
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise AttentionInputError(f"Expected scale to be None or a finite float, but got {scale!r} instead.")
+    pol = _policy(policy)
+    p = plan_varlen(spec, capabilities(query.device), pol)
+    dev = query.device
+    key_ = (spec, pol, dev)
+    ex = _exec_cache.get(key_)
+    if ex is None:
+        if len(_exec_cache) >= 64:
+            _exec_cache.clear()
+        ex = _exec_cache[key_] = _build_exec(p, dev)
+    return _execute(p, ex, query, key, value, dropout_p, scale, pol)
+
+
+def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             dropout_p: float, scale: float | None, pol: Policy) -> torch.Tensor:
+    from .attention import attention
+
+    spec = p.spec
+    n_seq = len(spec.seqlens_q)
+    hq, hk, d, dv = spec.heads_q, spec.heads_kv, spec.head_dim, spec.head_dim_v
+    softmax_scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    causal = spec.causal or False
+    outs: list[torch.Tensor | None] = [None] * n_seq
+    dev = query.device
+    streams = _side_streams(dev, p.streams) if p.streams and dev.type == "cuda" and len(p.groups) > 1 else []
+    main = torch.cuda.current_stream(dev) if streams else None
+    if main is not None:
+        for st in streams:
+            st.wait_stream(main)
+    views_q = views_k = views_v = None
+    if ex.singles:
+        views_q = torch.split(query, list(spec.seqlens_q))
+        views_k = torch.split(key, list(spec.seqlens_k))
+        views_v = torch.split(value, list(spec.seqlens_k))
+    gq = gk = gv = None
+    where: dict[int, int] = {}
+    if ex.gather_q is not None:
+        gq = torch.split(query.index_select(0, ex.gather_q), ex.sizes_q)
+        gk = torch.split(key.index_select(0, ex.gather_k), ex.sizes_k)  # type: ignore[arg-type]
+        gv = torch.split(value.index_select(0, ex.gather_k), ex.sizes_k)  # type: ignore[arg-type]
+        where = {n: j for j, n in enumerate(ex.gathered)}
+    d_coord = _coordinate_dim(d)
+    for slot, n in enumerate(ex.issue_order):
+        g = p.groups[n]
+        b = len(g.members)
+        ctx = torch.cuda.stream(streams[slot % len(streams)]) if streams else _null
+        with ctx:
+            mask = None
+            if n in ex.singles:
+                i = ex.singles[n]
+                qg = views_q[i].unsqueeze(0)  # type: ignore[index]
+                kg = views_k[i].unsqueeze(0)  # type: ignore[index]
+                vg = views_v[i].unsqueeze(0)  # type: ignore[index]
+            else:
+                j = where[n]
+                qg = gq[j].view(b, g.len_q, hq, d)  # type: ignore[index]
+                kg = gk[j].view(b, g.len_k, hk, d)  # type: ignore[index]
+                vg = gv[j].view(b, g.len_k, hk, dv)  # type: ignore[index]
+                if g.padding in ("coordinate", "mask"):
+                    lens_k = torch.tensor([spec.seqlens_k[i] for i in g.members], device=dev)
+                    key_ok = torch.arange(g.len_k, device=dev)[None, :] < lens_k[:, None]
+                    if g.padding == "coordinate":
+                        qg, kg = _with_coordinate(qg, kg, key_ok, d_coord)
+                    else:
+                        mask = key_ok[:, None, None, :]
+            og = attention(qg, kg, vg, attn_mask=mask, causal=causal, dropout_p=dropout_p, scale=softmax_scale,
+                           layout="bshd", policy=pol)
+            if main is not None:
+                og.record_stream(main)
+            if n in ex.singles:
+                outs[ex.singles[n]] = og[0]
+            else:
+                rows = torch.split(og.reshape(b * g.len_q, hq, dv), ex.member_rows[where[n]])
+                for r, i in enumerate(g.members):
+                    outs[i] = rows[2 * r]
+    if main is not None:
+        for st in streams:
+            main.wait_stream(st)
+    if ex.varlen is not None:
+        rq, rk, cq, ck, mq, mk = ex.varlen
+        if rq is None:
+            qv, kv, vv = query, key, value
+        else:
+            qv, kv, vv = query.index_select(0, rq), key.index_select(0, rk), value.index_select(0, rk)  # type: ignore[arg-type]
+        qv, kv, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (qv, kv, vv))
+        ov = _flash_varlen(qv, kv, vv, cq, ck, mq, mk, dropout_p, spec.causal is not None, softmax_scale)
+        if rq is None and not p.zero_members:
+            return ov
+        for i, o in zip(p.varlen_members, torch.split(ov, [spec.seqlens_q[i] for i in p.varlen_members]),
+                        strict=True):
+            outs[i] = o
+    for i in p.zero_members:
+        outs[i] = query.new_zeros(spec.seqlens_q[i], hq, dv)
+    pieces = [o for o in outs if o is not None]
+    if not pieces:
+        return query.new_zeros(query.shape[0], hq, dv)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_null = _Null()
+
+
+def clear_caches() -> None:
+    """Forget every plan and index set (after changing :data:`COST_MODELS`)."""
+    plan_varlen.cache_clear()
+    _exec_cache.clear()
