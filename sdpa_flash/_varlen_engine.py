@@ -718,9 +718,24 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
     for i in p.zero_members:
         outs[i] = query.new_zeros(spec.seqlens_q[i], hq, dv)
     pieces = [o for o in outs if o is not None]
-    if not pieces:
-        return query.new_zeros(query.shape[0], hq, dv)
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    out = query.new_zeros(query.shape[0], hq, dv) if not pieces else pieces[0] if len(pieces) == 1 else \
+        torch.cat(pieces)
+    if spec.needs_grad and not out.requires_grad:  # only zeros (no sequence sees a key): still differentiable
+        out = _Zeros.apply(out, query, key, value)
+    return out
+
+
+class _Zeros(torch.autograd.Function):
+    """Pass ``out`` (all zeros) through, giving zero gradients to the inputs it does not depend on."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.shapes = [(t.shape, t.dtype, t.device) for t in inputs]
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return (None, *(torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.shapes))
 
 
 class _Null:

@@ -1,0 +1,377 @@
+"""Variable-length batches: conversions are exact inverses that keep autograd; varlen attention equals
+per-sequence attention (values and gradients) on every path the engine can choose; bad input is typed."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sdpa_flash
+from sdpa_flash import AttentionInputError, BackendUnavailableError, varlen
+from sdpa_flash import _varlen_engine as engine
+from sdpa_flash.testing import assert_close_to_reference, property_profile, reference_attention
+
+EXAMPLES = max(10, property_profile().max_examples // 5)
+
+
+def seqs(lengths: list[int], h: int = 2, d: int = 8, *, seed: int = 0, dtype: torch.dtype = torch.float64,
+         device: str = "cpu") -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, h, d, generator=g).to(device=device, dtype=dtype) for n in lengths]
+
+
+def models(device_type: str) -> dict[str, engine.CostModel]:
+    """The engine's cost model, and variants that force each way of grouping (every one must be exact)."""
+    base = engine.COST_MODELS[device_type]
+    huge = 1e9
+    return {
+        "default": base,
+        "per-sequence": dataclasses.replace(base, max_group_span=1),
+        "one group, mask padding": dataclasses.replace(base, padding="mask", call_us=huge, call_us_bwd=huge),
+        "one group, coordinate padding": dataclasses.replace(base, padding="coordinate", call_us=huge,
+                                                             call_us_bwd=huge),
+        "one group, equal lengths only": dataclasses.replace(base, padding="none", call_us=huge, call_us_bwd=huge),
+    }
+
+
+@contextlib.contextmanager
+def cost_model(device_type: str, model: engine.CostModel) -> Iterator[None]:
+    saved = engine.COST_MODELS[device_type]
+    engine.COST_MODELS[device_type] = model
+    engine.clear_caches()
+    try:
+        yield
+    finally:
+        engine.COST_MODELS[device_type] = saved
+        engine.clear_caches()
+
+
+def check_against_per_sequence(lq: list[int], lk: list[int], causal: bool | str, *, hq: int = 2, hkv: int = 2,
+                               d: int = 8, dv: int = 8, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                               policy: str | None = None, seed: int = 0) -> varlen.VarlenBatch:
+    """varlen_attention (and its gradients) against float64 math on each sequence alone, by the tolerance rule."""
+    g = torch.Generator().manual_seed(seed)
+    base_q = [torch.randn(n, hq, d, generator=g) for n in lq]
+    base_k = [torch.randn(n, hkv, d, generator=g) for n in lk]
+    base_v = [torch.randn(n, hkv, dv, generator=g) for n in lk]
+    grad = [torch.randn(n, hq, dv, generator=g) for n in lq]
+
+    def leaves(xs: list[torch.Tensor], dt: torch.dtype) -> list[torch.Tensor]:
+        return [x.to(device=device, dtype=dt).requires_grad_() for x in xs]
+
+    qs, ks, vs = leaves(base_q, dtype), leaves(base_k, dtype), leaves(base_v, dtype)
+    out = varlen.varlen_attention(varlen.pack(qs), varlen.pack(ks), varlen.pack(vs), causal=causal, policy=policy)
+    go = torch.cat(grad).to(device=device, dtype=dtype)
+    visible_rows = []
+    for i in range(len(lq)):  # rows that see no key: output 0 and no gradient (see the varlen docstring)
+        r = torch.arange(lq[i])[:, None]
+        c = torch.arange(lk[i])[None, :]
+        vis = torch.ones(lq[i], lk[i], dtype=torch.bool)
+        if causal in (True, "top_left"):
+            vis = c <= r
+        elif causal == "bottom_right":
+            vis = c <= r + lk[i] - lq[i]
+        visible_rows.append(vis.any(-1))
+    go = go * torch.cat(visible_rows).to(device)[:, None, None].to(dtype)
+    grads = torch.autograd.grad(out.values, [*qs, *ks, *vs], go, allow_unused=True)
+    n = len(lq)
+    outs = out.unpack()
+    gos = torch.split(go, lq)
+    for i in range(n):
+        if lq[i] == 0:
+            continue
+        cand_grads = [grads[i], grads[n + i], grads[2 * n + i]]
+        if lk[i] == 0:
+            assert torch.equal(outs[i], torch.zeros_like(outs[i]))
+            continue
+        def bhsd(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(0, 1)[None]
+
+        ref_in = [bhsd(x[i]).detach().double().requires_grad_() for x in (qs, ks, vs)]
+        same_in = [bhsd(x[i]).detach().requires_grad_() for x in (qs, ks, vs)]
+        ref = reference_attention(*ref_in, causal=causal)
+        same = reference_attention(*same_in, causal=causal, dtype=None)
+        rows = visible_rows[i].to(device)
+        g_i = bhsd(gos[i])
+        ref_g = torch.autograd.grad(ref, ref_in, g_i.double())
+        same_g = torch.autograd.grad(same, same_in, g_i)
+        keep = rows[None, None, :, None]
+        cand = [bhsd(outs[i]) * keep, *(bhsd(c) if c is not None else torch.zeros_like(s)
+                                        for c, s in zip(cand_grads, same_in, strict=True))]
+        assert_close_to_reference(cand, [(same * keep).detach(), *same_g],
+                                  [(ref.nan_to_num(0.0) * keep).detach(), *ref_g])
+    return out
+
+
+# ------------------------------------------------------------------------------------------- conversions
+def test_cu_seqlens_worked_example() -> None:
+    cu = varlen.cu_seqlens_from_lengths([2, 3, 2])
+    assert cu.tolist() == [0, 2, 5, 7] and cu.dtype == torch.int32
+    b = varlen.pack(seqs([2, 3, 2]))
+    assert b.cu_seqlens.tolist() == [0, 2, 5, 7] and b.max_seqlen == 3 and b.seqlens == (2, 3, 2)
+    assert b.values.shape == (7, 2, 8) and b.batch_size == 3 and b.total == 7
+
+
+lengths_lists = st.lists(st.integers(0, 9), min_size=1, max_size=6).filter(lambda x: sum(x) > 0)
+
+
+@settings(max_examples=EXAMPLES)
+@given(lengths=lengths_lists, left=st.booleans())
+def test_round_trip_list_pack_padded_nested_is_identity_with_gradients(lengths: list[int], left: bool) -> None:
+    xs = [x.requires_grad_() for x in seqs(lengths)]
+    batch = varlen.pack(xs)
+    padded, mask = batch.to_padded()
+    assert padded.shape == (len(lengths), max(lengths), 2, 8) and mask.sum(1).tolist() == lengths
+    assert torch.equal(padded[~mask], torch.zeros_like(padded[~mask]))
+    if left:  # move every sequence to the right edge: left padding survives the round trip too
+        s = padded.shape[1]
+        shift = torch.stack([torch.roll(torch.arange(s), s - n) for n in lengths])
+        padded = torch.gather(padded, 1, shift[:, :, None, None].expand_as(padded))
+        mask = torch.gather(mask, 1, shift)
+    again = varlen.from_padded(padded, key_padding_mask=mask)
+    assert again.seqlens == tuple(lengths)
+    padded2, mask2 = again.to_padded()
+    assert torch.equal(padded2, padded) and torch.equal(mask2, mask)
+    through_nested = varlen.from_nested(again.to_nested())
+    parts = through_nested.unpack()
+    assert [p.shape[0] for p in parts] == lengths
+    for p, x in zip(parts, xs, strict=True):
+        assert torch.equal(p, x)
+    weights = [torch.randn_like(x) for x in xs]
+    loss = sum((p * w).sum() for p, w in zip(parts, weights, strict=True))
+    grads = torch.autograd.grad(loss, xs)
+    for gr, w in zip(grads, weights, strict=True):
+        assert torch.equal(gr, w)
+
+
+def test_from_padded_with_lengths_right_padding() -> None:
+    x = torch.randn(3, 5, 2, 4)
+    b = varlen.from_padded(x, lengths=[5, 0, 2])
+    assert b.seqlens == (5, 0, 2)
+    assert torch.equal(b.unpack()[0], x[0]) and torch.equal(b.unpack()[2], x[2, :2])
+    back, mask = b.to_padded()
+    assert torch.equal(back[0], x[0]) and torch.equal(back[2, :2], x[2, :2]) and not mask[1].any()
+
+
+def test_from_cu_seqlens_and_position_ids() -> None:
+    v = torch.randn(7, 2, 4)
+    assert varlen.from_cu_seqlens(v, torch.tensor([0, 2, 5, 7])).seqlens == (2, 3, 2)
+    assert varlen.from_cu_seqlens(v, [0, 2, 5, 7], max_seqlen=3).max_seqlen == 3
+    assert varlen.from_position_ids(v, torch.tensor([[0, 1, 0, 1, 2, 0, 1]])).seqlens == (2, 3, 2)
+    assert varlen.from_position_ids(v, torch.tensor([0, 1, 2, 3, 4, 5, 6])).seqlens == (7,)
+
+
+# --------------------------------------------------------------------------------------------- attention
+CAUSAL = [False, True, "bottom_right"]
+
+
+@pytest.mark.parametrize("model", list(models("cpu")))
+@pytest.mark.parametrize("causal", CAUSAL, ids=["none", "top_left", "bottom_right"])
+def test_every_grouping_equals_per_sequence_attention(model: str, causal: bool | str) -> None:
+    lengths = [5, 1, 7, 7, 3, 12, 0, 4, 9, 9, 30]
+    with cost_model("cpu", models("cpu")[model]):
+        check_against_per_sequence(lengths, lengths, causal)
+        if causal is not True:  # unequal query/key lengths per sequence (cross-attention, KV caches)
+            check_against_per_sequence(lengths, [3, 0, 9, 2, 5, 12, 4, 1, 9, 10, 2], causal, hq=4, hkv=2)
+
+
+@settings(max_examples=EXAMPLES)
+@given(lq=st.lists(st.integers(0, 20), min_size=1, max_size=7), extra=st.lists(st.integers(-5, 8), min_size=7,
+                                                                                   max_size=7),
+       causal=st.sampled_from(CAUSAL), group=st.sampled_from([1, 2]), dtype=st.sampled_from([torch.float32,
+                                                                                            torch.bfloat16]),
+       model=st.sampled_from(list(models("cpu"))), seed=st.integers(0, 2**16))
+def test_varlen_equals_per_sequence_attention_property(lq: list[int], extra: list[int], causal: bool | str,
+                                                       group: int, dtype: torch.dtype, model: str,
+                                                       seed: int) -> None:
+    lk = lq if causal is True else [max(0, a + b) for a, b in zip(lq, extra, strict=False)]
+    with cost_model("cpu", models("cpu")[model]):
+        check_against_per_sequence(lq, lk, causal, hq=2 * group, hkv=2, d=8, dv=8 if group == 1 else 4,
+                                   dtype=dtype, seed=seed)
+
+
+def test_no_information_crosses_sequences() -> None:
+    lengths = [6, 3, 9, 9, 4]
+    for name, model in models("cpu").items():
+        with cost_model("cpu", model):
+            xs = seqs(lengths, dtype=torch.float32)
+            out = varlen.varlen_attention(*(varlen.pack(xs),) * 3).unpack()
+            ys = [x.clone() for x in xs]
+            ys[2] = ys[2] * 3 + 1  # another sequence changes; none of the others may
+            ys[3][:2] = float("nan")
+            out2 = varlen.varlen_attention(*(varlen.pack(ys),) * 3).unpack()
+            for i in (0, 1, 4):
+                assert torch.equal(out[i], out2[i]), name
+            assert torch.isnan(out2[3]).all()
+
+
+def test_nested_in_nested_out() -> None:
+    xs = seqs([4, 6, 1], dtype=torch.float32)
+    nt = varlen.pack(xs).to_nested()
+    out = varlen.varlen_attention(nt, nt, nt, causal=True)
+    assert out.is_nested and out.shape[0] == 3
+    want = varlen.varlen_attention(*(varlen.pack(xs),) * 3, causal=True)
+    assert torch.equal(varlen.from_nested(out).values, want.values)
+
+
+def test_explain_names_the_path_and_reasons() -> None:
+    b = varlen.pack(seqs([5, 9, 9, 2]))
+    p = varlen.explain_varlen(b, b, b, causal=True)
+    assert p.path == "grouped" and p.backend == "flash"
+    assert "flash varlen kernel is CUDA only" in p.reasons["flash_varlen"][0]
+    assert "grouped" in str(p) and "estimate grouped" in p.explain()
+    assert varlen.explain_varlen(b, b, b, policy="math").backend == "math"
+    with pytest.raises(BackendUnavailableError, match="cudnn"):
+        varlen.varlen_attention(b, b, b, policy="cudnn")
+
+
+def test_plan_on_synthetic_h200_prefers_cudnn_groups_or_flash_varlen() -> None:
+    caps = sdpa_flash.Capabilities.synthetic("cuda", (9, 0))
+    lens = tuple(torch.exp(6.5 + 0.9 * torch.randn(64, generator=torch.Generator().manual_seed(0)))
+                 .clamp(16, 8192).long().tolist())
+    for causal in (None, "top_left"):
+        for grad in (False, True):
+            spec = engine.VarlenSpec("cuda", torch.bfloat16, 16, 16, 128, 128, lens, lens, causal, False, grad)
+            p = engine.plan_varlen(spec, caps, sdpa_flash.policy.resolve_policy("auto"))
+            assert p.path in ("grouped", "hybrid", "flash_varlen")
+            assert set(p.estimates) == {"grouped", "flash_varlen", "hybrid"}
+            covered = sorted([i for g in p.groups for i in g.members] + list(p.varlen_members))
+            assert covered == list(range(64))  # every sequence computed exactly once
+            if p.groups:
+                assert p.backend == "cudnn"
+    strict = engine.plan_varlen(engine.VarlenSpec("cuda", torch.bfloat16, 16, 16, 128, 128, lens, lens),
+                                caps, sdpa_flash.policy.resolve_policy("flash"))
+    assert strict.backend == "flash"
+
+
+# ------------------------------------------------------------------------------------ key_padding_mask
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_key_padding_mask_matches_masked_math_and_zeros_padded_rows(layout: str, causal: bool) -> None:
+    b, h, s, d = 3, 4, 10, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, s, d, generator=g).requires_grad_() for _ in range(3))
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[0, 7:] = False  # right padding
+    mask[1, :3] = False  # left padding
+    mask[2, ::2] = False  # anything
+    lay = (lambda t: t) if layout == "bhsd" else (lambda t: t.transpose(1, 2))
+    out = lay(sdpa_flash.attention(lay(q), lay(k), lay(v), key_padding_mask=mask, causal=causal, layout=layout))
+    keep = mask[:, None, :, None]
+    assert torch.equal(out * ~keep, torch.zeros_like(out))
+    full = mask[:, None, None, :] & (torch.ones(s, s, dtype=torch.bool).tril() if causal else True)
+    grad = torch.randn(out.shape, generator=g) * keep  # padded rows pass no gradient
+    cand = [out * keep, *torch.autograd.grad(out, (q, k, v), grad)]
+    ins = [t.detach().requires_grad_() for t in (q, k, v)]
+    same = reference_attention(*ins, attn_mask=full, dtype=None)
+    same_g = torch.autograd.grad(same, ins, grad)
+    ins64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference_attention(*ins64, attn_mask=full)
+    ref_g = torch.autograd.grad(ref, ins64, grad.double())
+    assert_close_to_reference(cand, [same * keep, *same_g], [ref * keep, *ref_g])
+    plan = sdpa_flash.explain(lay(q), lay(k), lay(v), key_padding_mask=mask, causal=causal, layout=layout)
+    assert isinstance(plan, engine.VarlenPlan)
+
+
+def test_key_padding_mask_cross_attention_and_mask_cache() -> None:
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 2, 3, 8, generator=g)
+    k = torch.randn(2, 2, 6, 8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = sdpa_flash.attention(q, k, k, key_padding_mask=mask)
+    ref = reference_attention(q.double(), k.double(), k.double(), attn_mask=mask[:, None, None, :])
+    assert (out.double() - ref).abs().max() < 1e-5
+    mask[0, 4] = True  # an in-place change bumps the version: the cached layout must not be reused
+    out2 = sdpa_flash.attention(q, k, k, key_padding_mask=mask)
+    ref2 = reference_attention(q.double(), k.double(), k.double(), attn_mask=mask[:, None, None, :])
+    assert (out2.double() - ref2).abs().max() < 1e-5
+    p = sdpa_flash.explain(q, k, k, key_padding_mask=mask, causal="bottom_right")
+    assert any("dense masked route" in n for n in p.notes)  # causal in padded coordinates with Sq != Sk
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _bad_cases() -> list[tuple[str, object, str]]:
+    v = torch.randn(7, 2, 4)
+    one = varlen.pack([torch.randn(3, 2, 4)])
+    two = varlen.pack([torch.randn(3, 2, 4), torch.randn(2, 2, 4)])
+    x = torch.randn(2, 5, 2, 4)
+    return [
+        ("lengths that do not sum to the rows", lambda: varlen.from_cu_seqlens(v, [0, 2, 5]), "end at the 7"),
+        ("cu_seqlens float", lambda: varlen.from_cu_seqlens(v, torch.tensor([0.0, 7.0])), "int32 or int64"),
+        ("cu_seqlens 2-D", lambda: varlen.from_cu_seqlens(v, torch.tensor([[0, 7]])), "1-D"),
+        ("cu_seqlens not from 0", lambda: varlen.from_cu_seqlens(v, [1, 7]), "start at 0"),
+        ("cu_seqlens decreasing", lambda: varlen.from_cu_seqlens(v, [0, 5, 3, 7]), "non-decreasing"),
+        ("wrong max_seqlen", lambda: varlen.from_cu_seqlens(v, [0, 7], max_seqlen=3), "max_seqlen"),
+        ("more lengths than rows", lambda: varlen.from_padded(x, lengths=[1, 2, 3]), "2 lengths"),
+        ("lengths beyond the data", lambda: varlen.from_padded(x, lengths=[6, 1]), "lengths <= the padded"),
+        ("negative length", lambda: varlen.from_padded(x, lengths=[-1, 1]), "non-negative"),
+        ("mask not boolean", lambda: varlen.from_padded(x, key_padding_mask=torch.ones(2, 5)), "boolean"),
+        ("mask of the wrong shape", lambda: varlen.from_padded(x, key_padding_mask=torch.ones(2, 4, dtype=torch.bool)),
+         "shape"),
+        ("both lengths and mask", lambda: varlen.from_padded(x, lengths=[1, 1], key_padding_mask=torch.ones(
+            2, 5, dtype=torch.bool)), "exactly one"),
+        ("padded input not 4-D", lambda: varlen.from_padded(torch.randn(2, 5, 4), lengths=[1, 1]), "4-D"),
+        ("packed values not 3-D", lambda: varlen.pack([torch.randn(3, 4)]), "3-D"),
+        ("sequences that disagree", lambda: varlen.pack([torch.randn(3, 2, 4), torch.randn(3, 3, 4)]),
+         "sequences\\[1\\]"),
+        ("no sequences", lambda: varlen.pack([]), "at least one"),
+        ("Q/K with different sequence counts", lambda: varlen.varlen_attention(one, two, two), "number of sequences"),
+        ("dense tensors to varlen_attention", lambda: varlen.varlen_attention(v, v, v), "VarlenBatch"),
+        ("bad causal", lambda: varlen.varlen_attention(one, one, one, causal="left"), "causal"),
+        ("key_padding_mask with attn_mask", lambda: sdpa_flash.attention(
+            torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4),
+            key_padding_mask=torch.ones(1, 5, dtype=torch.bool), attn_mask=torch.ones(5, 5, dtype=torch.bool)),
+         "either attn_mask or key_padding_mask"),
+        ("key_padding_mask wrong shape", lambda: sdpa_flash.attention(
+            torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4),
+            key_padding_mask=torch.ones(1, 4, dtype=torch.bool)), "shape"),
+        ("key_padding_mask on another device", lambda: sdpa_flash.attention(
+            torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4),
+            key_padding_mask=torch.ones(1, 5, dtype=torch.bool, device="meta")), "device|meta"),
+        ("packed lengths that do not sum", lambda: varlen.varlen_attention_packed(
+            v, v, v, None, None, 7, 7, seqlens_q=[3, 3], seqlens_k=[3, 4]), "sum to"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_input_raises_a_typed_error(case: tuple[str, object, str]) -> None:
+    _, call, match = case
+    with pytest.raises(AttentionInputError, match=match):
+        call()  # type: ignore[operator]
+
+
+def test_zero_length_sequences_are_valid() -> None:
+    b = varlen.pack(seqs([0, 3, 0]))
+    out = varlen.varlen_attention(b, b, b, causal=True)
+    assert out.values.shape == (3, 2, 8) and torch.isfinite(out.values).all()
+    k0 = varlen.pack(seqs([0, 0, 0]))
+    q3 = varlen.pack(seqs([2, 0, 1]))
+    out = varlen.varlen_attention(q3, k0, k0)  # queries with no keys: zeros, never NaN
+    assert torch.equal(out.values, torch.zeros_like(out.values))
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+@pytest.mark.sm80
+@pytest.mark.parametrize("path", ["default", "per-sequence", "one group, equal lengths only", "flash varlen",
+                                  "hybrid"])
+@pytest.mark.parametrize("causal", CAUSAL, ids=["none", "top_left", "bottom_right"])
+def test_cuda_paths_equal_per_sequence_attention(path: str, causal: bool | str) -> None:
+    base = engine.COST_MODELS["cuda"]
+    forced = {
+        **models("cuda"),
+        "flash varlen": dataclasses.replace(base, varlen_call_us=0, varlen_call_us_bwd=0, varlen_rate=1e9,
+                                            varlen_rate_bwd=1e9),
+        "hybrid": dataclasses.replace(base, varlen_rate=1e4, varlen_rate_bwd=1e4),
+    }[path]
+    lq = [300, 1, 129, 129, 64, 17, 0, 512, 200, 77, 5, 1000]
+    lk = lq if causal is True else [250, 3, 129, 100, 64, 40, 7, 512, 1, 77, 90, 999]
+    with cost_model("cuda", forced):
+        for dtype in (torch.bfloat16, torch.float16):
+            check_against_per_sequence(lq, lk, causal, hq=8, hkv=2, d=64, dv=64, dtype=dtype, device="cuda")
+            check_against_per_sequence(lq, lq, causal, hq=4, hkv=4, d=128, dv=128, dtype=dtype, device="cuda")
