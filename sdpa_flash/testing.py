@@ -47,6 +47,10 @@ every causal kind and mask, torch 2.13; ``tests/test_testing.py`` keeps the piec
   less than the rounding of stored intermediates, and in float64 (where ``math`` *is* the reference, so the
   K term is 0) it is the whole tolerance: a few float64 ulps of the terms summed.
 
+Non-finite inputs are compared as what they are: a NaN or infinity of the candidate must sit where the reference
+has the same one, and the floor of every other element is computed with the non-finite input elements taken as
+0 (an element that does not see them owes them nothing; one that does is NaN or infinite in the reference).
+
 Rows of queries that see no key (``causal="bottom_right"`` with ``Sq > Sk``, a mask row that is all False)
 have no defined output yet. :func:`compare_attention` leaves them out of the value comparison, the upstream
 gradient of those rows is zero (so they feed nothing into dK/dV), and ``tests/test_properties.py`` checks
@@ -72,6 +76,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "FLOOR_UNITS",
+    "PROPERTY_PROFILES",
     "AttentionProblem",
     "Comparison",
     "K",
@@ -228,7 +233,14 @@ def compare_to_reference(
 
     Returns:
         The :class:`Comparison`.
+
+    Raises:
+        ValueError: ``candidate`` or ``same_dtype`` is not shaped like ``ref64``.
     """
+    if candidate.shape != ref64.shape or same_dtype.shape != ref64.shape:
+        # compared element-wise, a broadcastable shape (a missing batch or head) would pass unnoticed
+        raise ValueError(f"Expected {name} of shape {tuple(ref64.shape)} like the reference, but got candidate "
+                         f"{tuple(candidate.shape)} and same-dtype {tuple(same_dtype.shape)} instead.")
     ref = ref64.detach().to(torch.float64)
     cand = candidate.detach().to(device=ref.device, dtype=torch.float64)
     same = same_dtype.detach().to(device=ref.device, dtype=torch.float64)
@@ -237,14 +249,13 @@ def compare_to_reference(
     if include is not None:
         keep = keep & include.to(ref.device)
     nan_c, nan_r = torch.isnan(cand), torch.isnan(ref)
+    inf = float("inf")
+    # equal values (also equal infinities) and NaN where the reference is NaN are no error; a NaN or an infinity
+    # the reference does not have is an infinite one
     err = torch.where(cand == ref, 0.0, (cand - ref).abs()).masked_fill(nan_c & nan_r, 0.0)
-    err = err.nan_to_num(float("inf")).masked_fill(~keep, 0.0)
+    err = err.nan_to_num(inf, posinf=inf).masked_fill(~keep, 0.0)
     math_err = torch.where(same == ref, 0.0, (same - ref).abs()).nan_to_num(0.0, posinf=0.0).masked_fill(~keep, 0.0)
-    if ref.numel():
-        mismatch_t, ref_err_t = ((nan_c ^ nan_r) & keep).sum(), math_err.max()
-        mismatch, ref_err = int(mismatch_t), float(ref_err_t)
-    else:
-        mismatch, ref_err = 0, 0.0
+    mismatch_t = ((nan_c ^ nan_r) & keep).sum()
     eps = torch.finfo(dt).eps
     if magnitude is None:
         finite_ref = ref.masked_fill(~torch.isfinite(ref) | ~keep, 0.0)
@@ -255,15 +266,17 @@ def compare_to_reference(
         m = magnitude.to(device=ref.device, dtype=torch.float64).expand_as(ref)
         ms = m if score_magnitude is None else m + score_magnitude.to(device=ref.device, dtype=torch.float64)
         floor = FLOOR_UNITS * (eps * m + eps_acc * math.sqrt(max(reduction, 1)) * ms)
-    bound = (k * ref_err + floor).masked_fill(~keep, float("inf"))
     if not ref.numel():
-        return Comparison(name, 0.0, ref_err, k * ref_err, (), 0.0, mismatch, 0.0, 0)
+        return Comparison(name, 0.0, 0.0, 0.0, (), 0.0, 0, 0.0, 0)
+    ref_err_t = math_err.max()
+    bound = (k * ref_err_t + floor).masked_fill(~keep, inf)
     use = torch.where(err == 0, 0.0, err / bound).reshape(-1)
     worst = use.argmax()
     # one host sync for every statistic (this runs once per tensor per example, on GPUs too)
     stats = torch.stack([keep.sum().double(), use[worst], (err > bound).sum().double(), err.max(),
-                         bound.reshape(-1)[worst], worst.double()]).tolist()
-    compared, usage, over, error, worst_bound, flat = stats
+                         bound.reshape(-1)[worst], worst.double(), ref_err_t, mismatch_t.double()]).tolist()
+    compared, usage, over, error, worst_bound, flat, ref_err, mismatch_f = stats
+    mismatch = int(mismatch_f)
     worst_index = tuple(int(i) for i in torch.unravel_index(torch.tensor(int(flat)), err.shape))
     share = over / compared if compared else 0.0
     return Comparison(name, error, ref_err, worst_bound, worst_index, share, mismatch, usage, int(compared))
@@ -538,7 +551,14 @@ def _magnitudes(problem: AttentionProblem, out64: torch.Tensor, backward: bool) 
     """``M`` and ``Ms`` for out (and dq, dk, dv): the module docstring's floor, computed in float64."""
     p = problem.params
     bhsd = (lambda t: t) if p.layout == "bhsd" else (lambda t: t.transpose(1, 2))
-    q, k, v = (bhsd(t).double() for t in (problem.query, problem.key, problem.value))
+
+    def finite(t: torch.Tensor) -> torch.Tensor:
+        # A NaN or infinite input element is compared as what it is (the reference carries it to the rows that
+        # see it); the floor of the finite rows must not become NaN through 0 * inf in the products below.
+        return t.nan_to_num(0.0, posinf=0.0, neginf=0.0)
+
+    q_raw, k_raw, v_raw = (bhsd(t).double() for t in (problem.query, problem.key, problem.value))
+    q, k, v = finite(q_raw), finite(k_raw), finite(v_raw)
     rep = p.heads_q // p.heads_kv
     kx, vx = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     scale = p.scale if p.scale is not None else 1.0 / math.sqrt(p.head_dim)
@@ -546,17 +566,18 @@ def _magnitudes(problem: AttentionProblem, out64: torch.Tensor, backward: bool) 
     bias = torch.zeros((), dtype=torch.float64, device=problem.device)
     if problem.attn_mask is not None and problem.attn_mask.dtype != torch.bool:
         bias = problem.attn_mask.double().masked_fill(problem.attn_mask == float("-inf"), 0.0)
-    scores = (scale * q @ kx.transpose(-1, -2) + bias).masked_fill(~allowed, float("-inf"))
-    prob = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    scores = (scale * q_raw @ k_raw.repeat_interleave(rep, 1).transpose(-1, -2) + bias).masked_fill(
+        ~allowed, float("-inf"))
+    prob = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # 0 on rows that see no key (or see a NaN score)
     s_abs = (abs(scale) * q.abs() @ kx.abs().transpose(-1, -2) + bias.abs()).masked_fill(~allowed, 0.0)
     r = (prob * s_abs).sum(-1, keepdim=True)
     prob_s = prob * (s_abs + r)  # |dP| per unit relative error in the scores
-    o = bhsd(out64).abs()
+    o = finite(bhsd(out64).abs())
     m_out, ms_out = prob @ vx.abs(), prob_s @ vx.abs()
     mags, smags = [m_out], [ms_out]
     if backward:
         assert problem.grad_out is not None
-        do = bhsd(problem.grad_out).double().abs()
+        do = finite(bhsd(problem.grad_out).double().abs())
         g = do @ vx.abs().transpose(-1, -2) + (do * o).sum(-1, keepdim=True)  # |dP| + |rowsum(dO o O)|
         t, ts = prob * g, prob_s * g + prob * (do * ms_out).sum(-1, keepdim=True)
 
@@ -581,11 +602,19 @@ def compare_attention(
     """Compare ``out`` (or ``[out, dq, dk, dv]``) of a candidate with the references of ``problem``.
 
     Rows of queries that see no key are left out of ``out`` and ``dq`` (see the module docstring).
+
+    Raises:
+        ValueError: more outputs than references, an output not in the problem's dtype, or one not shaped like
+            its reference.
     """
     outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
     refs = references or attention_references(problem, backward=len(outs) > 1)
     if len(outs) > len(refs.ref64):
         raise ValueError(f"Expected at most {len(refs.ref64)} outputs for these references, got {len(outs)}.")
+    wrong = [f"{n}: {dtype_name(c.dtype)}" for n, c in zip(_NAMES, outs, strict=False) if c.dtype != problem.dtype]
+    if wrong:  # an attention must answer in its inputs' dtype, as SDPA does
+        raise ValueError(f"Expected outputs of dtype {dtype_name(problem.dtype)} like the inputs, but got "
+                         f"{', '.join(wrong)} instead.")
     return [
         compare_to_reference(c, refs.same_dtype[i], refs.ref64[i], name=_NAMES[i], k=k, magnitude=refs.magnitude[i],
                              score_magnitude=refs.score_magnitude[i], reduction=refs.reduction,
@@ -630,12 +659,15 @@ def attention_problems(
     *,
     device: torch.device | str = "cpu",
     dtypes: Sequence[torch.dtype] | None = None,
+    min_batch: int = 1,
     max_batch: int = 2,
     max_heads: int = 4,
     min_seqlen: int = 1,
     max_seqlen: int = 24,
+    seqlens: Sequence[int] | None = None,
     head_dims: Sequence[int] | None = None,
     max_head_dim: int = 16,
+    shapes: Sequence[tuple[int, int, int, int, int, int, int]] | None = None,
     layouts: Sequence[str] = ("bhsd", "bshd"),
     causal: Sequence[bool | str] = (False, True, "bottom_right"),
     masks: Sequence[str] = _MASKS,
@@ -656,8 +688,14 @@ def attention_problems(
         backend: ``"flash"``, ``"cudnn"``, ``"efficient"``, ``"math"``, ``"chunked"`` or ``None``.
         device: where the tensors go.
         dtypes: dtypes to draw from (default: every dtype the backend takes there).
-        max_batch, max_heads, min_seqlen, max_seqlen, max_head_dim: size limits (B, Hq, Sq and Sk, D and Dv).
+        min_batch, max_batch, max_heads, min_seqlen, max_seqlen, max_head_dim: size limits (B, Hq, Sq and Sk,
+            D and Dv).
+        seqlens: lengths drawn as often as the whole ``min_seqlen..max_seqlen`` range (e.g. a kernel's tile
+            edges ``63, 64, 65``), for Sq and Sk each.
         head_dims: head dims to draw from instead of ``1..max_head_dim``.
+        shapes: ``(B, Hq, Hkv, Sq, Sk, D, Dv)`` tuples to draw the sizes from instead, a pool of shapes that
+            repeat, for kernels that build a plan per distinct shape (cuDNN); of the limits above only
+            ``min_batch``, ``min_seqlen``, ``min_group``, ``gqa`` and the backend's own apply.
         layouts, causal, masks, data: the kinds to draw from (see :class:`ProblemParams`).
         gqa: draw fewer key/value heads than query heads too.
         min_group: the fewest query heads per key/value head (2 draws only GQA/MQA problems).
@@ -684,31 +722,52 @@ def attention_problems(
     if backend and req is None:
         raise ValueError(f"Expected a backend with kernels for {dev.type}, but {backend!r} has none there.")
     all_dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    pool = [d for d in (dtypes or all_dtypes) if req is None or d in req.dtypes]
-    if not pool:
+    dtype_pool = [d for d in (dtypes or all_dtypes) if req is None or d in req.dtypes]
+    if not dtype_pool:
         raise ValueError(f"Expected dtypes that {backend} takes, but got {list(dtypes or ())} instead.")
     mask_kinds = [m for m in masks if m == "none" or req is None or req.mask]
+    if not mask_kinds:
+        raise ValueError(f"Expected mask kinds that {backend} takes on {dev.type} ('none'), but got {list(masks)}.")
     policy = resolve_policy(backend) if backend else None
     dims = sorted(set(head_dims)) if head_dims else list(range(1, max_head_dim + 1))
+    pool = None
+    if shapes is not None:
+        limit = req.max_head_dim if req is not None and req.max_head_dim is not None else None
+        pool = [t for t in shapes if (limit is None or max(t[5], t[6]) <= limit) and t[0] >= min_batch
+                and min(t[3], t[4]) >= min_seqlen and t[1] // max(t[2], 1) >= min_group and (gqa or t[1] == t[2])
+                and (req is None or not req.same_head_dim_v or t[5] == t[6])]
+        if not pool or any(len(t) != 7 or t[1] % t[2] for t in pool):
+            raise ValueError(f"Expected (B, Hq, Hkv, Sq, Sk, D, Dv) shapes with Hq % Hkv == 0 that {backend} takes, "
+                             f"but got {list(shapes)} instead.")
+    lengths = st.integers(min_seqlen, max_seqlen)
+    if seqlens:
+        lengths = st.one_of(lengths, st.sampled_from(sorted(set(seqlens))))
     if req is not None and req.max_head_dim is not None:
         dims = [d for d in dims if d <= req.max_head_dim]
+    if not dims:
+        raise ValueError(f"Expected head dims that {backend} takes on {dev.type}, but none of those asked for fit.")
 
     @st.composite
     def draw(draw_: Callable[..., Any]) -> AttentionProblem:
-        dtype = draw_(st.sampled_from(pool))
-        heads_kv = draw_(st.integers(1, max(1, max_heads // min_group)))
-        group = draw_(st.integers(min_group, max(min_group, max_heads // heads_kv))) if gqa else 1
-        head_dim = draw_(st.sampled_from(dims))
-        same_v = req is not None and req.same_head_dim_v
-        head_dim_v = head_dim if same_v or draw_(st.booleans()) else draw_(st.sampled_from(dims))
+        dtype = draw_(st.sampled_from(dtype_pool))
+        if pool is not None:
+            batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, head_dim_v = draw_(st.sampled_from(pool))
+        else:
+            heads_kv = draw_(st.integers(1, max(1, max_heads // min_group)))
+            heads_q = heads_kv * (draw_(st.integers(min_group, max(min_group, max_heads // heads_kv))) if gqa else 1)
+            head_dim = draw_(st.sampled_from(dims))
+            same_v = req is not None and req.same_head_dim_v
+            head_dim_v = head_dim if same_v or draw_(st.booleans()) else draw_(st.sampled_from(dims))
+            batch = draw_(st.integers(min_batch, max(min_batch, max_batch)))
+            seqlen_q, seqlen_k = draw_(lengths), draw_(lengths)
         mask = draw_(st.sampled_from(mask_kinds))
         params = ProblemParams(
             dtype=dtype,
-            batch=draw_(st.integers(1, max_batch)),
-            heads_q=heads_kv * group,
+            batch=batch,
+            heads_q=heads_q,
             heads_kv=heads_kv,
-            seqlen_q=draw_(st.integers(min_seqlen, max_seqlen)),
-            seqlen_k=draw_(st.integers(min_seqlen, max_seqlen)),
+            seqlen_q=seqlen_q,
+            seqlen_k=seqlen_k,
             head_dim=head_dim,
             head_dim_v=head_dim_v,
             layout=draw_(st.sampled_from(list(layouts))),
@@ -788,10 +847,12 @@ class PropertyProfile:
     Attributes:
         name: ``"ci"``, ``"gpu"`` or ``"dev"``.
         device: ``"cpu"`` or ``"cuda"``: where the properties run.
-        max_examples: examples per headline test (accuracy of one backend in one dtype); the other
-            properties scale from it.
+        max_examples: examples per headline test and parameter (the accuracy of one backend in one dtype:
+            every backend and dtype on the CPU, the fused backends in float16/bfloat16 on CUDA).
         derandomize: a fixed seed per test (reproducible runs, no example database).
         description: one line.
+        secondary: the share of ``max_examples`` every other property gets per parameter (see
+            :meth:`examples`).
     """
 
     name: str
@@ -799,16 +860,27 @@ class PropertyProfile:
     max_examples: int
     derandomize: bool
     description: str
+    secondary: float = 0.4
+
+    def examples(self, share: float = 1.0) -> int:
+        """``max_examples * share``, rounded, at least 1: the one place a test's example count comes from.
+
+        Example:
+            >>> PROPERTY_PROFILES["ci"].examples(PROPERTY_PROFILES["ci"].secondary)
+            120
+        """
+        return max(1, round(self.max_examples * share))
 
 
 PROPERTY_PROFILES: dict[str, PropertyProfile] = {
     p.name: p for p in (
-        PropertyProfile("ci", "cpu", 250, True,
-                        "CPU, derandomized: >= 10,000 cases in a few minutes on 2 cores (the default)"),
+        PropertyProfile("ci", "cpu", 300, True,
+                        "CPU, derandomized: >= 10,000 cases in a few minutes on 2 cores (the default)", 0.4),
         PropertyProfile("gpu", "cuda", 1000, True,
-                        "CUDA: >= 1,000 cases per fused backend and half-precision dtype, forward and backward"),
-        PropertyProfile("dev", "cpu", 60, False,
-                        "CPU, random seeds and a local example database: quick runs while developing"),
+                        "CUDA: >= 1,000 cases per fused backend and half-precision dtype, forward and backward",
+                        0.05),
+        PropertyProfile("dev", "cpu", 40, False,
+                        "CPU, random seeds and a local example database: quick runs while developing", 0.5),
     )
 }
 """The profiles, by name; select one with ``SDPA_FLASH_HYPOTHESIS_PROFILE`` (default ``"ci"``)."""

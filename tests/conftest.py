@@ -1,17 +1,42 @@
 """Skip markers, defined once: ``@pytest.mark.cuda`` needs a CUDA GPU, ``@pytest.mark.sm80`` / ``sm90`` that
-compute capability or newer. Tests carrying them are skipped, with the reason, where the hardware is absent."""
+compute capability or newer. Tests carrying them are skipped, with the reason, where the hardware is absent.
+
+Also the property-test budget: the hypothesis profile named by ``SDPA_FLASH_HYPOTHESIS_PROFILE`` (see
+``sdpa_flash.testing.PropertyProfile``) is loaded before any test module is imported, and the ``property_log``
+fixture counts the cases the property tests generate. The count ends the run as ``hypothesis: N generated
+cases``, with the largest share of its bound any accuracy comparison used, per backend and dtype; with
+``SDPA_FLASH_PROPERTY_REPORT=/path.json`` the same goes to that file.
+"""
 
 from __future__ import annotations
+
+import collections
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
 
 _CC_MARKS = {"sm80": (8, 0), "sm90": (9, 0)}
+_REPORT_ENV = "SDPA_FLASH_PROPERTY_REPORT"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for name, cc in _CC_MARKS.items():
         config.addinivalue_line("markers", f"{name}: needs a CUDA GPU of compute capability >= {cc}")
+    try:
+        import hypothesis  # noqa: F401  (the property tests skip themselves without it)
+    except ImportError:
+        return
+    from sdpa_flash.errors import AttentionInputError
+    from sdpa_flash.testing import register_hypothesis_profiles
+
+    try:
+        register_hypothesis_profiles()  # before test modules are imported: their @settings build on it
+    except AttentionInputError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -24,3 +49,70 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for name, need in _CC_MARKS.items():
             if item.get_closest_marker(name) and cc is not None and cc < need:
                 item.add_marker(pytest.mark.skip(reason=f"needs compute capability >= {need}, this GPU has {cc}"))
+
+
+# ------------------------------------------------------------------------------------------ property log
+class PropertyLog:
+    """What the property tests ran: cases per test, and per backend, dtype and kind (forward / backward) of
+    the accuracy tests the number of cases and the largest ``Comparison.usage`` (error / bound) per tensor."""
+
+    def __init__(self) -> None:
+        self.cases: collections.Counter[str] = collections.Counter()
+        self.accuracy: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    def case(self, test: str, backend: str, dtype: torch.dtype | None = None, comparisons: Sequence[Any] = (),
+             kind: str | None = None) -> None:
+        """Count one generated case of ``test``; with ``kind``, fold its comparisons into the accuracy table."""
+        self.cases[test] += 1
+        if kind is None or dtype is None:
+            return
+        from sdpa_flash.spec import dtype_name
+
+        entry = self.accuracy.setdefault((backend, dtype_name(dtype), kind), {"cases": 0, "max_usage": {}})
+        entry["cases"] += 1
+        for c in comparisons:
+            entry["max_usage"][c.name] = max(entry["max_usage"].get(c.name, 0.0), float(c.usage))
+
+    @property
+    def total(self) -> int:
+        return sum(self.cases.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        from sdpa_flash.testing import property_profile
+
+        profile = property_profile()
+        device: dict[str, Any] = {"type": profile.device, "torch": torch.__version__}
+        if profile.device == "cuda" and torch.cuda.is_available():
+            device.update(name=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                          cudnn=torch.backends.cudnn.version())
+        accuracy: dict[str, Any] = {}
+        for (backend, dtype, kind), entry in sorted(self.accuracy.items()):
+            accuracy.setdefault(backend, {}).setdefault(dtype, {})[kind] = entry
+        return {"profile": profile.name, "device": device, "generated_cases": self.total,
+                "cases_per_test": dict(sorted(self.cases.items())), "accuracy": accuracy}
+
+
+_LOG = PropertyLog()
+
+
+@pytest.fixture(scope="session")
+def property_log() -> PropertyLog:
+    """The session's :class:`PropertyLog` (session-scoped, so hypothesis may use it in every example)."""
+    return _LOG
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    path = os.environ.get(_REPORT_ENV)
+    if not _LOG.total and not path:
+        return
+    report = _LOG.as_dict()
+    write = terminalreporter.write_line
+    write(f"hypothesis: {report['generated_cases']} generated cases (profile {report['profile']}, "
+          f"{report['device']['type']})")
+    for (backend, dtype, kind), entry in sorted(_LOG.accuracy.items()):
+        usage = ", ".join(f"{name} {u:.2f}" for name, u in entry["max_usage"].items())
+        write(f"  {backend:>9} {dtype:<8} {kind:<8} {entry['cases']:>5} cases; largest error/bound: {usage}")
+    if path:  # written also when nothing ran (all skipped), so a missing count is visible as 0
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        write(f"hypothesis: report written to {path}")
