@@ -46,7 +46,17 @@ from .errors import AttentionInputError, BackendUnavailableError
 from .policy import Policy, get_policy, resolve_policy
 from .spec import AttentionSpec, dtype_name
 
-__all__ = ["COST_MODELS", "CostModel", "Group", "VarlenPlan", "VarlenSpec", "clear_caches", "explain", "plan_varlen", "run"]
+__all__ = [
+    "COST_MODELS",
+    "CostModel",
+    "Group",
+    "VarlenPlan",
+    "VarlenSpec",
+    "clear_caches",
+    "explain",
+    "plan_varlen",
+    "run",
+]
 
 _CAUSAL = {False: None, None: None, True: "top_left", "top_left": "top_left", "bottom_right": "bottom_right"}
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -100,8 +110,13 @@ class CostModel:
         half_len / half_len_bwd: the length at which it reaches half of that rate.
         varlen_call_us / varlen_call_us_bwd: fixed cost of the flash varlen call.
         varlen_rate / varlen_rate_bwd: the flash varlen kernel's rate.
-        coordinate_penalty: extra cost factor of the extra head-dim coordinate beyond its FLOPs.
+        causal_bwd_factor: the dense kernel's causal forward+backward rate as a share of ``rate_bwd`` when
+            it runs one group per call (measured far below the dense causal rate).
+        coordinate_penalty / coordinate_penalty_bwd: extra cost factor of the extra head-dim coordinate beyond
+            its FLOPs (kernels are tuned for head dims 64/128/256: D + 8 leaves the fast path).
         padding: how a non-causal group with padding keys is made exact: ``"coordinate"`` or ``"mask"``.
+        contiguous_groups: copy each group's inputs to contiguous (b, H, L, D) before the dense call (the
+            grid's layout) instead of passing (b, L, H, D) strides.
         streams: side streams the groups are spread over (CUDA; 0 = the current stream only).
         max_group_span: the most sequences the dynamic programme considers for one group.
     """
@@ -117,6 +132,9 @@ class CostModel:
     varlen_rate: float = 1.0
     varlen_rate_bwd: float = 1.0
     coordinate_penalty: float = 1.0
+    coordinate_penalty_bwd: float = 1.0
+    causal_bwd_factor: float = 1.0
+    contiguous_groups: bool = False
     padding: str = "coordinate"
     streams: int = 0
     max_group_span: int = 64
@@ -125,6 +143,8 @@ class CostModel:
         flops = 2.0 * b * heads * lq * lk * (d + dv) * (0.5 if causal else 1.0) * (3.5 if bwd else 1.0)
         length = min(lq, lk)
         rate, half = (self.rate_bwd, self.half_len_bwd) if bwd else (self.rate, self.half_len)
+        if bwd and causal:
+            rate *= self.causal_bwd_factor
         return (self.call_us_bwd if bwd else self.call_us) + flops / (rate * length / (length + half)) / 1e6
 
     def varlen_us(self, work: float, heads: int, d: int, dv: int, causal: bool, bwd: bool) -> float:
@@ -137,9 +157,14 @@ class CostModel:
 COST_MODELS: dict[str, CostModel] = {
     # H200, torch 2.11, cuDNN 9.19 (shared/BASELINE.md): dense cuDNN 510 / 609 / 615 TFLOP/s forward at
     # S = 512 / 4k / 16k and 372 / 526 / 558 forward+backward; flash varlen 340 forward, 298 forward+backward.
+    # cuDNN at head dim 136 (the masking coordinate on 128) took 1.58x / 2.27x the time of 128 (fwd / fwd+bwd,
+    # 4x16x4096, benchmarks/varlen_probe.py, 2026-12-03) for 1.06x the FLOPs. Side streams: no consistent gain
+    # on the BASELINE batches (the same probe: 0.75x to 1.2x of one stream across batches and modes), so off.
+    # Causal groups, forward+backward: 186-236 useful TFLOP/s against 253-274 for flash varlen.
     "cuda": CostModel(call_us=30.0, call_us_bwd=90.0, rate=620.0, rate_bwd=570.0, half_len=110.0,
                       half_len_bwd=270.0, varlen_call_us=40.0, varlen_call_us_bwd=120.0, varlen_rate=340.0,
-                      varlen_rate_bwd=298.0, coordinate_penalty=1.0, padding="coordinate", streams=4),
+                      varlen_rate_bwd=298.0, coordinate_penalty=1.5, coordinate_penalty_bwd=2.1,
+                      causal_bwd_factor=0.55, padding="coordinate", streams=0),
     # CPU: the flash kernel runs near its rate from small lengths; a call costs ~30 us of Python and dispatch.
     "cpu": CostModel(call_us=40.0, call_us_bwd=120.0, rate=0.05, rate_bwd=0.04, half_len=8.0, half_len_bwd=8.0,
                      padding="mask"),
@@ -314,7 +339,7 @@ def _grouping(spec: VarlenSpec, ids: list[int], model: CostModel, pad_keys: str,
                     d = d_coord
             cost = model.dense_us(j - i, spec.heads_q, mq, mk, d, spec.head_dim_v, causal, bwd)
             if kind == "coordinate":
-                cost *= model.coordinate_penalty
+                cost *= model.coordinate_penalty_bwd if bwd else model.coordinate_penalty
             if best[i] + cost < best[j]:
                 best[j], cut[j], kinds[j] = best[i] + cost, i, kind
     groups: list[Group] = []
@@ -650,9 +675,6 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
     dev = query.device
     streams = _side_streams(dev, p.streams) if p.streams and dev.type == "cuda" and len(p.groups) > 1 else []
     main = torch.cuda.current_stream(dev) if streams else None
-    if main is not None:
-        for st in streams:
-            st.wait_stream(main)
     views_q = views_k = views_v = None
     if ex.singles:
         views_q = torch.split(query, list(spec.seqlens_q))
@@ -666,6 +688,10 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
         gv = torch.split(value.index_select(0, ex.gather_k), ex.sizes_k)  # type: ignore[arg-type]
         where = {n: j for j, n in enumerate(ex.gathered)}
     d_coord = _coordinate_dim(d)
+    contiguous = COST_MODELS.get(dev.type, _FALLBACK_MODEL).contiguous_groups
+    if main is not None:  # after the gathers above: the side streams read what the current stream wrote
+        for st in streams:
+            st.wait_stream(main)
     for slot, n in enumerate(ex.issue_order):
         g = p.groups[n]
         b = len(g.members)
@@ -689,8 +715,13 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
                         qg, kg = _with_coordinate(qg, kg, key_ok, d_coord)
                     else:
                         mask = key_ok[:, None, None, :]
-            og = attention(qg, kg, vg, attn_mask=mask, causal=causal, dropout_p=dropout_p, scale=softmax_scale,
-                           layout="bshd", policy=pol)
+            if contiguous:  # (b, H, L, D) contiguous, the layout the dense kernels are fastest on
+                qg, kg, vg = (t.transpose(1, 2).contiguous() for t in (qg, kg, vg))
+                og = attention(qg, kg, vg, attn_mask=mask, causal=causal, dropout_p=dropout_p,
+                               scale=softmax_scale, policy=pol).transpose(1, 2)
+            else:
+                og = attention(qg, kg, vg, attn_mask=mask, causal=causal, dropout_p=dropout_p,
+                               scale=softmax_scale, layout="bshd", policy=pol)
             if main is not None:
                 og.record_stream(main)
             if n in ex.singles:

@@ -359,7 +359,7 @@ def test_zero_length_sequences_are_valid() -> None:
 # ------------------------------------------------------------------------------------------------ CUDA
 @pytest.mark.sm80
 @pytest.mark.parametrize("path", ["default", "per-sequence", "one group, equal lengths only", "flash varlen",
-                                  "hybrid"])
+                                  "hybrid", "groups on 4 streams"])
 @pytest.mark.parametrize("causal", CAUSAL, ids=["none", "top_left", "bottom_right"])
 def test_cuda_paths_equal_per_sequence_attention(path: str, causal: bool | str) -> None:
     base = engine.COST_MODELS["cuda"]
@@ -368,6 +368,8 @@ def test_cuda_paths_equal_per_sequence_attention(path: str, causal: bool | str) 
         "flash varlen": dataclasses.replace(base, varlen_call_us=0, varlen_call_us_bwd=0, varlen_rate=1e9,
                                             varlen_rate_bwd=1e9),
         "hybrid": dataclasses.replace(base, varlen_rate=1e4, varlen_rate_bwd=1e4),
+        # the side streams must read the gathered groups only after the current stream wrote them
+        "groups on 4 streams": dataclasses.replace(base, streams=4, varlen_call_us=1e9, varlen_call_us_bwd=1e9),
     }[path]
     lq = [300, 1, 129, 129, 64, 17, 0, 512, 200, 77, 5, 1000]
     lk = lq if causal is True else [250, 3, 129, 100, 64, 40, 7, 512, 1, 77, 90, 999]
