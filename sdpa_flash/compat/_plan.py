@@ -1,0 +1,288 @@
+"""Which path a flash-attn call takes, and why the others were not taken.
+
+Four paths, each exact:
+
+* ``sdpa``: :func:`sdpa_flash.attention` (``layout="bshd"``, bottom-right causal) or the varlen entry point — the
+  policy layer's fused kernels, for calls with no window, softcap or ALiBi;
+* ``flex``: FlexAttention (:mod:`sdpa_flash.compat._flex`) for windows, softcap and ALiBi on CUDA;
+* ``masked``: :func:`sdpa_flash.attention` with the window as a boolean mask and ALiBi as an additive float bias
+  built from flash-attn's definitions (no softcap: it is not additive);
+* ``exact``: tiled plain PyTorch with its own backward (:mod:`sdpa_flash.compat._exact`): everything, any device.
+
+:func:`plan_call` is pure and cached on ``(CompatSpec, Capabilities, forced path, fallback mode, budget)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from ..capability import Capabilities
+from ..errors import AttentionInputError, BackendUnavailableError
+from ..spec import dtype_name
+from . import _flex
+from ._common import Features
+
+__all__ = ["PATHS", "CompatPlan", "CompatSpec", "plan_call", "use_path"]
+
+PATHS = ("sdpa", "flex", "masked", "exact")
+_CPU_MASK_BUDGET = 4 * 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class CompatSpec:
+    """The small, hashable summary of one flash-attn call that the path decision depends on.
+
+    Attributes:
+        api: ``"dense"`` (flash_attn_func and its packed forms), ``"varlen"`` or ``"kvcache"``.
+        device_type: where the tensors are.
+        dtype: of q, k, v.
+        batch: B (the number of sequences for varlen).
+        heads_q, heads_kv: query and key/value heads.
+        seqlen_q, seqlen_k: Sq and Sk (max_seqlen_q / max_seqlen_k for varlen; the cache length for kvcache).
+        head_dim, head_dim_v: D and Dv.
+        features: causal, window, softcap, ALiBi (normalised).
+        dropout: ``dropout_p > 0``.
+        needs_grad: autograd will need a backward.
+        deterministic: ``deterministic=True`` and a backward is needed (and torch's deterministic mode is off).
+        lse: the log-sum-exp is returned.
+        probs: ``return_attn_probs=True`` with dropout, so the dropout pattern (S_dmask) is returned.
+        key_ranges: per-row key ranges (a KV cache with per-row lengths or left padding).
+    """
+
+    api: str
+    device_type: str
+    dtype: torch.dtype
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    head_dim_v: int
+    features: Features = dataclasses.field(default_factory=Features)
+    dropout: bool = False
+    needs_grad: bool = False
+    deterministic: bool = False
+    lse: bool = False
+    probs: bool = False
+    key_ranges: bool = False
+
+    def describe(self) -> str:
+        parts = [f"{self.api}: q ({self.batch}, {self.seqlen_q}, {self.heads_q}, {self.head_dim})",
+                 f"k/v ({self.batch}, {self.seqlen_k}, {self.heads_kv}, {self.head_dim}/{self.head_dim_v})",
+                 f"{dtype_name(self.dtype)} on {self.device_type}", f"features: {self.features.describe()}"]
+        for flag in ("dropout", "needs_grad", "deterministic", "lse", "probs", "key_ranges"):
+            if getattr(self, flag):
+                parts.append(flag)
+        return ", ".join(parts)
+
+    def mask_bytes(self) -> int:
+        """What the masked path materialises: the bias ``(B?, H?, Sq, Sk)`` (float with ALiBi, else bool)."""
+        f = self.features
+        heads = self.heads_q if f.alibi else 1
+        batch = self.batch if (f.alibi == "batch_heads" or self.key_ranges) else 1
+        if self.api == "varlen":
+            batch = 1  # one sequence at a time
+        item = self.dtype.itemsize if f.alibi else 1
+        return batch * heads * self.seqlen_q * self.seqlen_k * item
+
+
+@dataclasses.dataclass(frozen=True)
+class CompatPlan:
+    """What runs for one kind of flash-attn call, and why.
+
+    Attributes:
+        path: ``"sdpa"``, ``"flex"``, ``"masked"`` or ``"exact"``.
+        spec: the call's summary.
+        order: the paths considered, in order.
+        reasons: for every other path, why it was not taken.
+        notes: how the call is carried out on that path.
+        fallback: the first choice for this device could not run the call.
+    """
+
+    path: str
+    spec: CompatSpec
+    order: tuple[str, ...]
+    reasons: Mapping[str, tuple[str, ...]]
+    notes: tuple[str, ...] = ()
+    fallback: bool = False
+
+    def __str__(self) -> str:
+        why = "; ".join(f"{name}: {r[0]}" for name, r in self.reasons.items() if r)
+        head = self.path + (" [fallback]" if self.fallback else "")
+        return f"{head}  ({why})" if why else head
+
+    def explain(self) -> str:
+        """A multi-line account: inputs, the path, how, and each other path's reasons."""
+        lines = [f"path:    {self.path}" + ("  [fallback]" if self.fallback else ""),
+                 f"inputs:  {self.spec.describe()}", f"order:   {' > '.join(self.order)}"]
+        lines += [f"how:     {n}" for n in self.notes]
+        for name, why in self.reasons.items():
+            lines.append(f"{name}:")
+            lines.extend(f"  - {w}" for w in why)
+        return "\n".join(lines)
+
+
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("sdpa_flash_compat_path", default=None)
+
+
+@contextlib.contextmanager
+def use_path(path: str | None) -> Iterator[None]:
+    """Force one path (``"sdpa"``, ``"flex"``, ``"masked"``, ``"exact"``) for flash-attn calls in this block.
+
+    A forced path that cannot run the call raises :class:`~sdpa_flash.BackendUnavailableError` with its reasons.
+    ``None`` restores automatic choice. Scoped to this thread / asyncio task (a ``contextvars`` variable).
+    """
+    if path is not None and path not in PATHS:
+        raise AttentionInputError(f"Expected path to be one of {', '.join(PATHS)} or None, but got {path!r} instead.")
+    token = _FORCED.set(path)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def forced_path() -> str | None:
+    return _FORCED.get()
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
+def _shared_reasons(spec: CompatSpec) -> list[str]:
+    reasons = []
+    if spec.probs:
+        reasons.append("return_attn_probs=True with dropout_p > 0 returns the dropout pattern (S_dmask), which "
+                       "only the exact path exposes")
+    if spec.deterministic and spec.device_type == "cuda":
+        reasons.append("deterministic=True: PyTorch's fused attention backward is not guaranteed deterministic "
+                       "unless torch.use_deterministic_algorithms(True) is on; the exact path is")
+    return reasons
+
+
+def _reasons(path: str, spec: CompatSpec, caps: Capabilities, budget: int | None) -> list[str]:
+    f = spec.features
+    if path == "exact":
+        return []
+    if path == "flex":
+        return _flex.not_supported_reasons(spec, caps)
+    reasons = _shared_reasons(spec)
+    if path == "sdpa":
+        if f.extra:
+            reasons.insert(0, f"SDPA's kernels take a causal flag or a mask, not {', '.join(f.extra)} "
+                              "(the masked, flex and exact paths do)")
+        return reasons
+    # masked
+    if f.softcap > 0:
+        reasons.insert(0, "softcap is a non-linear function of the scores; no additive mask expresses it")
+    if f.alibi and spec.dtype in (torch.float16, torch.bfloat16):
+        reasons.append(f"ALiBi: SDPA adds a mask of the query's dtype, and a {dtype_name(spec.dtype)} bias rounds "
+                       "-slope * |i - j| (flash-attn adds it in float32)")
+    if budget is not None and spec.mask_bytes() > budget:
+        reasons.append(f"the dense mask would take {_fmt_bytes(spec.mask_bytes())}, over the memory budget of "
+                       f"{_fmt_bytes(budget)} (sdpa_flash policy memory_budget=); the exact path is "
+                       "memory-bounded")
+    return reasons
+
+
+def _order(spec: CompatSpec) -> tuple[str, ...]:
+    if not spec.features.extra:
+        return ("sdpa", "exact")
+    if spec.device_type == "cuda":
+        return ("flex", "masked", "exact")
+    return ("masked", "exact", "flex")
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_call(spec: CompatSpec, caps: Capabilities, forced: str | None = None, fallback_mode: str = "warn_once",
+              budget: int | None = None, flex_failed: bool = False) -> CompatPlan:
+    """Choose the path for ``spec`` on ``caps``.
+
+    Args:
+        spec: the call.
+        caps: the device.
+        forced: a path to use (see :func:`use_path`), or ``None``.
+        fallback_mode: the sdpa_flash policy's fallback mode; ``"error"`` raises instead of falling back from
+            FlexAttention to a slower path on CUDA.
+        budget: bytes the masked path may materialise (``None``: half the device memory; 4 GiB on the CPU).
+        flex_failed: FlexAttention raised for this call before (it is then not tried again).
+
+    Raises:
+        BackendUnavailableError: the forced path cannot run the call, or (``fallback_mode="error"``) only a
+            fallback could.
+    """
+    if budget is None:
+        budget = caps.total_memory // 2 if caps.total_memory else _CPU_MASK_BUDGET
+    order = (forced,) if forced else _order(spec)
+    blocked: dict[str, tuple[str, ...]] = {}
+    chosen = None
+    for path in order:
+        why = _reasons(path, spec, caps, budget)
+        if path == "flex" and flex_failed and not forced:
+            why = ["FlexAttention raised for this call earlier in this process (see the warning it gave)"]
+        if why:
+            blocked[path] = tuple(why)
+        else:
+            chosen = path
+            break
+    if chosen is None:
+        raise BackendUnavailableError(f"The {order[0]} path cannot run this flash-attn call."
+                                      if forced else "No path can run this flash-attn call.",
+                                      inputs=spec.describe(), reasons=blocked)
+    fallback = forced is None and chosen != order[0] and spec.device_type == "cuda"
+    if fallback and fallback_mode == "error":
+        raise BackendUnavailableError(f"This flash-attn call would fall back to the {chosen} path, and the policy's "
+                                      "fallback mode is 'error'.", inputs=spec.describe(), reasons=blocked)
+    reasons = dict(blocked)
+    for path in PATHS:
+        if path in reasons or path == chosen:
+            continue
+        why = _reasons(path, spec, caps, budget)
+        if forced:
+            reasons[path] = (f"not used: the {forced} path was forced (sdpa_flash.compat.use_path)",)
+        elif path in order:
+            reasons[path] = tuple(why) or (f"ranked below {chosen} for {caps.device_type}",)
+        else:
+            reasons[path] = tuple(why) or ("not needed: the call has no window, softcap or ALiBi",)
+    return CompatPlan(chosen, spec, order, reasons, _notes(chosen, spec), fallback)
+
+
+def _notes(path: str, spec: CompatSpec) -> tuple[str, ...]:
+    f = spec.features
+    notes = []
+    if path == "sdpa":
+        if spec.api == "varlen":
+            notes.append("sdpa_flash varlen attention over the packed sequences (per-sequence bottom-right causal)")
+        elif spec.key_ranges:
+            notes.append("sdpa_flash.attention() with the per-row valid keys as a boolean mask")
+        else:
+            notes.append("sdpa_flash.attention(layout='bshd'" + (", causal='bottom_right'" if f.causal else "")
+                         + "): the policy's fused kernels, no copy")
+    elif path == "masked":
+        what = []
+        if f.causal or f.window or spec.key_ranges:
+            what.append("visible keys as a boolean mask")
+        if f.alibi:
+            what.append("ALiBi as an additive float bias (-inf where masked)")
+        notes.append("sdpa_flash.attention() with " + " and ".join(what or ["no mask"])
+                     + (", one sequence at a time" if spec.api == "varlen" else ""))
+    elif path == "flex":
+        how = {"dense": "block mask cached per shape and window", "varlen": "a document block mask over the packed "
+               "sequences", "kvcache": "per-row key ranges masked in the score function"}[spec.api]
+        notes.append(f"FlexAttention, compiled once per call structure; {how}")
+    else:
+        notes.append("tiled online softmax in float32 (float64 for float64 inputs) with its own backward"
+                     + (", one sequence at a time" if spec.api == "varlen" else ""))
+    if spec.lse and path in ("sdpa", "masked"):
+        notes.append("softmax_lse computed by the exact path's tiled pass (float32), without a gradient")
+    return tuple(notes)
