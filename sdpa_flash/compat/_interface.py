@@ -489,6 +489,7 @@ def explain_flash_attn(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Com
     }
     if fn not in prep:
         names = ", ".join(sorted(f.__name__ for f in prep))
-        raise c.fail(f"Expected fn to be one of {names}, but got {getattr(fn, '__name__', type(fn).__name__)!r} instead.")
+        got = getattr(fn, "__name__", type(fn).__name__)
+        raise c.fail(f"Expected fn to be one of {names}, but got {got!r} instead.")
     return prep[fn](*args, **kwargs).plan
 
