@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .attention import attention, explain
 from .capability import Capabilities, capabilities
-from .errors import AttentionInputError, BackendUnavailableError, SdpaFlashError
+from .errors import AttentionInputError, BackendUnavailableError, SdpaFlashError, ShadowMismatchError
 from .policy import (
     DenylistEntry,
     Plan,
@@ -27,7 +27,7 @@ from .policy import (
 )
 from .require import require
 from .spec import AttentionSpec
-from .stats import FallbackStat, Stats, reset_stats, stats
+from .stats import FallbackStat, ShadowMismatch, ShadowStats, Stats, reset_stats, stats
 
 __version__ = "0.1.0"
 
@@ -41,6 +41,9 @@ __all__ = [
     "Plan",
     "Policy",
     "SdpaFlashError",
+    "ShadowMismatch",
+    "ShadowMismatchError",
+    "ShadowStats",
     "Stats",
     "__version__",
     "add_denylist_entry",

@@ -22,7 +22,7 @@ from .backends import BACKENDS
 from .capability import Capabilities, capabilities
 from .errors import BackendUnavailableError, SdpaFlashError
 from .policy import denylist, get_policy, ranking, resolve_policy
-from .require import require
+from .require import parse_device, require
 from .testing import compare_to_reference, reference_attention
 
 __all__ = ["main", "report", "self_check"]
@@ -177,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
                          "a comma-separated list) can run a typical call here")
     ap.add_argument("--no-check", action="store_true", help="skip the self-check")
     args = ap.parse_args(argv)
+    try:
+        parse_device(args.device)  # a bad --device is a usage error (2), not a traceback
+    except BackendUnavailableError as exc:
+        if not args.require:
+            print(f"sdpa_flash: --device {args.device}: {exc}", file=sys.stderr)
+            return 2
+    except SdpaFlashError as exc:
+        print(f"sdpa_flash: --device: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.require:
             pol = resolve_policy(args.require)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import _shadow
 from . import policy as _policy
 from . import stats as _stats
 from .backends import BACKENDS
@@ -42,6 +43,10 @@ _has_tf: Callable[..., bool] = torch._C._has_torch_function_variadic
 _grad_on = torch.is_grad_enabled
 _block_policy = _policy._BLOCK.get
 _any_autocast: Callable[[], bool] = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+_det_on: Callable[[], bool] = getattr(torch._C, "_get_deterministic_algorithms",
+                                      torch.are_deterministic_algorithms_enabled)
+_det_warn: Callable[[], bool] = getattr(torch._C, "_get_deterministic_algorithms_warn_only",
+                                        torch.is_deterministic_algorithms_warn_only_enabled)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # 0/1 and False/True are accepted alike (they are equal keys of attention()'s cache, so they must be).
 _CAUSAL = {False: None, None: None, True: "top_left", "top_left": "top_left", "bottom_right": "bottom_right"}
@@ -108,6 +113,8 @@ def attention(
     Raises:
         AttentionInputError: the inputs are invalid (the message names the argument and the fix).
         BackendUnavailableError: no backend the policy allows can run these inputs here.
+        ShadowMismatchError: only with shadow checking on and ``shadow_action="raise"`` (see
+            :class:`sdpa_flash.Policy`): the backend's output disagreed with the math reference.
 
     Example:
         >>> q = k = v = torch.randn(2, 8, 128, 64)
@@ -127,13 +134,19 @@ def attention(
     ):
         return _special(query, key, value, attn_mask, causal, dropout_p, scale, layout, pol)
     try:
-        # Key/value devices that disagree with the query's are caught by the aten ops' own device checks and
-        # re-raised as typed errors below. Dtypes are in the key: the cuDNN kernel does not check them.
+        # Devices and dtypes of every input are in the key: kernels do not all check them (PyTorch's CPU flash
+        # kernel reads a "meta" key as if it held data, the cuDNN kernel ignores dtypes). So is whether every
+        # head dim has stride 1 (the fused kernels read it so; other inputs get a copy) and, for a call with a
+        # backward, torch's deterministic-algorithms mode: False, True (not set), 2 (set) or 3 (warn_only).
         ck = (
-            query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device,
-            None if attn_mask is None else (attn_mask.shape, attn_mask.dtype),
+            query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype,
+            query.device, key.device, value.device,
+            None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device),
             causal, dropout_p, scale, layout, id(pol),  # the entry keeps `pol` alive, so its id stays unique
-            _grad_on() and (query.requires_grad or key.requires_grad or value.requires_grad),
+            (query.is_contiguous() and key.is_contiguous() and value.is_contiguous())
+            or (query.stride(), key.stride(), value.stride()),
+            _grad_on() and (query.requires_grad or key.requires_grad or value.requires_grad) and (
+                (_det_on() and 2 + _det_warn()) or True),
         )
         run, fallback, _, counter = _cache[ck]
     except KeyError:
@@ -182,6 +195,9 @@ def explain(
     why = _interception(query, key, value)
     if why:
         return _sdpa_plan(p, why)
+    copied = _needs_copy(p.backend, spec.device_type, query, key, value)
+    if any(copied):
+        p = dataclasses.replace(p, notes=(*p.notes, _copy_note(p.backend, copied, query, key, value)))
     return p
 
 
@@ -190,6 +206,16 @@ def _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, p
     spec = _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
     p = plan(spec, capabilities(query.device), pol)
     run = BACKENDS[p.backend].runner(spec, p.prep)
+    copied = _needs_copy(p.backend, spec.device_type, query, key, value)
+    if any(copied):
+        run = _with_copies(run, copied)
+    if pol.shadow and p.backend != "math" and not spec.dropout:
+        run = _shadow.wrap(run, spec, p.backend, pol.shadow, pol.shadow_action)
+    if p.deterministic == "warn" and _policy._nondeterministic(p.backend, p.caps):
+        warnings.warn(f"sdpa_flash: the {p.backend} backend's backward is not deterministic, and "
+                      "torch.use_deterministic_algorithms(True, warn_only=True) is set: it runs anyway for "
+                      f"{spec.describe()}. With warn_only=False sdpa_flash picks a backend whose backward is "
+                      "deterministic.", UserWarning, stacklevel=3)
     if layout == "bshd":
         inner = run
 
@@ -212,6 +238,38 @@ def _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, p
     return entry
 
 
+def _needs_copy(backend: str, device_type: str, *tensors: torch.Tensor) -> tuple[bool, ...]:
+    """Which of q, k, v the backend's kernel cannot read in place.
+
+    Kernels with ``contiguous_last_dim`` read the head dim at stride 1, and write the output (which PyTorch
+    allocates with the query's layout) the same way: so a head dim of another stride, and a query with another
+    dim of stride 1 (its layout is then ambiguous, and the output's head dim may not get stride 1; measured on
+    PyTorch's CPU flash kernel, torch 2.13: F.scaled_dot_product_attention returns garbage there too), are copied.
+    """
+    req = BACKENDS[backend].requirements(device_type)
+    if req is None or not req.contiguous_last_dim:
+        return (False,) * len(tensors)
+    out = [t.stride(-1) != 1 and t.size(-1) > 1 for t in tensors]
+    q = tensors[0]
+    out[0] = out[0] or (q.size(-1) > 1 and any(st == 1 and n > 1 for st, n in zip(q.stride()[:-1], q.shape[:-1],
+                                                                                strict=True)))
+    return tuple(out)
+
+
+def _copy_note(backend: str, copied: tuple[bool, ...], *tensors: torch.Tensor) -> str:
+    names = [f"{n} (strides {tuple(t.stride())})" for n, t, c in zip(("query", "key", "value"), tensors, copied,
+                                                                    strict=True) if c]
+    return (f"{', '.join(names)} copied to contiguous memory first: the {backend} kernel reads and writes the head "
+            "dim with stride 1")
+
+
+def _with_copies(run: Callable[..., torch.Tensor], copied: tuple[bool, ...]) -> Callable[..., torch.Tensor]:
+    cq, ck, cv = copied
+
+    def run_copied(q, k, v, m, p_, s):  # type: ignore[no-untyped-def]
+        return run(q.contiguous() if cq else q, k.contiguous() if ck else k, v.contiguous() if cv else v, m, p_, s)
+
+    return run_copied
 
 
 _PACKAGE_DIR = __file__.rsplit("/", 1)[0].rsplit("\\", 1)[0]
@@ -249,7 +307,10 @@ def _sdpa_plan(p: Plan, why: str) -> Plan:
 
 
 def _autocast_enabled(device_type: str) -> bool:
-    return bool(torch._C.is_autocast_enabled(device_type))
+    try:
+        return bool(torch._C.is_autocast_enabled(device_type))
+    except RuntimeError:  # a device type autocast does not know ("meta"): it cannot be on there
+        return False
 
 
 def _autocast_inputs(q, k, v, m):  # type: ignore[no-untyped-def]
@@ -344,8 +405,12 @@ def _padded(query, key, value, kpm, attn_mask, causal, dropout_p, scale, layout,
             why = ("torch.compile is tracing" if _compiling() else
                    f"causal={kind} with Sq={sq} != Sk={sk} is defined in padded coordinates")
             return dataclasses.replace(p, notes=(*p.notes, f"key_padding_mask: dense masked route because {why}"))
-        return attention(query, key, value, attn_mask=mask, causal=causal, dropout_p=dropout_p, scale=scale,
-                         layout=layout, policy=policy)
+        out = attention(query, key, value, attn_mask=mask, causal=causal, dropout_p=dropout_p, scale=scale,
+                        layout=layout, policy=policy)
+        if sq == sk:  # padded queries give zeros, as on the varlen path
+            rows = kpm[:, None, :, None] if layout == "bhsd" else kpm[:, :, None, None]
+            out = out * rows.to(out.dtype)
+        return out
     kb, ks, lens_k = _mask_layout(kpm)
     if sq == sk:
         qb, qs, lens_q = kb, ks, lens_k
@@ -430,6 +495,9 @@ def _compiled(query, key, value, attn_mask, causal, dropout_p, scale, layout, po
     name, masked_value, zero_rows, *prep = choice
     run = make_runner(_KERNELS[(name, fields[0])], fields[12], masked_value, zero_rows, fields[7], fields[8],
                       fields[5], *prep)
+    copied = _needs_copy(name, fields[0], query, key, value)  # as eagerly; dynamo guards on the strides it reads
+    if any(copied):
+        query, key, value = (t.contiguous() if c else t for t, c in zip((query, key, value), copied, strict=True))
     if layout == "bshd":
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         return run(q, k, v, attn_mask, dropout_p, scale).transpose(1, 2)

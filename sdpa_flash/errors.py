@@ -13,6 +13,7 @@ __all__ = [
     "AttentionInputError",
     "BackendUnavailableError",
     "SdpaFlashError",
+    "ShadowMismatchError",
 ]
 
 
@@ -48,3 +49,19 @@ class BackendUnavailableError(SdpaFlashError, RuntimeError):
             lines.append(f"  `{name}` is not supported because:")
             lines.extend(f"    - {w}" for w in why)
         super().__init__("\n".join(lines))
+
+
+class ShadowMismatchError(SdpaFlashError, RuntimeError):
+    """A shadow check (``SDPA_FLASH_SHADOW``, ``SDPA_FLASH_SHADOW_ACTION=raise``) found a backend's output
+    beyond tolerance of the float32 math reference on the sampled rows.
+
+    Attributes:
+        backend: the backend that ran.
+        inputs: a one-line description of the inputs.
+        error: the largest absolute error on the sample (``inf`` for a NaN/inf where the reference has none).
+        bound: the tolerance at that element.
+    """
+
+    def __init__(self, message: str, *, backend: str, inputs: str, error: float, bound: float) -> None:
+        self.backend, self.inputs, self.error, self.bound = backend, inputs, error, bound
+        super().__init__(message)

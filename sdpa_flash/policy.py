@@ -19,7 +19,7 @@ import functools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from packaging.specifiers import SpecifierSet
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
 from .backends import BACKENDS
@@ -47,6 +47,7 @@ __all__ = [
 
 FALLBACK_MODES = ("warn_once", "error", "silent")
 NAMED_POLICIES = ("auto", "flash", "fused", "math")
+SHADOW_ACTIONS = ("warn", "raise", "record")
 
 
 # --------------------------------------------------------------------------------------------- policies
@@ -66,12 +67,41 @@ class Policy:
             policies and ``"fused"`` never fall back: they raise.
         memory_budget: bytes the O(S^2) math backend may materialise before a non-strict policy prefers the
             exact, memory-bounded ``chunked`` backend; ``None`` means half the device's memory.
+        shadow: ``N > 0`` checks 1 in N calls of each kind against the float32 math reference on a sample of
+            query rows (see :mod:`sdpa_flash._shadow`); ``0`` (default) is off and costs nothing.
+        shadow_action: on a shadow mismatch: ``"warn"`` (once per backend and inputs; the default),
+            ``"raise"`` (:class:`~sdpa_flash.errors.ShadowMismatchError`) or ``"record"`` (only in
+            :func:`sdpa_flash.stats`). Mismatches are recorded in every mode.
     """
 
     name: str = "auto"
     backends: tuple[str, ...] = ()
     fallback: str = "warn_once"
     memory_budget: int | None = None
+    shadow: int = 0
+    shadow_action: str = "warn"
+
+    def __post_init__(self) -> None:
+        known = (*NAMED_POLICIES, "custom", *BACKENDS)
+        if not isinstance(self.name, str) or self.name not in known:
+            raise AttentionInputError(f"Expected Policy.name to be one of {', '.join(dict.fromkeys(known))}, "
+                                      f"but got {self.name!r} instead.")
+        if not isinstance(self.backends, tuple) or any(b not in BACKENDS for b in self.backends):
+            raise AttentionInputError(f"Expected Policy.backends to be a tuple of backend names "
+                                      f"({', '.join(sorted(BACKENDS))}), but got {self.backends!r} instead.")
+        if self.fallback not in FALLBACK_MODES:
+            raise AttentionInputError(f"Expected fallback to be one of {', '.join(FALLBACK_MODES)}, but got "
+                                      f"{self.fallback!r} instead.")
+        if self.memory_budget is not None and (
+                type(self.memory_budget) is not int or self.memory_budget <= 0):
+            raise AttentionInputError("Expected memory_budget to be None or a positive number of bytes, but got "
+                                      f"{self.memory_budget!r} instead.")
+        if type(self.shadow) is not int or self.shadow < 0:
+            raise AttentionInputError("Expected shadow to be a whole number N >= 0 (check 1 in N calls; 0 = off), "
+                                      f"but got {self.shadow!r} instead.")
+        if self.shadow_action not in SHADOW_ACTIONS:
+            raise AttentionInputError(f"Expected shadow_action to be one of {', '.join(SHADOW_ACTIONS)}, but got "
+                                      f"{self.shadow_action!r} instead.")
 
     @property
     def strict(self) -> bool:
@@ -81,7 +111,8 @@ class Policy:
     def __hash__(self) -> int:  # cached: policies are part of attention()'s per-call cache key
         h = self.__dict__.get("_hash")
         if h is None:
-            h = hash((self.name, self.backends, self.fallback, self.memory_budget))
+            h = hash((self.name, self.backends, self.fallback, self.memory_budget, self.shadow,
+                      self.shadow_action))
             object.__setattr__(self, "_hash", h)
         return h
 
@@ -90,6 +121,8 @@ class Policy:
         opts = [f"fallback={self.fallback}"] if self.fallback != "warn_once" else []
         if self.memory_budget is not None:
             opts.append(f"memory_budget={_fmt_bytes(self.memory_budget)}")
+        if self.shadow:
+            opts.append(f"shadow=1/{self.shadow}" + (f" {self.shadow_action}" if self.shadow_action != "warn" else ""))
         return f"{body} ({', '.join(opts)})" if opts else body
 
 
@@ -99,19 +132,30 @@ string of backend names (``"cudnn,flash"``) or a sequence of backend names."""
 
 
 def resolve_policy(
-    policy: PolicyLike, *, fallback: str | None = None, memory_budget: int | str | None = None
+    policy: PolicyLike,
+    *,
+    fallback: str | None = None,
+    memory_budget: int | str | None = None,
+    shadow: int | str | None = None,
+    shadow_action: str | None = None,
 ) -> Policy:
     """Turn any :data:`PolicyLike` into a :class:`Policy`; unknown names raise ``AttentionInputError``.
 
-    ``memory_budget`` is bytes (an int) or a string such as ``"8GiB"`` / ``"512MB"``.
+    ``memory_budget`` is bytes (an int) or a string such as ``"8GiB"`` / ``"512MB"``; ``shadow`` is N (check 1
+    in N calls, 0 = off) and ``shadow_action`` one of ``"warn"``, ``"raise"``, ``"record"`` (see :class:`Policy`).
     """
     if fallback is not None and fallback not in FALLBACK_MODES:
         raise AttentionInputError(
             f"Expected fallback to be one of {', '.join(FALLBACK_MODES)}, but got {fallback!r} instead."
         )
     budget = parse_bytes(memory_budget, "memory_budget") if memory_budget is not None else None
+    extra: dict[str, object] = {}
+    if shadow is not None:
+        extra["shadow"] = parse_shadow(shadow)
+    if shadow_action is not None:
+        extra["shadow_action"] = shadow_action
     if isinstance(policy, Policy):
-        changes: dict[str, object] = {}
+        changes: dict[str, object] = dict(extra)
         if fallback is not None:
             changes["fallback"] = fallback
         if budget is not None:
@@ -128,7 +172,7 @@ def resolve_policy(
         )
     fb = fallback or "warn_once"
     if len(names) == 1 and names[0] in ("auto", "fused"):
-        return _intern(Policy(names[0], (), fb, budget))
+        return _intern(Policy(names[0], (), fb, budget, **extra))  # type: ignore[arg-type]
     unknown = [n for n in names if n not in BACKENDS]
     if unknown or not names:
         raise AttentionInputError(
@@ -138,8 +182,8 @@ def resolve_policy(
     if len(set(names)) != len(names):
         raise AttentionInputError(f"Expected each backend at most once in policy, but got {names!r} instead.")
     if len(names) == 1:
-        return _intern(Policy(names[0], (names[0],), fb, budget))
-    return _intern(Policy("custom", tuple(names), fb, budget))
+        return _intern(Policy(names[0], (names[0],), fb, budget, **extra))  # type: ignore[arg-type]
+    return _intern(Policy("custom", tuple(names), fb, budget, **extra))  # type: ignore[arg-type]
 
 
 _interned: dict[Policy, Policy] = {}
@@ -169,6 +213,16 @@ def parse_bytes(value: int | str, what: str = "size") -> int:
                               f"but got {value!r} instead.")
 
 
+def parse_shadow(value: int | str) -> int:
+    """``100``, ``"100"`` -> 100 (check 1 in 100 calls); ``0`` / ``"0"`` is off; anything else raises."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if type(value) is int and value >= 0:
+        return value
+    raise AttentionInputError("Expected shadow (SDPA_FLASH_SHADOW) to be a whole number N >= 0 (check 1 in N "
+                              f"calls; 0 = off), but got {value!r} instead.")
+
+
 def _fmt_bytes(n: int) -> str:
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
@@ -189,12 +243,15 @@ def _from_env() -> Policy:
         raw = os.environ.get("SDPA_FLASH_POLICY", "auto")
         fb = os.environ.get("SDPA_FLASH_FALLBACK")
         mb = os.environ.get("SDPA_FLASH_MEMORY_BUDGET")
+        sh = os.environ.get("SDPA_FLASH_SHADOW")
+        sa = os.environ.get("SDPA_FLASH_SHADOW_ACTION")
         try:
-            _env_policy = resolve_policy(raw or "auto", fallback=fb or None, memory_budget=mb or None)
+            _env_policy = resolve_policy(raw or "auto", fallback=fb or None, memory_budget=mb or None,
+                                         shadow=sh or None, shadow_action=sa or None)
         except AttentionInputError as exc:
             raise AttentionInputError(
                 f"Invalid environment: SDPA_FLASH_POLICY={raw!r} SDPA_FLASH_FALLBACK={fb!r} "
-                f"SDPA_FLASH_MEMORY_BUDGET={mb!r}: {exc}"
+                f"SDPA_FLASH_MEMORY_BUDGET={mb!r} SDPA_FLASH_SHADOW={sh!r} SDPA_FLASH_SHADOW_ACTION={sa!r}: {exc}"
             ) from None
     return _env_policy
 
@@ -211,17 +268,27 @@ def get_policy() -> Policy:
 
 
 def set_policy(
-    policy: PolicyLike | None, *, fallback: str | None = None, memory_budget: int | str | None = None
+    policy: PolicyLike | None,
+    *,
+    fallback: str | None = None,
+    memory_budget: int | str | None = None,
+    shadow: int | str | None = None,
+    shadow_action: str | None = None,
 ) -> None:
     """Set (or with ``None``, clear) the process-wide policy. ``use_policy`` blocks still take precedence."""
     global _process_policy
     _process_policy = None if policy is None else resolve_policy(
-        policy, fallback=fallback, memory_budget=memory_budget)
+        policy, fallback=fallback, memory_budget=memory_budget, shadow=shadow, shadow_action=shadow_action)
 
 
 @contextlib.contextmanager
 def use_policy(
-    policy: PolicyLike, *, fallback: str | None = None, memory_budget: int | str | None = None
+    policy: PolicyLike,
+    *,
+    fallback: str | None = None,
+    memory_budget: int | str | None = None,
+    shadow: int | str | None = None,
+    shadow_action: str | None = None,
 ) -> Iterator[Policy]:
     """Use ``policy`` for every ``attention()`` call in this block (this thread / asyncio task only).
 
@@ -229,8 +296,11 @@ def use_policy(
 
         with sdpa_flash.use_policy("flash"):          # strict: raises if FLASH_ATTENTION cannot run
             out = sdpa_flash.attention(q, k, v)
+        with sdpa_flash.use_policy("auto", shadow=100):  # check 1 in 100 calls against the math reference
+            out = sdpa_flash.attention(q, k, v)
     """
-    resolved = resolve_policy(policy, fallback=fallback, memory_budget=memory_budget)
+    resolved = resolve_policy(policy, fallback=fallback, memory_budget=memory_budget, shadow=shadow,
+                              shadow_action=shadow_action)
     token = _BLOCK.set(resolved)
     try:
         yield resolved
@@ -290,6 +360,7 @@ def ranking(caps: Capabilities) -> RankingRule:
 
 
 # --------------------------------------------------------------------------------------------- denylist
+_DEVICE_TYPES = ("cuda", "cpu", "mps", "xpu")
 @dataclasses.dataclass(frozen=True)
 class DenylistEntry:
     """A known-bad configuration: ``backend`` is vetoed where every given condition holds.
@@ -315,6 +386,31 @@ class DenylistEntry:
     torch: str | None = None
     cudnn: str | None = None
     when: Callable[[AttentionSpec], bool] | None = None
+
+    def __post_init__(self) -> None:  # checked here, so a bad entry fails where it is written, not in plan()
+        def fail(field: str, expected: str, value: object) -> AttentionInputError:
+            return AttentionInputError(f"Expected DenylistEntry.{field} to be {expected}, but got {value!r} instead.")
+
+        if self.backend not in BACKENDS:
+            raise fail("backend", f"one of {', '.join(sorted(BACKENDS))}", self.backend)
+        if not isinstance(self.reason, str) or not self.reason.strip():
+            raise fail("reason", "a non-empty string", self.reason)
+        if not isinstance(self.device_type, str) or self.device_type not in _DEVICE_TYPES:
+            raise fail("device_type", f"a device type ({', '.join(_DEVICE_TYPES)})", self.device_type)
+        for field in ("min_cc", "max_cc"):
+            cc = getattr(self, field)
+            if cc is not None and not (isinstance(cc, tuple) and len(cc) == 2
+                                       and all(type(x) is int and x >= 0 for x in cc)):
+                raise fail(field, "None or a (major, minor) tuple of ints such as (9, 0)", cc)
+        for field in ("torch", "cudnn"):
+            text = getattr(self, field)
+            if text is not None:
+                try:
+                    SpecifierSet(text)
+                except (InvalidSpecifier, TypeError):
+                    raise fail(field, "None or a PEP 440 version specifier such as '>=2.5,<2.6'", text) from None
+        if self.when is not None and not callable(self.when):
+            raise fail("when", "None or a callable taking an AttentionSpec", self.when)
 
     def matches(self, spec: AttentionSpec, caps: Capabilities) -> bool:
         if caps.device_type != self.device_type:
@@ -350,6 +446,8 @@ def denylist() -> tuple[DenylistEntry, ...]:
 
 def add_denylist_entry(entry: DenylistEntry) -> None:
     """Veto a backend where ``entry`` matches, from now on (plans are re-made)."""
+    if not isinstance(entry, DenylistEntry):
+        raise AttentionInputError(f"Expected a sdpa_flash.DenylistEntry, but got {type(entry).__name__} instead.")
     if entry.backend not in BACKENDS:
         raise AttentionInputError(
             f"Expected DenylistEntry.backend to be one of {', '.join(sorted(BACKENDS))}, "
@@ -361,6 +459,9 @@ def add_denylist_entry(entry: DenylistEntry) -> None:
 
 def remove_denylist_entry(entry: DenylistEntry) -> None:
     """Undo :func:`add_denylist_entry`."""
+    if entry not in _user_denylist:
+        raise AttentionInputError(f"Expected an entry added with add_denylist_entry(), but got {entry!r} instead "
+                                  f"({len(_user_denylist)} user entries are in force).")
     _user_denylist.remove(entry)
     _invalidate()
 
@@ -369,7 +470,7 @@ _invalidation_hooks: list[Callable[[], None]] = []
 
 
 def _invalidate() -> None:
-    plan.cache_clear()
+    _plan.cache_clear()
     for hook in _invalidation_hooks:
         hook()
 
@@ -393,6 +494,9 @@ class Plan:
             (``torch.nn.functional.scaled_dot_product_attention``, so another PyTorch layer can intercept).
         route_reason: why that route.
         evidence: the ranking's evidence for this device.
+        deterministic: the ``torch.use_deterministic_algorithms`` mode the plan honoured: ``"off"`` (not set,
+            or no backward is needed), ``"error"`` (backends whose backward is not deterministic were skipped)
+            or ``"warn"`` (``warn_only=True``: they may run, with a warning).
     """
 
     backend: str
@@ -406,6 +510,7 @@ class Plan:
     route: str = "direct"
     route_reason: str = "the chosen kernel's aten op is called directly: exact, and no global flags change"
     evidence: str = ""
+    deterministic: str = "off"
     prep: Prep = dataclasses.field(default_factory=Prep, repr=False, compare=False)
 
     def __str__(self) -> str:
@@ -452,20 +557,69 @@ def _candidates(policy: Policy, caps: Capabilities) -> tuple[tuple[str, ...], st
     return policy.backends, ""
 
 
-@functools.lru_cache(maxsize=4096)
-def plan(spec: AttentionSpec, caps: Capabilities, policy: Policy = _DEFAULT) -> Plan:
+DETERMINISTIC_MODES = ("off", "warn", "error")
+
+
+def deterministic_mode() -> str:
+    """``torch.use_deterministic_algorithms`` as :func:`plan` honours it: ``"off"``, ``"warn"`` (set with
+    ``warn_only=True``) or ``"error"``."""
+    import torch
+
+    if not torch.are_deterministic_algorithms_enabled():
+        return "off"
+    return "warn" if torch.is_deterministic_algorithms_warn_only_enabled() else "error"
+
+
+def plan(
+    spec: AttentionSpec, caps: Capabilities, policy: Policy = _DEFAULT, *, deterministic: str | None = None
+) -> Plan:
     """Decide which backend runs ``spec`` on ``caps`` under ``policy``.
+
+    A pure function of its arguments, cached on them.
+
+    Args:
+        spec: the call.
+        caps: the device.
+        policy: the policy.
+        deterministic: the ``torch.use_deterministic_algorithms`` mode to honour when ``spec.needs_grad``:
+            ``"off"``, ``"warn"`` or ``"error"`` (see :attr:`Requirements.deterministic_backward`); ``None``
+            (default) reads torch's current setting. Calls without a backward are not affected.
 
     Raises:
         BackendUnavailableError: no backend the policy allows can run it (or the policy's fallback mode is
             ``"error"`` and only a fallback could).
+        AttentionInputError: ``deterministic`` is not one of the modes.
     """
+    if not spec.needs_grad:
+        mode = "off"
+    elif deterministic is None:
+        mode = deterministic_mode()
+    elif deterministic in DETERMINISTIC_MODES:
+        mode = deterministic
+    else:
+        raise AttentionInputError(f"Expected deterministic to be None or one of {', '.join(DETERMINISTIC_MODES)}, "
+                                  f"but got {deterministic!r} instead.")
+    return _plan(spec, caps, policy, mode)
+
+
+def _nondeterministic(name: str, caps: Capabilities) -> str | None:
+    """Why ``name``'s backward on ``caps`` does not count as deterministic (``None`` when it does)."""
+    req = BACKENDS[name].requirements(caps.device_type)
+    if req is None or req.deterministic_backward:
+        return None
+    return "backward is not deterministic" if req.deterministic_backward is False else (
+        "backward is not known to be deterministic")
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic: str) -> Plan:
     order, evidence = _candidates(policy, caps)
     if spec.batch == 0 or spec.heads_q == 0 or spec.seqlen_q == 0 or spec.seqlen_k == 0:
         note = "zero-size problem: the result is empty (or zeros when there are no keys); nothing to choose"
         prep = BACKENDS["math"].prep(spec, caps.device_type if caps.device_type in BACKENDS["math"].REQUIREMENTS
                                      else "cpu")
-        return Plan("math", spec, caps, policy, order, {}, notes=(note,), evidence=evidence, prep=prep)
+        return Plan("math", spec, caps, policy, order, {}, notes=(note,), evidence=evidence, prep=prep,
+                    deterministic=deterministic)
     blocked: dict[str, tuple[str, ...]] = {}
     chosen: str | None = None
     device = None
@@ -484,6 +638,10 @@ def plan(spec: AttentionSpec, caps: Capabilities, policy: Policy = _DEFAULT) -> 
                 f"would materialise {_fmt_bytes(_math_bytes(spec))} of attention scores, over the memory budget of "
                 f"{_fmt_bytes(budget)} (memory_budget= / SDPA_FLASH_MEMORY_BUDGET); the chunked backend computes "
                 "the same exactly in blocks")
+        if deterministic == "error":
+            why_not = _nondeterministic(name, caps)
+            if why_not:
+                reasons.append(f"{why_not}; torch.use_deterministic_algorithms(True) is set")
         reasons += [e.describe() for e in entries if e.backend == name and e.matches(spec, caps)]
         if not reasons and device is not None and backend.TORCH_CHECK:
             reasons = backend.torch_reasons(spec, backend.prep(spec, caps.device_type), device)
@@ -514,5 +672,12 @@ def plan(spec: AttentionSpec, caps: Capabilities, policy: Policy = _DEFAULT) -> 
             why = BACKENDS[name].not_supported_reasons(spec, caps) if policy.name == "auto" else []
             reasons[name] = tuple(why) or (f"not allowed by policy {policy}",)
     prep = BACKENDS[chosen].prep(spec, caps.device_type)
+    notes = prep.notes(spec)
+    if deterministic == "warn" and _nondeterministic(chosen, caps):
+        notes += (f"{_nondeterministic(chosen, caps)}, and torch.use_deterministic_algorithms(True, warn_only=True) "
+                  "is set: it runs anyway, with a warning",)
     return Plan(chosen, spec, caps, policy, order, reasons, fallback=fallback,
-                notes=prep.notes(spec), evidence=evidence, prep=prep)
+                notes=notes, evidence=evidence, prep=prep, deterministic=deterministic)
+
+
+plan.cache_clear = _plan.cache_clear  # type: ignore[attr-defined]

@@ -5,11 +5,42 @@ from __future__ import annotations
 import torch
 
 from .capability import capabilities
-from .errors import BackendUnavailableError
+from .errors import AttentionInputError, BackendUnavailableError
 from .policy import Plan, PolicyLike, plan, resolve_policy
 from .spec import AttentionSpec
 
-__all__ = ["require"]
+__all__ = ["parse_device", "require"]
+
+_DEVICE_DOC = "a torch.device, a device string such as 'cpu' or 'cuda:1', a CUDA ordinal or None"
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def parse_device(device: torch.device | str | int | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` (``None`` stays ``None``: the current CUDA device, else the CPU).
+
+    Raises:
+        AttentionInputError: not a device (the message names the value).
+        BackendUnavailableError: a CUDA device that this PyTorch or machine does not have.
+    """
+    if device is None or isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        dev = torch.device("cuda", device)
+    elif isinstance(device, str):
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise AttentionInputError(f"Expected device to be {_DEVICE_DOC}, but got {device!r} instead.") from None
+    else:
+        raise AttentionInputError(f"Expected device to be {_DEVICE_DOC}, but got {device!r} instead.")
+    if dev is not None and dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError(f"Expected a CUDA device, but CUDA is not available to this PyTorch "
+                                          f"({torch.__version__}; CUDA build: {torch.version.cuda}); got {device!r}.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BackendUnavailableError(f"Expected a CUDA device index below {torch.cuda.device_count()} (the "
+                                          f"visible GPUs), but got {device!r} instead.")
+    return dev
 
 
 def require(
@@ -38,13 +69,19 @@ def require(
             tried and why), or the device does not exist.
     """
     pol = resolve_policy(policy)
-    dev = torch.device(device) if isinstance(device, str) else device
-    if isinstance(dev, int) or (isinstance(dev, torch.device) and dev.type == "cuda"):
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError(
-                f"Policy {pol} was required on {dev}, but CUDA is not available to this PyTorch "
-                f"({torch.__version__}; CUDA build: {torch.version.cuda})."
-            )
+    if dtype is not None and dtype not in _FLOATS:
+        raise AttentionInputError("Expected dtype to be None or a floating-point torch.dtype (float16, bfloat16, "
+                                  f"float32, float64), but got {dtype!r} instead.")
+    for name, n in (("head_dim", head_dim), ("seqlen", seqlen), ("heads", heads)):
+        if type(n) is not int or n <= 0:
+            raise AttentionInputError(f"Expected {name} to be a positive int, but got {n!r} instead.")
+    if kv_heads is not None and (type(kv_heads) is not int or kv_heads <= 0 or heads % kv_heads):
+        raise AttentionInputError(f"Expected kv_heads to be None or a positive divisor of heads={heads} (GQA/MQA), "
+                                  f"but got {kv_heads!r} instead.")
+    try:
+        dev = parse_device(device)
+    except BackendUnavailableError as exc:
+        raise BackendUnavailableError(f"Policy {pol} was required on {device!r}: {exc}") from None
     caps = capabilities(dev)
     if dtype is None:
         if caps.device_type == "cuda":

@@ -1,9 +1,16 @@
 """Bad input: every class of invalid argument raises ``AttentionInputError`` (a ``ValueError``) with a message
 naming the problem, from ``attention()`` and from ``explain()`` alike, and no bad call poisons the per-call
-cache that ``attention()`` keeps."""
+cache that ``attention()`` keeps.
+
+Two tables, one row per class of bad input (add rows as new entry points arrive: varlen, the flash-attn API):
+``BAD`` for the arguments of ``attention()`` / ``explain()``, ``BAD_ELSEWHERE`` for policies, the environment,
+``require()``, the denylist, ``plan()`` and ``sdpa_flash.testing`` (``CLI_BAD`` for ``python -m sdpa_flash``).
+Then the inputs that look odd but are valid — empty problems, strided and overlapping tensors, masks of any
+broadcastable rank — which must give the math reference's answer on every CPU backend."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +95,25 @@ BAD: dict[str, tuple[Callable[[], Call], str]] = {
     "policy-duplicate-str": (_with(policy="flash,flash"), r"Expected each backend at most once"),
     "policy-duplicate-tuple": (_with(policy=("flash", "math", "flash")), r"Expected each backend at most once"),
     "policy-not-str": (_with(policy=3), r"Expected policy to be a Policy, a policy name"),
+    "policy-empty-str": (_with(policy=""), r"Expected policy to be one of .* but got '' instead"),
+    "policy-list-with-int": (_with(policy=["flash", 3]), r"Expected policy to be a Policy.* got \['flash', 3\]"),
+    "key-on-other-device": (_args(lambda: (qkv()[0], qkv()[1].to("meta"), qkv()[2].to("meta"))),
+                            r"Expected query, key and value on one device, but got cpu, meta, meta instead"),
+    "value-on-other-device": (_args(lambda: (*qkv()[:2], qkv()[2].to("meta"))),
+                              r"on one device, but got cpu, cpu, meta instead"),
+    "mask-on-other-device": (_with(attn_mask=torch.ones(S, S, dtype=torch.bool, device="meta")),
+                             r"Expected attn_mask on cpu like the query, but got meta instead"),
+    "complex-dtype": (_args(lambda: tuple(t.to(torch.complex64) for t in qkv())),
+                      r"Expected query to be a floating-point tensor .* dtype=complex64"),
+    "bool-dtype": (_args(lambda: tuple(t > 0 for t in qkv())), r"floating-point tensor .* dtype=bool instead"),
+    "kv-heads-zero": (_args(lambda: (qkv()[0], *qkv(hkv=0)[1:])),
+                      r"query heads \(4\) to be a multiple of the key/value heads \(0\)"),
+    "dropout-nan": (_with(dropout_p=float("nan")), r"Expected dropout_p to be a float in \[0, 1\), but got nan"),
+    "dropout-none": (_with(dropout_p=None), r"Expected dropout_p .* but got None instead"),
+    "scale-tensor": (_with(scale=torch.tensor(0.5)), r"Expected scale to be None or a finite float, but got tensor"),
+    "scale-complex": (_with(scale=1j), r"Expected scale to be None or a finite float, but got 1j"),
+    "layout-none": (_with(layout=None), r"Expected layout to be 'bhsd' .* got None instead"),
+    "causal-list": (_with(causal=[True]), r"Expected causal to be .* but got \[True\] instead"),
 }
 
 
@@ -189,3 +215,284 @@ def test_mixed_dtypes_raise_after_valid_zero_size_call(sizes: dict[str, int]) ->
     for _ in range(2):  # with the query's shape and dtype cached
         with pytest.raises(AttentionInputError, match="one dtype"):
             sdpa_flash.attention(q, k.double(), v.double())
+
+
+# ------------------------------------------------------------------------ bad input beyond attention()
+def _env(**env: str) -> Callable[[pytest.MonkeyPatch], Any]:
+    """Set SDPA_FLASH_* variables, then read the environment's policy afresh."""
+
+    def call(mp: pytest.MonkeyPatch) -> Any:
+        for name in ("POLICY", "FALLBACK", "MEMORY_BUDGET", "SHADOW", "SHADOW_ACTION"):
+            mp.delenv(f"SDPA_FLASH_{name}", raising=False)
+        for name, value in env.items():
+            mp.setenv(f"SDPA_FLASH_{name}", value)
+        mp.setattr(sdpa_flash.policy, "_env_policy", None)
+        return sdpa_flash.get_policy()
+
+    return call
+
+
+def _plain(fn: Callable[[], Any]) -> Callable[[pytest.MonkeyPatch], Any]:
+    return lambda mp: fn()
+
+
+def _problem(**kw: Any) -> Any:
+    from sdpa_flash.testing import ProblemParams
+
+    return ProblemParams(torch.float32, seqlen_q=4, seqlen_k=4, **kw).build()
+
+
+_SPEC = sdpa_flash.AttentionSpec("cpu", torch.float32, 1, 2, 2, 8, 8, 16, 16, needs_grad=True)
+_resolve = sdpa_flash.policy.resolve_policy
+_Entry = sdpa_flash.DenylistEntry
+BUE = sdpa_flash.BackendUnavailableError
+
+# id -> (call(monkeypatch), the error type, regex the message must match)
+BAD_ELSEWHERE: dict[str, tuple[Callable[[pytest.MonkeyPatch], Any], type[Exception], str]] = {
+    # a backend that does not exist on this device: its reason, not a crash
+    "policy-cudnn-on-cpu": (_plain(lambda: sdpa_flash.attention(*qkv(), policy="cudnn")), BUE,
+                            r"`cudnn` is not supported because:\n\s+- not available on device type 'cpu'"),
+    "policy-efficient-on-cpu": (_plain(lambda: sdpa_flash.explain(*qkv(), policy="efficient")), BUE,
+                                r"`efficient` is not supported because:\n\s+- not available on device type 'cpu'"),
+    "fused-dropout-on-cpu": (_plain(lambda: sdpa_flash.attention(*qkv(), dropout_p=0.1, policy="fused")), BUE,
+                             r"`flash` is not supported because:\n\s+- dropout_p > 0 is not supported"),
+    # policy options
+    "fallback-unknown": (_plain(lambda: sdpa_flash.use_policy("auto", fallback="loud").__enter__()),
+                         AttentionInputError, r"Expected fallback to be one of warn_once, error, silent, but got "
+                                              r"'loud'"),
+    "memory-budget-junk": (_plain(lambda: _resolve("auto", memory_budget="lots")), AttentionInputError,
+                           r"Expected memory_budget to be a positive number of bytes .* but got 'lots' instead"),
+    "memory-budget-negative": (_plain(lambda: _resolve("auto", memory_budget=-1)), AttentionInputError,
+                               r"Expected memory_budget .* but got -1 instead"),
+    "memory-budget-float": (_plain(lambda: _resolve("auto", memory_budget=1.5)), AttentionInputError,
+                            r"Expected memory_budget .* but got 1\.5 instead"),
+    "shadow-negative": (_plain(lambda: _resolve("auto", shadow=-1)), AttentionInputError,
+                        r"Expected shadow .* whole number N >= 0 .* but got -1 instead"),
+    "shadow-not-a-number": (_plain(lambda: sdpa_flash.set_policy("auto", shadow="often")), AttentionInputError,
+                            r"Expected shadow .* but got 'often' instead"),
+    "shadow-action-unknown": (_plain(lambda: _resolve("auto", shadow=10, shadow_action="explode")),
+                              AttentionInputError, r"Expected shadow_action to be one of warn, raise, record, but got "
+                                                   r"'explode'"),
+    "Policy-unknown-name": (_plain(lambda: sdpa_flash.Policy("fastest")), AttentionInputError,
+                            r"Expected Policy\.name to be one of .* but got 'fastest' instead"),
+    "Policy-unknown-backend": (_plain(lambda: sdpa_flash.Policy("custom", ("flash", "tpu"))), AttentionInputError,
+                               r"Expected Policy\.backends to be a tuple of backend names .* \('flash', 'tpu'\)"),
+    "Policy-budget-str": (_plain(lambda: sdpa_flash.Policy(memory_budget="8GiB")), AttentionInputError,
+                          r"Expected memory_budget to be None or a positive number of bytes, but got '8GiB'"),
+    # the environment, parsed in one place: the message names the variable and its value
+    "env-policy": (_env(POLICY="fastest"), AttentionInputError,
+                   r"Invalid environment: SDPA_FLASH_POLICY='fastest'.*Expected policy .* but got 'fastest'"),
+    "env-fallback": (_env(FALLBACK="loud"), AttentionInputError,
+                     r"SDPA_FLASH_FALLBACK='loud'.*Expected fallback .* but got 'loud'"),
+    "env-memory-budget": (_env(MEMORY_BUDGET="lots"), AttentionInputError,
+                          r"SDPA_FLASH_MEMORY_BUDGET='lots'.*Expected memory_budget .* but got 'lots'"),
+    "env-shadow": (_env(SHADOW="-3"), AttentionInputError, r"SDPA_FLASH_SHADOW='-3'.*Expected shadow .* got '-3'"),
+    "env-shadow-action": (_env(SHADOW="10", SHADOW_ACTION="panic"), AttentionInputError,
+                          r"SDPA_FLASH_SHADOW_ACTION='panic'.*Expected shadow_action .* but got 'panic'"),
+    # require(): a startup check must fail on bad arguments as clearly as on a missing kernel
+    "require-unknown-policy": (_plain(lambda: sdpa_flash.require("bogus")), AttentionInputError,
+                               r"Expected policy to be one of .* but got 'bogus' instead"),
+    "require-unknown-device": (_plain(lambda: sdpa_flash.require("auto", "tpu")), AttentionInputError,
+                               r"Expected device to be a torch\.device, a device string .* but got 'tpu' instead"),
+    "require-device-float": (_plain(lambda: sdpa_flash.require("auto", 1.5)), AttentionInputError,  # type: ignore[arg-type]
+                             r"Expected device .* but got 1\.5 instead"),
+    "require-integer-dtype": (_plain(lambda: sdpa_flash.require("math", "cpu", dtype=torch.int32)),
+                              AttentionInputError, r"Expected dtype to be None or a floating-point torch\.dtype .* "
+                                                   r"but got torch\.int32 instead"),
+    "require-zero-head-dim": (_plain(lambda: sdpa_flash.require("math", "cpu", head_dim=0)), AttentionInputError,
+                              r"Expected head_dim to be a positive int, but got 0 instead"),
+    "require-kv-heads-not-divisor": (_plain(lambda: sdpa_flash.require("math", "cpu", heads=16, kv_heads=3)),
+                                     AttentionInputError, r"Expected kv_heads .* divisor of heads=16 .* got 3"),
+    "require-cudnn-on-cpu": (_plain(lambda: sdpa_flash.require("cudnn", "cpu")), BUE,
+                             r"`cudnn` is not supported because:\n\s+- not available on device type 'cpu'"),
+    # the denylist: a bad entry fails where it is written, not inside every later plan()
+    "deny-unknown-backend": (_plain(lambda: sdpa_flash.add_denylist_entry(_Entry("fast", "x"))), AttentionInputError,
+                             r"Expected DenylistEntry\.backend to be one of .* but got 'fast' instead"),
+    "deny-bad-torch-specifier": (_plain(lambda: _Entry("math", "x", torch="<<2.5")), AttentionInputError,
+                                 r"Expected DenylistEntry\.torch to be None or a PEP 440 .* but got '<<2\.5'"),
+    "deny-cc-not-a-tuple": (_plain(lambda: _Entry("math", "x", min_cc="8.0")), AttentionInputError,  # type: ignore[arg-type]
+                            r"Expected DenylistEntry\.min_cc to be None or a \(major, minor\) .* but got '8\.0'"),
+    "deny-when-not-callable": (_plain(lambda: _Entry("math", "x", when=True)), AttentionInputError,  # type: ignore[arg-type]
+                               r"Expected DenylistEntry\.when to be None or a callable .* but got True instead"),
+    "deny-unknown-device-type": (_plain(lambda: _Entry("math", "x", device_type="gpu")), AttentionInputError,
+                                 r"Expected DenylistEntry\.device_type to be a device type .* but got 'gpu'"),
+    "deny-empty-reason": (_plain(lambda: _Entry("math", " ")), AttentionInputError,
+                          r"Expected DenylistEntry\.reason to be a non-empty string, but got ' ' instead"),
+    "deny-add-not-an-entry": (_plain(lambda: sdpa_flash.add_denylist_entry({"backend": "math"})),  # type: ignore[arg-type]
+                              AttentionInputError, r"Expected a sdpa_flash\.DenylistEntry, but got dict instead"),
+    "deny-remove-unknown": (_plain(lambda: sdpa_flash.remove_denylist_entry(_Entry("math", "never added"))),
+                            AttentionInputError, r"Expected an entry added with add_denylist_entry\(\), but got"),
+    # plan()
+    "plan-deterministic-unknown": (_plain(lambda: sdpa_flash.plan(_SPEC, sdpa_flash.Capabilities.synthetic("cpu"),
+                                                                  deterministic="sometimes")),
+                                   AttentionInputError, r"Expected deterministic to be None or one of off, warn, "
+                                                        r"error, but got 'sometimes' instead"),
+    # sdpa_flash.testing (its errors are plain ValueError/TypeError; owned by the property tests)
+    "testing-shape-mismatch": (_plain(lambda: sdpa_flash.testing.compare_to_reference(
+        torch.zeros(2, 3), torch.zeros(3), torch.zeros(3))), ValueError,
+        r"Expected out of shape \(3,\) like the reference, but got candidate \(2, 3\)"),
+    "testing-backward-without-grad-out": (_plain(lambda: sdpa_flash.testing.attention_references(
+        _problem(), backward=True)), ValueError, r"Expected a problem with grad_out"),
+    "testing-profile-unknown": (lambda mp: (mp.setenv("SDPA_FLASH_HYPOTHESIS_PROFILE", "huge"),
+                                            sdpa_flash.testing.property_profile()),
+                                AttentionInputError, r"Expected SDPA_FLASH_HYPOTHESIS_PROFILE to be one of .* 'huge'"),
+}
+
+
+@pytest.mark.parametrize("call, error, match", BAD_ELSEWHERE.values(), ids=BAD_ELSEWHERE.keys())
+def test_bad_input_elsewhere_raises(call: Callable[[pytest.MonkeyPatch], Any], error: type[Exception], match: str,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = sdpa_flash.policy._process_policy
+    try:
+        with pytest.raises(error, match=match) as info:
+            call(monkeypatch)
+    finally:
+        sdpa_flash.policy._process_policy = saved
+    assert isinstance(info.value, (ValueError, TypeError, sdpa_flash.SdpaFlashError))
+    if error is AttentionInputError:
+        assert "Expected" in str(info.value)
+    monkeypatch.undo()
+    sdpa_flash.policy._env_policy = None
+    q, k, v = qkv()  # nothing was left behind: a valid call still works
+    torch.testing.assert_close(sdpa_flash.attention(q, k, v), reference_attention(q, k, v, dtype=None))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is absent")
+def test_require_cuda_without_cuda() -> None:
+    with pytest.raises(BUE, match=r"required on 'cuda:0'.*CUDA is not available to this PyTorch"):
+        sdpa_flash.require("flash", "cuda:0")
+
+
+# id -> (argv, exit status, regex for stderr)
+CLI_BAD = {
+    "require-unknown": (["--require", "bogus"], 2, r"Expected policy to be one of .* but got 'bogus' instead"),
+    "device-unknown": (["--device", "tpu"], 2, r"--device: Expected device to be .* but got 'tpu' instead"),
+    "device-index-only": (["--device", "1"], 2, r"Expected device .* but got '1' instead"),
+    "require-missing-backend": (["--require", "cudnn", "--device", "cpu", "--no-check"], 1,
+                                r"requirement 'cudnn' not met\n.*\n.*\n\s+`cudnn` is not supported because"),
+}
+if not torch.cuda.is_available():
+    CLI_BAD["device-cuda-without-cuda"] = (["--device", "cuda", "--no-check"], 2,
+                                           r"--device cuda: Expected a CUDA device, but CUDA is not available")
+
+
+@pytest.mark.parametrize("argv, status, match", CLI_BAD.values(), ids=CLI_BAD.keys())
+def test_cli_bad_arguments(argv: list[str], status: int, match: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from sdpa_flash.__main__ import main
+
+    assert main(argv) == status
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------ odd-looking inputs that are valid
+CPU_POLICIES = ("flash", "math", "chunked")
+
+
+STRIDED: dict[str, Callable[[], torch.Tensor]] = {
+    "expanded-batch": lambda: torch.randn(1, H, S, D).expand(B, H, S, D),
+    "expanded-zero-strides": lambda: torch.randn(1, 1, 1, D).expand(B, H, S, D),
+    "expanded-last-dim": lambda: torch.randn(B, H, S, 1).expand(B, H, S, D),
+    "last-dim-stride-2": lambda: torch.randn(B, H, S, 2 * D)[..., ::2],
+    "transposed-last-dims": lambda: torch.randn(B, H, D, S).transpose(-1, -2),
+    "bhsd-view-of-bshd": lambda: torch.randn(B, S, H, D).transpose(1, 2),
+    "overlapping-rows": lambda: torch.randn(B * H * S + D).as_strided((B, H, S, D), (H * S, S, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("policy", CPU_POLICIES)
+@pytest.mark.parametrize("make", STRIDED.values(), ids=STRIDED.keys())
+def test_strided_inputs_give_the_reference_answer(make: Callable[[], torch.Tensor], policy: str,
+                                                  causal: bool) -> None:
+    """Forward and backward on the strided tensors themselves (kept as they are by ``problem.leaves()``)."""
+    import dataclasses
+
+    from sdpa_flash.testing import ProblemParams, assert_close_to_reference, attention_outputs
+
+    torch.manual_seed(0)
+    q, k, v = make(), make(), make()
+    params = ProblemParams(torch.float32, batch=B, heads_q=H, heads_kv=H, seqlen_q=S, seqlen_k=S, head_dim=D,
+                           head_dim_v=D, causal=causal, backward=True)
+    problem = dataclasses.replace(params.build(), query=q, key=k, value=v)
+    assert problem.leaves()[1].stride() == k.stride()
+    assert_close_to_reference(attention_outputs(problem, policy=policy), problem)
+
+
+def test_strided_head_dim_is_copied_for_the_flash_kernel_and_explained() -> None:
+    q, k, v = qkv()
+    kt = torch.randn(B, H, D, S).transpose(-1, -2)  # head dim at stride S
+    notes = sdpa_flash.explain(q, kt, v, policy="flash").notes
+    assert any(n.startswith(f"key (strides {kt.stride()}) copied to contiguous memory first") for n in notes), notes
+    # a query with another dim of stride 1: PyTorch allocates the output like it, so it is copied too
+    qo = torch.randn(B * H * S + D).as_strided((B, H, S, D), (H * S, S, 1, 1))
+    assert any(n.startswith("query (strides (32, 8, 1, 1)) copied") for n in sdpa_flash.explain(qo, k, v).notes)
+    assert not any("copied" in n for n in sdpa_flash.explain(q, kt, v, policy="math").notes)  # math reads any strides
+    assert not any("copied" in n for n in sdpa_flash.explain(q, k, v, policy="flash").notes)
+    bshd = torch.randn(B, S, H, D).transpose(1, 2)  # stride 1 in the head dim: read in place, no note
+    assert not any("copied" in n for n in sdpa_flash.explain(bshd, bshd, bshd, policy="flash").notes)
+
+
+@pytest.mark.parametrize("first", ["contiguous-first", "strided-first"])
+def test_strides_are_part_of_the_cache_key(first: str) -> None:
+    """Same shapes, dtypes and devices: a cached plan for one stride pattern must not serve another."""
+    g = torch.Generator().manual_seed(9)
+    strided = torch.randn(B, H, 19, S, generator=g).transpose(-1, -2)  # head dim 19: used by no other test
+    dense = strided.contiguous()
+    order = [dense, strided] if first == "contiguous-first" else [strided, dense]
+    for t in order * 2:
+        torch.testing.assert_close(sdpa_flash.attention(t, t, t), reference_attention(t, t, t, dtype=None))
+
+
+def test_devices_are_part_of_the_cache_key() -> None:
+    """After a valid CPU call, the same shapes with key/value on another device ("meta") must still raise
+    (PyTorch's CPU flash kernel would read the meta tensors as if they held data)."""
+    q, k, v = qkv(d=27, dv=27)  # a shape no other test uses
+    sdpa_flash.attention(q, k, v)
+    for _ in range(2):
+        with pytest.raises(AttentionInputError, match="on one device, but got cpu, meta, meta"):
+            sdpa_flash.attention(q, k.to("meta"), v.to("meta"))
+    m = torch.ones(S, S, dtype=torch.bool)
+    sdpa_flash.attention(q, k, v, attn_mask=m)
+    with pytest.raises(AttentionInputError, match="Expected attn_mask on cpu like the query, but got meta"):
+        sdpa_flash.attention(q, k, v, attn_mask=m.to("meta"))
+
+
+MASK_SHAPES = {"1d-keys": (S,), "2d": (S, S), "3d-heads": (H, S, S), "3d-broadcast": (1, S, S),
+               "4d-keys": (B, 1, 1, S), "4d-rows": (B, H, S, 1)}
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("policy", CPU_POLICIES)
+@pytest.mark.parametrize("shape", MASK_SHAPES.values(), ids=MASK_SHAPES.keys())
+def test_masks_of_every_broadcastable_rank(shape: tuple[int, ...], policy: str, kind: str) -> None:
+    """A mask of any rank that broadcasts to (B, Hq, Sq, Sk) is valid (the CPU flash kernel itself takes only
+    2-D and 4-D masks: the others reach it as 4-D views)."""
+    g = torch.Generator().manual_seed(len(shape))
+    q, k, v = qkv(seed=len(shape))
+    mask = torch.rand(shape, generator=g) < 0.7 if kind == "bool" else torch.randn(shape, generator=g)
+    out = sdpa_flash.attention(q, k, v, attn_mask=mask, policy=policy)
+    from sdpa_flash.testing import assert_close_to_reference
+
+    assert_close_to_reference(out, reference_attention(q, k, v, attn_mask=mask, dtype=None),
+                              reference_attention(q, k, v, attn_mask=mask))
+
+
+EMPTY = {"batch-0": {"b": 0}, "heads-0": {"hq": 0, "hkv": 0}, "queries-0": {"sq": 0}, "keys-0": {"sk": 0}}
+
+
+@pytest.mark.parametrize("policy", ("auto", *CPU_POLICIES))
+@pytest.mark.parametrize("sizes", EMPTY.values(), ids=EMPTY.keys())
+def test_empty_problems_are_valid(sizes: dict[str, int], policy: str) -> None:
+    """An empty batch, no heads or no queries give an empty result; no keys give zeros (each query sees
+    nothing) — on every backend and policy, forward and backward, as PyTorch's math backend does."""
+    q, k, v = (t.requires_grad_() for t in qkv(d=29, dv=29, **sizes))
+    out = sdpa_flash.attention(q, k, v, policy=policy, causal=True)
+    b, hq, sq = q.shape[:3]
+    assert out.shape == (b, hq, sq, 29)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad is not None and t.grad.shape == t.shape and torch.equal(t.grad, torch.zeros_like(t))
+    assert sdpa_flash.explain(q, k, v, policy=policy).notes[0].startswith("zero-size problem")

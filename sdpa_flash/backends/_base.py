@@ -53,6 +53,11 @@ class Requirements:
         backward: the kernel has a backward.
         min_cudnn: lowest cuDNN version (integer form, ``90000`` = 9.0.0).
         min_torch: lowest torch release with this kernel behaving as described.
+        contiguous_last_dim: the kernel needs the head dim of q, k and v contiguous (stride 1): PyTorch's CPU
+            flash kernel reads it so without checking, the CUDA kernels refuse other strides. Inputs whose last
+            dim has another stride are copied first (``explain()`` says so).
+        deterministic_backward: the backward gives bitwise-identical gradients run to run when
+            ``torch.use_deterministic_algorithms(True)`` is set (``None``: not established, treated as no).
     """
 
     dtypes: frozenset[torch.dtype]
@@ -70,6 +75,8 @@ class Requirements:
     backward: bool = True
     min_cudnn: int | None = None
     min_torch: str | None = None
+    contiguous_last_dim: bool = False
+    deterministic_backward: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +264,7 @@ class Backend:
             pad_v = pad_qk
         has_mask = spec.mask is not None or strategy == "mask"
         return Prep(
-            repeat_kv=1 if req.native_gqa else spec.heads_q // spec.heads_kv,
+            repeat_kv=1 if req.native_gqa or not spec.heads_kv else spec.heads_q // spec.heads_kv,
             pad_qk_to=pad_qk,
             pad_v_to=pad_v,
             truncate_keys=strategy == "truncate_keys",
@@ -299,6 +306,12 @@ class Backend:
             return []
         msgs = [str(w.message) for w in caught] + _torch_warning_lines(err.text)
         msgs = [m.strip().rstrip(".") for m in msgs if m.strip()]
+        if not spec.needs_grad:
+            # PyTorch declines cuDNN under torch.use_deterministic_algorithms(True) for any call, but only its
+            # backward is non-deterministic; sdpa_flash applies that rule (with its own reason) to backwards.
+            msgs = [m for m in msgs if "not deterministic" not in m]
+            if not msgs:
+                return []
         return [f"PyTorch: {m}" for m in dict.fromkeys(msgs)] or ["PyTorch's can_use check declined these inputs"]
 
     # ------------------------------------------------------------------------------------------- doing

@@ -35,7 +35,7 @@ class ChunkedBackend(Backend):
     fused = False
     memory = "O(N)"
     _REQ = Requirements(dtypes=_ANY_FLOAT, mask=True, dropout=False, native_gqa=False, kernel_causal="any",
-                        mask_with_causal=True)
+                        mask_with_causal=True, deterministic_backward=True)  # plain ops, fixed order
     REQUIREMENTS: ClassVar[dict[str, Requirements]] = {"cuda": _REQ, "cpu": _REQ, "mps": _REQ, "xpu": _REQ}
 
     def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
@@ -111,8 +111,8 @@ class _Chunked(torch.autograd.Function):
                 k1 = min(k0 + bk, sk)
                 s = qb @ k[:, :, k0:k1].to(acc).transpose(-1, -2)
                 tb = _block_bias(bias, corner, offset, q0, q1, k0, k1, q.device, acc)
-                if tb is not None:
-                    s = s + tb
+                if tb is not None:  # a hidden key stays hidden even when its score is NaN (as fused kernels)
+                    s = torch.where(tb == float("-inf"), tb, s + tb)
                 m_new = torch.maximum(m, s.amax(-1, keepdim=True))
                 m_safe = m_new.masked_fill(torch.isinf(m_new) & (m_new < 0), 0.0)  # rows with nothing visible yet
                 p = torch.exp(s - m_safe)
@@ -149,8 +149,8 @@ class _Chunked(torch.autograd.Function):
                 kb, vb = k[:, :, k0:k1].to(acc), v[:, :, k0:k1].to(acc)
                 s = (qb * scale) @ kb.transpose(-1, -2)
                 tb = _block_bias(bias, corner, offset, q0, q1, k0, k1, q.device, acc)
-                if tb is not None:
-                    s = s + tb
+                if tb is not None:  # a hidden key stays hidden even when its score is NaN (as fused kernels)
+                    s = torch.where(tb == float("-inf"), tb, s + tb)
                 p = torch.exp(s - lse_safe[:, :, q0:q1])
                 dvv[:, :, k0:k1] += p.transpose(-1, -2) @ gb
                 ds = p * (gb @ vb.transpose(-1, -2) - delta[:, :, q0:q1])

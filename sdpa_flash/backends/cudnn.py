@@ -31,6 +31,9 @@ class CudnnBackend(Backend):
             # cuDNN's corner for non-square causal is not established: such calls are made square or masked.
             kernel_causal=None,
             min_cudnn=90000,
+            contiguous_last_dim=True,
+            # PyTorch: "cuDNN SDPA is not deterministic" (can_use_cudnn_attention declines it in that mode).
+            deterministic_backward=False,
         ),
     }
 

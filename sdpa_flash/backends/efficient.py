@@ -26,6 +26,9 @@ class EfficientBackend(Backend):
             mask=True,
             native_gqa=False,
             kernel_causal="top_left",
+            contiguous_last_dim=True,
+            # Under deterministic mode PyTorch runs its backward with num_splits_key=1 (no split-key atomics).
+            deterministic_backward=True,
         ),
     }
 
@@ -52,13 +55,22 @@ def _kernel(op):  # type: ignore[no-untyped-def]
 
 
 def _aligned_bias(bias: torch.Tensor, b: int, h: int, sq: int, sk: int) -> torch.Tensor:
-    """Expand ``bias`` to (B, H, Sq, Sk) with a row stride that is a multiple of 16 elements."""
-    bias = bias.expand(b, h, sq, sk)
-    if (bias.stride(-2) % _BIAS_ALIGN == 0 and bias.stride(-1) == 1) or bias.stride(-2) == 0:
-        return bias
+    """``bias`` as the kernel reads it: (B, H, Sq, Sk), last dim contiguous, every other stride a multiple of 16
+    elements (0 included, so broadcast dims stay broadcast).
+
+    The kernel checks the batch, head and row strides alike (a (B, 1, 1, Sk) key mask has batch stride Sk, which
+    it refuses unless Sk is a multiple of 8), so a bias that does not qualify is copied once at its own
+    broadcast shape, keys padded to 16, and expanded from there.
+    """
+    full = bias.expand(b, h, sq, sk)
+    if full.stride(-1) == 1 and all(st % _BIAS_ALIGN == 0 for st in full.stride()[:-1]):
+        return full
+    shape = [1] * (4 - bias.dim()) + list(bias.shape)
+    shape[-1] = sk  # the kernel reads keys contiguously: a bias broadcast over keys is materialised along them
     padded = -(-sk // _BIAS_ALIGN) * _BIAS_ALIGN
-    out = torch.empty(b, h, sq, padded, dtype=bias.dtype, device=bias.device)[..., :sk]
-    return out.copy_(bias)
+    out = torch.empty(*shape[:-1], padded, dtype=bias.dtype, device=bias.device)[..., :sk]
+    out.copy_(bias.reshape([1] * (4 - bias.dim()) + list(bias.shape)).expand(shape))
+    return out.expand(b, h, sq, sk)
 
 
 _EAGER = _kernel(torch._scaled_dot_product_efficient_attention)

@@ -28,6 +28,9 @@ class FlashBackend(Backend):
             same_head_dim_v=True,
             native_gqa=True,
             kernel_causal="bottom_right",
+            contiguous_last_dim=True,
+            # PyTorch passes deterministic=True to FlashAttention-2's backward under deterministic mode.
+            deterministic_backward=True,
         ),
         # The CPU kernel: blocked online softmax; masks yes, dropout no, any head dim, top-left causal.
         "cpu": Requirements(
@@ -37,6 +40,10 @@ class FlashBackend(Backend):
             dropout=False,
             native_gqa=True,
             kernel_causal="top_left",
+            contiguous_last_dim=True,  # it reads the head dim at stride 1 whatever the tensor's stride
+            # One thread owns each (batch, head)'s gradients, in a fixed loop order: no atomics, and the same
+            # bits whatever the thread count (measured, torch 2.13).
+            deterministic_backward=True,
         ),
     }
 
@@ -72,6 +79,8 @@ def _cuda_kernel(op):  # type: ignore[no-untyped-def]
 
 def _cpu_kernel(op):  # type: ignore[no-untyped-def]
     def call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+        if bias is not None and bias.dim() not in (2, 4):  # the kernel takes 2-D or 4-D masks only
+            bias = bias[(None,) * (4 - bias.dim())]
         return op(q, k, v, dropout_p, is_causal, attn_mask=bias, scale=scale)[0]
 
     def plain(is_causal, needs_lse):  # type: ignore[no-untyped-def]

@@ -1,0 +1,118 @@
+"""Reliability on a CUDA GPU (issue 8): odd strides, mixed devices, rows that see no key, deterministic mode and
+shadow checks, for every CUDA backend. Skipped without a GPU (see conftest.py); run on the H200 with
+``python -m pytest -q tests/test_reliability_cuda.py``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+import sdpa_flash
+from sdpa_flash import AttentionInputError, BackendUnavailableError
+from sdpa_flash.policy import resolve_policy
+from sdpa_flash.testing import assert_close_to_reference, reference_attention
+
+pytestmark = [pytest.mark.cuda, pytest.mark.sm80]
+
+FUSED = ["cudnn", "flash", "efficient"]
+B, H, S, D = 2, 4, 128, 64
+
+
+def _available(backend: str, q: torch.Tensor, **kw: object) -> bool:
+    try:
+        sdpa_flash.explain(q, q, q, policy=backend, **kw)  # type: ignore[arg-type]
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+STRIDED: dict[str, Callable[[], torch.Tensor]] = {
+    "last-dim-stride-2": lambda: torch.randn(B, H, S, 2 * D, device="cuda", dtype=torch.bfloat16)[..., ::2],
+    "transposed-last-dims": lambda: torch.randn(B, H, D, S, device="cuda", dtype=torch.bfloat16).transpose(-1, -2),
+    "expanded-batch": lambda: torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16).expand(B, H, S, D),
+    "bhsd-view-of-bshd": lambda: torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2),
+}
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("make", STRIDED.values(), ids=STRIDED.keys())
+def test_strided_inputs(make: Callable[[], torch.Tensor], backend: str) -> None:
+    torch.manual_seed(0)
+    q, k, v = make(), make(), make()
+    if not _available(backend, q, causal=True):
+        pytest.skip(f"{backend} cannot run here")
+    out = sdpa_flash.attention(q, k, v, causal=True, policy=backend)
+    assert_close_to_reference(out, reference_attention(q, k, v, causal=True, dtype=None),
+                              reference_attention(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize("other", ["cpu", "meta"])
+def test_mixed_devices_raise_cold_and_warm(other: str) -> None:
+    q = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
+    sdpa_flash.attention(q, q, q)  # warm the cache for these shapes
+    for _ in range(2):
+        with pytest.raises(AttentionInputError, match="on one device"):
+            sdpa_flash.attention(q, q.to(other), q.to(other))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fully_masked_rows_zero_with_zero_dq(backend: str) -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    mask = torch.ones(B, 1, S, S, dtype=torch.bool, device="cuda")
+    mask[:, :, 5] = False
+    try:
+        out = sdpa_flash.attention(q, k, v, attn_mask=mask, policy=backend)
+    except BackendUnavailableError:
+        pytest.skip(f"{backend} takes no mask here")
+    out.backward(torch.randn_like(out))
+    assert torch.equal(out[:, :, 5], torch.zeros_like(out[:, :, 5]))
+    assert torch.equal(q.grad[:, :, 5], torch.zeros_like(q.grad[:, :, 5]))  # type: ignore[index]
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def deterministic_mode() -> Iterator[None]:
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
+@pytest.mark.usefixtures("deterministic_mode")
+def test_deterministic_mode_avoids_cudnn_and_backwards_repeat_bitwise() -> None:
+    q = torch.randn(B, H, 1024, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    p = sdpa_flash.explain(q, q, q, causal=True)
+    assert p.backend != "cudnn"
+    if (p.caps.compute_capability or (0, 0)) >= (9, 0):  # where auto would otherwise pick cuDNN
+        assert any("backward is not deterministic" in r for r in p.reasons["cudnn"]), p.reasons["cudnn"]
+        x = q.detach()  # forward only: unaffected (PyTorch's own "not deterministic" refusal is for the backward)
+        assert sdpa_flash.explain(x, x, x, causal=True).backend == "cudnn"
+    for backend in ("flash", "efficient", "chunked"):
+        if not _available(backend, q, causal=True):
+            continue
+        g = torch.randn(B, H, 1024, D, device="cuda", dtype=torch.bfloat16)
+        runs = []
+        for _ in range(3):
+            leaves = [q.detach().clone().requires_grad_() for _ in range(3)]
+            runs.append(torch.autograd.grad(sdpa_flash.attention(*leaves, causal=True, policy=backend), leaves, g))
+        assert all(torch.equal(a, b) for r in runs[1:] for a, b in zip(runs[0], r, strict=True)), backend
+    with pytest.raises(BackendUnavailableError, match="backward is not deterministic"):
+        sdpa_flash.attention(q, q, q, causal=True, policy="cudnn")
+
+
+@pytest.mark.parametrize("backend", [*FUSED, "chunked"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_shadow_checks_pass_for_correct_kernels(backend: str, dtype: torch.dtype) -> None:
+    sdpa_flash.reset_stats()
+    q = torch.randn(B, H, S, D, device="cuda", dtype=dtype)
+    if not _available(backend, q, causal=True):
+        pytest.skip(f"{backend} cannot run here")
+    pol = resolve_policy(backend, shadow=1, shadow_action="raise")
+    for causal in (False, True):
+        for _ in range(3):
+            sdpa_flash.attention(q, q, q, causal=causal, policy=pol)
+    assert sdpa_flash.stats().shadow.checks == 6
