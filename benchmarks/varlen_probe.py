@@ -49,27 +49,24 @@ def main() -> None:
                      "note": note})
         print(f"{batch:9s} causal={int(causal)} {mode:6s} {name:44s} {ms:8.3f} ms {tf:7.1f} TF/s {note}", flush=True)
 
+    rep = dataclasses.replace
+    no_varlen = {"varlen_call_us": big, "varlen_call_us_bwd": big}
     configs = {
         "engine default": (base, None),
-        "per-seq, no streams": (dataclasses.replace(base, max_group_span=1, streams=0, varlen_call_us=big,
-                                                    varlen_call_us_bwd=big), None),
-        "per-seq, 4 streams": (dataclasses.replace(base, max_group_span=1, streams=4, varlen_call_us=big,
-                                                   varlen_call_us_bwd=big), None),
-        "per-seq, 8 streams": (dataclasses.replace(base, max_group_span=1, streams=8, varlen_call_us=big,
-                                                   varlen_call_us_bwd=big), None),
-        "grouped dp, no streams": (dataclasses.replace(base, streams=0, varlen_call_us=big, varlen_call_us_bwd=big),
-                                   None),
-        "grouped dp, 4 streams": (dataclasses.replace(base, streams=4, varlen_call_us=big, varlen_call_us_bwd=big),
-                                  None),
-        "grouped dp call 200us, 4 streams": (dataclasses.replace(base, streams=4, call_us=200, call_us_bwd=600,
-                                                                 varlen_call_us=big, varlen_call_us_bwd=big), None),
-        "grouped + mask padding, 4 streams": (dataclasses.replace(base, streams=4, padding="mask", call_us=200,
-                                                                  call_us_bwd=600, varlen_call_us=big,
-                                                                  varlen_call_us_bwd=big), None),
-        "flash varlen (engine)": (dataclasses.replace(base, varlen_call_us=0, varlen_call_us_bwd=0,
-                                                      varlen_rate=1e9, varlen_rate_bwd=1e9), None),
-        "hybrid, no streams": (dataclasses.replace(base, streams=0, varlen_rate=2000, varlen_rate_bwd=2000), None),
-        "hybrid, 4 streams": (dataclasses.replace(base, streams=4, varlen_rate=2000, varlen_rate_bwd=2000), None),
+        "per-seq, no streams": (rep(base, max_group_span=1, streams=0, **no_varlen), None),
+        "per-seq, 4 streams": (rep(base, max_group_span=1, streams=4, **no_varlen), None),
+        "per-seq contiguous, 4 streams": (rep(base, max_group_span=1, streams=4, contiguous_groups=True,
+                                              **no_varlen), None),
+        "grouped dp, no streams": (rep(base, streams=0, **no_varlen), None),
+        "grouped dp, 4 streams": (rep(base, streams=4, **no_varlen), None),
+        "grouped dp contiguous, no streams": (rep(base, streams=0, contiguous_groups=True, **no_varlen), None),
+        "grouped dp contiguous, 4 streams": (rep(base, streams=4, contiguous_groups=True, **no_varlen), None),
+        "grouped + mask padding, 4 streams": (rep(base, streams=4, padding="mask", **no_varlen), None),
+        "flash varlen (engine)": (rep(base, varlen_call_us=0, varlen_call_us_bwd=0, varlen_rate=1e9,
+                                      varlen_rate_bwd=1e9), None),
+        "hybrid, 4 streams": (rep(base, streams=4, varlen_rate=2000, varlen_rate_bwd=2000), None),
+        "hybrid contiguous, 4 streams": (rep(base, streams=4, contiguous_groups=True, varlen_rate=2000,
+                                             varlen_rate_bwd=2000), None),
     }
     for kind in ("lognormal", "uniform"):
         lens = lengths(kind)

@@ -1,9 +1,11 @@
-"""Shadow checking: 1 in N calls of each kind also runs the math reference on a sample and compares.
+"""Shadow checking: 1 in N calls of each backend also runs the math reference on a sample and compares.
 
 Opt-in: ``Policy(shadow=N)``, ``use_policy(..., shadow=N)`` or ``SDPA_FLASH_SHADOW=N`` (with
 ``SDPA_FLASH_SHADOW_ACTION=warn|raise|record``). :func:`sdpa_flash.attention` then wraps the runner of each
 cache entry (built once per kind of call) in :func:`wrap`; with shadowing off the runner is left as it is, so the
-fast path pays nothing.
+fast path pays nothing. The count is per backend, across shapes: a batch whose shapes change every step (ragged
+batches on the varlen path make a new kind of call per group) is still checked 1 call in N, not on the first
+call of every new shape.
 
 What a check does, under ``torch.no_grad()`` on detached tensors (autograd never sees it):
 
@@ -38,7 +40,7 @@ import math
 import random
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -58,12 +60,16 @@ _PACKAGE_DIR = __file__.rsplit("/", 1)[0].rsplit("\\", 1)[0]
 
 def wrap(run: Callable[..., torch.Tensor], spec: AttentionSpec, backend: str, every: int,
          action: str) -> Callable[..., torch.Tensor]:
-    """``run`` (a (B, H, S, D) runner) checked 1 call in ``every``, the first call included."""
-    counter = iter(range(sys.maxsize))
+    """``run`` (a (B, H, S, D) runner) checked 1 call in ``every`` of this backend's (any shape), the first
+    call included."""
     inputs = spec.describe()
+    key = (backend, every)
 
     def run_shadowed(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
         out = run(q, k, v, attn_mask, dropout_p, scale)
+        counter = _counters.get(key)
+        if counter is None:
+            counter = _counters.setdefault(key, iter(range(sys.maxsize)))
         n = next(counter)
         if n % every == 0 and not _compiling():
             check(q, k, v, attn_mask, scale, out, spec, backend, inputs, action, seed=n // every)
@@ -73,6 +79,8 @@ def wrap(run: Callable[..., torch.Tensor], spec: AttentionSpec, backend: str, ev
 
 
 _compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
+_counters: dict[tuple[str, int], Iterator[int]] = {}  # (backend, N) -> calls so far (next() is atomic)
+_stats._reset_hooks.append(_counters.clear)
 
 
 def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, scale: float | None,

@@ -67,7 +67,7 @@ class Policy:
             policies and ``"fused"`` never fall back: they raise.
         memory_budget: bytes the O(S^2) math backend may materialise before a non-strict policy prefers the
             exact, memory-bounded ``chunked`` backend; ``None`` means half the device's memory.
-        shadow: ``N > 0`` checks 1 in N calls of each kind against the float32 math reference on a sample of
+        shadow: ``N > 0`` checks 1 in N calls of each backend against the float32 math reference on a sample of
             query rows (see :mod:`sdpa_flash._shadow`); ``0`` (default) is off and costs nothing.
         shadow_action: on a shadow mismatch: ``"warn"`` (once per backend and inputs; the default),
             ``"raise"`` (:class:`~sdpa_flash.errors.ShadowMismatchError`) or ``"record"`` (only in

@@ -510,3 +510,17 @@ def test_a_failing_flex_falls_back_once_with_a_warning(monkeypatch: pytest.Monke
             C.flash_attn_func(q, k, v, window_size=(3, 1))
     finally:
         _plan.plan_call.cache_clear()
+
+
+def test_output_follows_the_query_layout_as_flash_attn_does() -> None:
+    # flash-attn 2 allocates out with empty_like(q): a (B, S, H, D) view of a (B, H, S, D) tensor gives an output
+    # of that memory order, not a contiguous copy; a contiguous q gives a contiguous output.
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(2, 4, 24, 16, generator=gen) for _ in range(3)]
+    views = [t.transpose(1, 2) for t in base]
+    out = C.flash_attn_func(*views, causal=True)
+    assert out.shape == (2, 24, 4, 16) and not out.is_contiguous()
+    assert out.transpose(1, 2).is_contiguous()
+    dense = C.flash_attn_func(*(t.contiguous() for t in views), causal=True)
+    assert dense.is_contiguous()
+    torch.testing.assert_close(out, dense, rtol=0, atol=0)

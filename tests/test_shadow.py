@@ -69,6 +69,15 @@ def test_one_in_n_calls_is_checked() -> None:
     assert "shadow=1/3" in str(pol)
 
 
+def test_one_in_n_calls_across_shapes() -> None:
+    # Ragged batches make a new kind of call per step; the count is per backend, so they are not all checked.
+    pol = resolve_policy("auto", shadow=4)
+    for sq in range(3, 11):
+        q, k, v = qkv(sq=sq, sk=sq)
+        sdpa_flash.attention(q, k, v, policy=pol)
+    assert sdpa_flash.stats().shadow.checks == 2
+
+
 SHAPES = ({}, {"hkv": 1}, {"sq": 5, "sk": 23}, {"sq": 1, "sk": 40}, {"sq": 23, "sk": 5})  # MHA, MQA, cross
 CASES = [(c, m) for c in (False, True, "bottom_right") for m in (None, "bool", "float")]
 

@@ -495,9 +495,11 @@ def render_markdown(docs: Sequence[dict[str, Any]], *, plots: Sequence[str] = ()
         lines += _na_list(all_rows, footnotes)
         lines.append("")
     lines += ["## How it is measured", "",
-              "- Every path of a shape is timed in the same process, in interleaved rounds (A, B, C, then B, C, A, "
-              "…), so drift on a shared GPU hits all alike; each number is the median of its rounds, `±` the "
-              "interquartile range over the median, and ratios are medians of per-round ratios.",
+              "- Every path of a shape is timed in the same process, in interleaved rounds, each in a fresh "
+              "random order (so no path always runs right after the same, perhaps power-hungry, neighbour), with "
+              "~0.5 ms of untimed calls before each sample of a fast path; drift on a shared GPU hits all alike. "
+              "Each number is the median of its rounds, `±` the interquartile range over the median, and ratios "
+              "are medians of per-round ratios.",
               "- One round is a block of back-to-back calls (≥ 2 ms on a GPU) timed with CUDA events; the calls "
               "cycle through copies of the inputs covering twice the L2 cache, so short calls do not run from a "
               "warm cache. Warm-up first (compilation, cuDNN plans); random normal inputs, never zeros.",

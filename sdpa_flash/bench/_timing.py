@@ -1,11 +1,13 @@
 """Timing: synchronised clocks, input rotation, and the interleaved measurement loop.
 
 Every number the benchmark reports comes from :func:`interleave`: the things compared are warmed up, then timed
-in rounds — A, B, C, then B, C, A, ... — so drift on a shared machine (clocks, neighbours, thermals) hits them
-alike. One *sample* is a block of back-to-back calls timed with CUDA events (CPU: ``perf_counter`` after the
-work is done), long enough to dwarf the timer's resolution; the calls cycle through copies of the inputs so
-that short runs are not flattered by a warm L2 cache. Each thing's result is the median over its samples, with
-the interquartile range as its spread.
+in rounds, each in a fresh (seeded) random order, so drift on a shared machine (clocks, neighbours, thermals)
+hits them alike and no thing always follows the same neighbour: a fixed rotation (A B C, B C A, ...) keeps each
+thing's predecessor fixed, and a fast kernel that always runs right after a slow, power-hungry one inherits its
+clocks. Short things also get a few untimed calls just before each sample. One *sample* is a block of
+back-to-back calls timed with CUDA events (CPU: ``perf_counter`` after the work is done), long enough to dwarf
+the timer's resolution; the calls cycle through copies of the inputs so that short runs are not flattered by a
+warm L2 cache. Each thing's result is the median over its samples, with the interquartile range as its spread.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import gc
 import math
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -38,6 +41,9 @@ class Settings:
         warmup_ms: warm-up time per thing (at least two calls).
         max_call_s: a call slower than this is not timed (recorded as n/a: too slow). Calls are already warm
             when this is judged: the correctness check made the first ones.
+        settle_ms: untimed calls of the same thing, about this long, just before each of its samples, for things
+            much shorter than a sample (so that a fast kernel is not timed at the clocks a slow, power-hungry one
+            left behind).
     """
 
     rounds: int = 15
@@ -46,6 +52,7 @@ class Settings:
     budget_s: float = 1.5
     warmup_ms: float = 30.0
     max_call_s: float = 15.0
+    settle_ms: float = 0.5
 
     @classmethod
     def for_device(cls, device_type: str, **overrides: Any) -> Settings:
@@ -133,6 +140,12 @@ class _Clock:
             fn(i)
         return (time.perf_counter() - t) * 1e3 / n
 
+    def run(self, fn: Callable[[int], object], first: int, n: int) -> None:
+        """``n`` untimed calls, waited for."""
+        for i in range(first, first + n):
+            fn(i)
+        self.sync()
+
 
 def is_oom(exc: BaseException) -> bool:
     """Whether ``exc`` is an out-of-memory error (CUDA's, or the CPU allocator's)."""
@@ -204,7 +217,8 @@ def interleave(
     """
     clock = _Clock(device)
     out: dict[Hashable, Stats | BaseException] = {}
-    plan: list[tuple[Timed, int, int, int | None]] = []  # item, calls per sample, rounds, peak
+    plan: list[tuple[Timed, int, int, int]] = []  # item, calls per sample, rounds, untimed calls before a sample
+    peaks: dict[Hashable, int | None] = {}
     counter: dict[Hashable, int] = {}
     for item in items:
         try:
@@ -220,28 +234,35 @@ def interleave(
             continue
         n = max(1, min(10000, math.ceil(settings.sample_ms / max(est, 1e-4))))
         rounds = max(settings.min_rounds, min(settings.rounds, int(settings.budget_s * 1e3 / max(est * n, 1e-6))))
-        plan.append((item, n, rounds, peak))
+        settle = math.ceil(settings.settle_ms / max(est, 1e-4)) if est * 4 <= settings.sample_ms else 0
+        plan.append((item, n, rounds, min(settle, n)))
+        peaks[item.key] = peak
         counter[item.key] = 1
     samples: dict[Hashable, list[float]] = {p[0].key: [] for p in plan}
     live = list(plan)
+    shuffle = random.Random(0)
     for r in range(max((p[2] for p in plan), default=0)):
         if deadline is not None and r >= settings.min_rounds and time.monotonic() > deadline:
             break
-        order = live[r % len(live):] + live[: r % len(live)] if live else []
-        for item, n, rounds, _ in order:
+        order = list(live)
+        shuffle.shuffle(order)
+        for item, n, rounds, settle in order:
             if r >= rounds or item.key in out:
                 continue
             try:
                 with item.context():
+                    if settle:  # untimed: the GPU leaves the state the previous (perhaps much heavier) item left
+                        clock.run(item.fn, counter[item.key], settle)
+                        counter[item.key] += settle
                     samples[item.key].append(clock.block_ms(item.fn, counter[item.key], n))
                 counter[item.key] += n
             except Exception as exc:
                 out[item.key] = exc
                 if is_oom(exc):
                     cleanup(device)
-    for item, n, _, peak in plan:
+    for item, n, _, _ in plan:
         if item.key not in out:
-            out[item.key] = Stats(tuple(samples[item.key]), n, peak)
+            out[item.key] = Stats(tuple(samples[item.key]), n, peaks[item.key])
     return out
 
 

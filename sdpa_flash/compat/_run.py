@@ -87,7 +87,8 @@ def run_dense(plan: CompatPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         slopes: ``(1, Hq)`` / ``(B, Hq)`` float32 or ``None``.
 
     Returns:
-        ``out (B, Sq, Hq, Dv)`` contiguous, ``lse (B, Hq, Sq)`` or ``None``, probabilities ``(B, Hq, Sq, Sk)``
+        ``out (B, Sq, Hq, Dv)`` laid out like ``q`` (see :func:`like_query`), ``lse (B, Hq, Sq)`` or ``None``,
+        probabilities ``(B, Hq, Sq, Sk)``
         (with dropout and ``want_probs``) or ``None``.
     """
     sq, sk = q.shape[1], k.shape[1]
@@ -117,7 +118,28 @@ def run_dense(plan: CompatPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if want_lse and lse is None:
         qb, kb = _bhsd(q, k)
         lse = exact_lse(qb, kb, Geometry.dense(sq, sk, q.device), feats, scale, slopes)
-    return out.contiguous(), _lse32(lse), probs
+    return like_query(out, q), _lse32(lse), probs
+
+
+def like_query(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``out`` as flash-attn lays it out: contiguous, or with the memory order of ``q`` (flash-attn 2 allocates
+    its output with ``torch.empty_like(q)``), copied only when it is neither.
+
+    A (B, S, H, D) view of a (B, H, S, D) tensor gives an output of that same order from every kernel here;
+    making it contiguous would cost a copy of the output that flash-attn does not make.
+    """
+    if out.is_contiguous():
+        return out
+    if out.dim() == q.dim() and out.shape[:-1] == q.shape[:-1] and out.stride(-1) == 1:
+        order = sorted(range(q.dim() - 1), key=lambda i: (-q.stride(i), i))
+        expect = out.shape[-1]
+        for i in reversed(order):
+            if out.size(i) > 1 and out.stride(i) != expect:
+                break
+            expect *= out.size(i)
+        else:
+            return out
+    return out.contiguous()
 
 
 def _lse32(lse: torch.Tensor | None) -> torch.Tensor | None:
