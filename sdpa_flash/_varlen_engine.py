@@ -390,10 +390,29 @@ def plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> VarlenP
         _, why = dense_reasons("bool")
         if why:
             pad_keys = "none"  # groups of exactly equal lengths only
+    def groups_reasons(groups: Sequence[Group]) -> list[str]:
+        """Why the policy cannot run some group's dense call (the longest sequence's is not the only shape: a
+        kernel may refuse a length of 1, or a causal corner where a pair has more queries than keys)."""
+        why: list[str] = []
+        shapes = {(g.len_q, g.len_k, g.padding): len(g.members) for g in groups}
+        for (lq, lk, padding), count in shapes.items():
+            mask = "bool" if padding == "mask" else None
+            d = d_coord if padding == "coordinate" else None
+            try:
+                dense_plan(_dense_spec(spec, 1, lq, lk, dense_causal, mask, d), caps, policy)
+            except BackendUnavailableError as exc:
+                first = next((f"{name}: {r[0]}" for name, r in exc.reasons.items() if r), str(exc).splitlines()[0])
+                why.append(f"a group of {count} x (L_q={lq}, L_k={lk}): {first}")
+        return why
+
     estimates: dict[str, float] = {}
     grouped_cost, groups = math.inf, []
     if not why_dense:
         grouped_cost, groups = _grouping(spec, live, model, pad_keys, d_coord, bwd)
+        why_groups = groups_reasons(groups)
+        if why_groups:
+            grouped_cost, groups = math.inf, []
+            reasons["grouped"] = tuple(why_groups)
     else:
         reasons["grouped"] = tuple(why_dense)
     estimates["grouped"] = grouped_cost
@@ -419,11 +438,16 @@ def plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> VarlenP
                 short = by_work[:k]
                 rest = sorted(by_work[k:], key=lambda i: (spec.seqlens_k[i], spec.seqlens_q[i]))
                 c_rest, g_rest = _grouping(spec, rest, model, pad_keys, d_coord, bwd)
+                if groups_reasons(g_rest):
+                    continue
                 c = c_rest + model.varlen_us(sum(spec.seqlens_q[i] * spec.seqlens_k[i] for i in short),
                                              spec.heads_q, spec.head_dim, spec.head_dim_v, causal, bwd)
                 if c < hybrid_cost:
                     hybrid_cost, hybrid_groups, hybrid_varlen = c, g_rest, tuple(sorted(short))
         estimates["hybrid"] = hybrid_cost
+        if math.isinf(hybrid_cost):
+            reasons["hybrid"] = (f"no cut into one flash varlen call plus dense groups that policy {policy} can run"
+                                 + (f" (dense: {why_dense[0]})" if why_dense else ""),)
     finite = {k: v for k, v in estimates.items() if not math.isinf(v)}
     if not finite:
         raise BackendUnavailableError(

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 import sdpa_flash
 from sdpa_flash import policy as policy_mod
@@ -29,9 +30,12 @@ class Result:
     stderr: str
 
 
-def run_cli(*args: str, **env: str) -> Result:
-    """``python -m sdpa_flash ARGS`` in a clean environment (no SDPA_FLASH_* variables) plus ``env``."""
+def run_cli(*args: str, gpu: bool = False, **env: str) -> Result:
+    """``python -m sdpa_flash ARGS`` in a clean environment (no SDPA_FLASH_* variables) plus ``env``; with the GPU
+    hidden (``CUDA_VISIBLE_DEVICES=""``) unless ``gpu``, so that the CPU report is what is tested on any machine."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("SDPA_FLASH_")}
+    if not gpu:
+        base["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run([sys.executable, "-m", "sdpa_flash", *args], cwd=ROOT, env={**base, **env},
                           capture_output=True, text=True, timeout=TIMEOUT, check=False)
     return Result(proc.returncode, proc.stdout, proc.stderr)
@@ -65,6 +69,19 @@ def test_report_json() -> None:
     for row in ran:
         assert set(row["errors"]) == {"out", "dq", "dk", "dv"}
         assert all(e["error"] <= e["bound"] for e in row["errors"].values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_report_on_the_gpu_passes_self_check_for_every_available_backend() -> None:
+    r = run_cli("--json", gpu=True)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["device"]["type"] == "cuda"
+    assert rep["backends"][rep["chosen"]]["available"] is True
+    ran = {row["backend"]: row for row in rep["self_check"] if row["status"] != "SKIP"}
+    available = {name for name, b in rep["backends"].items() if b["available"]}
+    assert "math" in ran and set(ran) <= available
+    assert all(row["status"] == "PASS" for row in ran.values()), ran
 
 
 def test_require_flash_met() -> None:

@@ -125,7 +125,10 @@ def test_attention_follows_the_setting_from_one_call_to_the_next() -> None:
 @pytest.mark.usefixtures("deterministic")
 @pytest.mark.parametrize("backend", ["flash", "math", "chunked"])
 def test_cpu_backwards_are_bitwise_reproducible(backend: str) -> None:
-    """What the data claims for the CPU: the same gradients, bit for bit, run to run and for 1 or 2 threads."""
+    """What the data claims for the CPU: the same gradients, bit for bit, run to run at a given thread count (torch's
+    own contract for this mode). Across thread counts math and chunked agree too; the CPU flash kernel does not: on a
+    16-core host its gradients with 16 threads differ in the last bits from those with 1 (its per-thread partial
+    sums are combined in an order set by the thread count)."""
     torch.use_deterministic_algorithms(True)
     g = torch.Generator().manual_seed(0)
     base = [torch.randn(2, 8, 200, 32, generator=g), torch.randn(2, 2, 300, 32, generator=g),
@@ -144,6 +147,9 @@ def test_cpu_backwards_are_bitwise_reproducible(backend: str) -> None:
     try:
         first = grads(threads)
         for n in (threads, 1, 2):
-            assert all(torch.equal(a, b) for a, b in zip(first, grads(n), strict=True)), n
+            ref = grads(n)
+            assert all(torch.equal(a, b) for a, b in zip(ref, grads(n), strict=True)), n
+            if backend != "flash":
+                assert all(torch.equal(a, b) for a, b in zip(first, ref, strict=True)), n
     finally:
         torch.set_num_threads(threads)

@@ -250,6 +250,24 @@ def test_plan_on_synthetic_h200_prefers_cudnn_groups_or_flash_varlen() -> None:
     assert strict.backend == "flash"
 
 
+def test_plan_checks_every_group_shape_against_a_strict_policy() -> None:
+    """The longest sequence is not the only shape a strict policy must run: cuDNN refuses L_k = 1, and FLASH a
+    top-left causal pair with more queries than keys. The plan says which group, before anything runs."""
+    caps = sdpa_flash.Capabilities.synthetic("cuda", (9, 0))
+    resolve = sdpa_flash.policy.resolve_policy
+    spec = engine.VarlenSpec("cuda", torch.bfloat16, 4, 4, 64, 64, (1, 4096, 4096), (1, 4096, 4096))
+    with pytest.raises(BackendUnavailableError, match=r"a group of 1 x \(L_q=1, L_k=1\): cudnn: seqlen_k=1") as \
+            info:
+        engine.plan_varlen(spec, caps, resolve("cudnn"))
+    assert "grouped" in info.value.reasons and "flash_varlen" in info.value.reasons
+    auto = engine.plan_varlen(spec, caps, resolve("auto"))  # auto runs it: flash varlen, or groups with a fallback
+    assert sorted([i for g in auto.groups for i in g.members] + list(auto.varlen_members)) == [0, 1, 2]
+    pair = engine.VarlenSpec("cuda", torch.bfloat16, 4, 4, 64, 64, (2, 300), (1, 300), "top_left")
+    with pytest.raises(BackendUnavailableError, match=r"L_q=2, L_k=1.*bottom-right") as info:
+        engine.plan_varlen(pair, caps, resolve("flash"))
+    assert "top_left" in " ".join(info.value.reasons["flash_varlen"])
+
+
 # ------------------------------------------------------------------------------------ key_padding_mask
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("causal", [False, True])
