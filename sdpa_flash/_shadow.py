@@ -48,7 +48,7 @@ from . import stats as _stats
 from .errors import ShadowMismatchError
 from .spec import AttentionSpec
 
-__all__ = ["PAIRS", "ROWS", "check", "wrap"]
+__all__ = ["PAIRS", "ROWS", "check", "tick", "wrap"]
 
 PAIRS = 2
 """(batch, query head) pairs per check."""
@@ -63,19 +63,27 @@ def wrap(run: Callable[..., torch.Tensor], spec: AttentionSpec, backend: str, ev
     """``run`` (a (B, H, S, D) runner) checked 1 call in ``every`` of this backend's (any shape), the first
     call included."""
     inputs = spec.describe()
-    key = (backend, every)
 
     def run_shadowed(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
         out = run(q, k, v, attn_mask, dropout_p, scale)
-        counter = _counters.get(key)
-        if counter is None:
-            counter = _counters.setdefault(key, iter(range(sys.maxsize)))
-        n = next(counter)
-        if n % every == 0 and not _compiling():
-            check(q, k, v, attn_mask, scale, out, spec, backend, inputs, action, seed=n // every)
+        seed = tick(backend, every)
+        if seed is not None:
+            check(q, k, v, attn_mask, scale, out, spec, backend, inputs, action, seed=seed)
         return out
 
     return run_shadowed
+
+
+def tick(backend: str, every: int) -> int | None:
+    """Count one call of ``backend``; the check's seed when this call is one to check (1 in ``every``, the first
+    included, never while ``torch.compile`` traces), else ``None``. Shared by every shape and by the varlen
+    engine's own kernel calls, so that each backend is checked 1 call in ``every`` overall."""
+    key = (backend, every)
+    counter = _counters.get(key)
+    if counter is None:
+        counter = _counters.setdefault(key, iter(range(sys.maxsize)))
+    n = next(counter)
+    return n // every if n % every == 0 and not _compiling() else None
 
 
 _compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)

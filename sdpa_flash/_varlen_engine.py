@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from . import _shadow
+from . import stats as _stats
 from .capability import Capabilities, capabilities
 from .errors import AttentionInputError, BackendUnavailableError
 from .policy import Policy, get_policy, resolve_policy
@@ -765,6 +767,11 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
             qv, kv, vv = query.index_select(0, rq), key.index_select(0, rk), value.index_select(0, rk)  # type: ignore[arg-type]
         qv, kv, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (qv, kv, vv))
         ov = _flash_varlen(qv, kv, vv, cq, ck, mq, mk, dropout_p, spec.causal is not None, softmax_scale)
+        next(_stats.plan_counter("flash", "flash varlen op", spec.describe()))
+        if pol.shadow and not dropout_p:
+            seed = _shadow.tick("flash", pol.shadow)
+            if seed is not None:
+                _shadow_one_sequence(p, pol, qv, kv, vv, ov, softmax_scale, seed)
         if rq is None and not p.zero_members:
             return ov
         for i, o in zip(p.varlen_members, torch.split(ov, [spec.seqlens_q[i] for i in p.varlen_members]),
@@ -778,6 +785,22 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
     if spec.needs_grad and not out.requires_grad:  # only zeros (no sequence sees a key): still differentiable
         out = _Zeros.apply(out, query, key, value)
     return out
+
+
+def _shadow_one_sequence(p: VarlenPlan, pol: Policy, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         out: torch.Tensor, scale: float, seed: int) -> None:
+    """A shadow check of the flash varlen call on one of its sequences (drawn from ``seed``), as a dense call."""
+    spec, members = p.spec, p.varlen_members
+    j = seed % len(members)
+    oq = sum(spec.seqlens_q[i] for i in members[:j])
+    ok = sum(spec.seqlens_k[i] for i in members[:j])
+    i = members[j]
+    lq, lk = spec.seqlens_q[i], spec.seqlens_k[i]
+    qs, os_ = (t[oq:oq + lq].unsqueeze(0).transpose(1, 2) for t in (q, out))
+    ks, vs = (t[ok:ok + lk].unsqueeze(0).transpose(1, 2) for t in (k, v))
+    dense = _dense_spec(spec, 1, lq, lk, "bottom_right" if spec.causal else None, None)
+    _shadow.check(qs, ks, vs, None, scale, os_, dense, "flash", f"{spec.describe()}: sequence {i} (flash varlen op)",
+                  pol.shadow_action, seed=seed)
 
 
 class _Zeros(torch.autograd.Function):

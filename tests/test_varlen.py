@@ -395,3 +395,47 @@ def test_cuda_paths_equal_per_sequence_attention(path: str, causal: bool | str) 
         for dtype in (torch.bfloat16, torch.float16):
             check_against_per_sequence(lq, lk, causal, hq=8, hkv=2, d=64, dv=64, dtype=dtype, device="cuda")
             check_against_per_sequence(lq, lq, causal, hq=4, hkv=4, d=128, dv=128, dtype=dtype, device="cuda")
+
+
+@pytest.mark.sm80
+@pytest.mark.parametrize("path", ["flash varlen", "hybrid"])
+def test_cuda_varlen_kernel_calls_are_counted_and_shadow_checked(path: str) -> None:
+    """The flash varlen op does not go through attention(): the engine counts it in stats() and shadow-checks
+    one of its sequences 1 call in N, like every other kernel call."""
+    base = engine.COST_MODELS["cuda"]
+    forced = {"flash varlen": dataclasses.replace(base, varlen_call_us=0, varlen_call_us_bwd=0, varlen_rate=1e9,
+                                                  varlen_rate_bwd=1e9),
+              "hybrid": dataclasses.replace(base, varlen_rate=1e4, varlen_rate_bwd=1e4)}[path]
+    lens = [300, 1, 129, 129, 64, 17, 512, 200]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (varlen.pack([torch.randn(n, 4, 64, generator=g).to("cuda", torch.bfloat16) for n in lens])
+               for _ in range(3))
+    pol = sdpa_flash.policy.resolve_policy("auto", shadow=2, shadow_action="raise")
+    with cost_model("cuda", forced):
+        p = varlen.explain_varlen(q, k, v, causal=True, policy=pol)
+        assert p.path == path.replace(" ", "_") and p.varlen_members, p.explain()
+        sdpa_flash.reset_stats()
+        for _ in range(4):
+            varlen.varlen_attention(q, k, v, causal=True, policy=pol)
+    st = sdpa_flash.stats()
+    assert st.plans[("flash", "flash varlen op", p.spec.describe())] == 4
+    assert st.shadow.checks >= 2 and not st.shadow.mismatches, st  # flash checked 1 call in 2, the first included
+    bad = dataclasses.replace(pol, shadow=1)
+    with cost_model("cuda", forced):  # a wrong output is caught: corrupt the op's result
+        real = engine._flash_varlen
+        engine._flash_varlen = lambda *a, **kw: real(*a, **kw) * 1.5  # type: ignore[assignment]
+        try:
+            with pytest.raises(sdpa_flash.ShadowMismatchError, match="flash varlen op"):
+                for _ in range(len(lens)):  # each check samples one sequence, drawn afresh
+                    varlen.varlen_attention(q, k, v, causal=True, policy=bad)
+        finally:
+            engine._flash_varlen = real  # type: ignore[assignment]
+
+
+def test_grouped_calls_are_counted_per_dense_call() -> None:
+    sdpa_flash.reset_stats()
+    b = varlen.pack(seqs([3, 5, 5]))
+    p = varlen.explain_varlen(b, b, b)
+    varlen.varlen_attention(b, b, b)
+    assert p.path == "grouped"
+    assert sdpa_flash.stats().total == len(p.groups)
