@@ -141,7 +141,8 @@ def attention(
         ck = (
             query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype,
             query.device, key.device, value.device,
-            None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device),
+            None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device,
+                                            attn_mask.requires_grad and _grad_on()),
             causal, dropout_p, scale, layout, id(pol),  # the entry keeps `pol` alive, so its id stays unique
             (query.is_contiguous() and key.is_contiguous() and value.is_contiguous())
             or (query.stride(), key.stride(), value.stride()),
@@ -593,6 +594,8 @@ def _validate_fields(query, key, value, attn_mask, causal, dropout_p, scale, lay
         if not ok:
             raise fail(f"Expected attn_mask to broadcast to (B, Hq, Sq, Sk) = {full}, but got shape "
                        f"{tuple(attn_mask.shape)} instead.")
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    grad_on = torch.is_grad_enabled()
+    mask_grad = grad_on and attn_mask is not None and attn_mask.requires_grad
+    needs_grad = mask_grad or (grad_on and (query.requires_grad or key.requires_grad or value.requires_grad))
     return (query.device.type, query.dtype, b, hq, hk, sq, sk, d, dv, kind, mask_kind, dropout_p > 0, needs_grad,
-            nested)
+            nested, mask_grad)

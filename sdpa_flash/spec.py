@@ -46,6 +46,7 @@ class AttentionSpec:
         dropout: whether ``dropout_p > 0``.
         needs_grad: whether autograd will need a backward through the call.
         nested: whether the inputs are nested (jagged) tensors.
+        mask_grad: whether a float ``attn_mask`` requires grad (a learned bias: autograd needs its gradient too).
     """
 
     device_type: str
@@ -62,6 +63,7 @@ class AttentionSpec:
     dropout: bool = False
     needs_grad: bool = False
     nested: bool = False
+    mask_grad: bool = False
 
     @property
     def gqa(self) -> bool:
@@ -86,7 +88,7 @@ class AttentionSpec:
         if self.causal:
             parts.append(f"causal={self.causal}")
         if self.mask:
-            parts.append(f"attn_mask={self.mask}")
+            parts.append(f"attn_mask={self.mask}" + (" (requires grad)" if self.mask_grad else ""))
         if self.dropout:
             parts.append("dropout")
         if self.needs_grad:

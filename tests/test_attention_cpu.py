@@ -304,3 +304,28 @@ def test_zero_size_gqa(sizes: dict[str, int]) -> None:
     out = sdpa_flash.attention(q, k, v)
     assert out.shape == (q.shape[0], 4, 8, D)
     assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_learned_float_mask_gets_its_gradient_from_a_backend_that_gives_one() -> None:
+    """A float ``attn_mask`` that requires grad (a learned bias) is part of the plan: CPU flash and chunked say they
+    give it no gradient, auto falls back to math (warning once), and the mask's gradient is math's, exactly."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 16, generator=g, requires_grad=True) for _ in range(3))
+    bias = torch.randn(3, 9, 9, generator=g, requires_grad=True)
+    p = sdpa_flash.explain(q, k, v, attn_mask=bias, causal=True)
+    assert p.backend == "math" and "gives no gradient" in p.reasons["flash"][0], p.explain()
+    assert "attn_mask=float (requires grad)" in p.explain()
+    with pytest.warns(UserWarning, match=r"fell back to the math backend.*gives no gradient for it"):
+        out = sdpa_flash.attention(q, k, v, attn_mask=bias, causal=True)
+    (dbias,) = torch.autograd.grad(out.square().sum(), [bias])
+    ref = reference_attention(q, k, v, attn_mask=bias, causal=True, dtype=None)
+    (ref_dbias,) = torch.autograd.grad(ref.square().sum(), [bias])
+    torch.testing.assert_close(dbias, ref_dbias, rtol=0, atol=0)
+    for strict in ("flash", "chunked"):
+        with pytest.raises(sdpa_flash.BackendUnavailableError, match=r"attn_mask requires grad.*detach the mask"):
+            sdpa_flash.attention(q, k, v, attn_mask=bias, policy=strict)
+    # a detached bias, or no autograd, leaves the fast kernel in place
+    assert sdpa_flash.explain(q, k, v, attn_mask=bias.detach()).backend == "flash"
+    with torch.no_grad():
+        assert sdpa_flash.explain(q, k, v, attn_mask=bias).backend == "flash"
+        sdpa_flash.attention(q, k, v, attn_mask=bias, policy="flash")  # forward only: fine

@@ -123,5 +123,7 @@ def test_parse_bytes_rejects(bad: object) -> None:
 def test_chunked_refuses_a_mask_that_needs_grad() -> None:
     q = torch.randn(1, 1, 8, 8, dtype=torch.float64)
     bias = torch.zeros(8, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(BackendUnavailableError, match="attn_mask requires grad"):
+        sdpa_flash.attention(q, q, q, attn_mask=bias, policy="chunked")  # refused by the plan, with the reason
     with pytest.raises(sdpa_flash.SdpaFlashError, match="does not propagate gradients to attn_mask"):
-        sdpa_flash.attention(q, q, q, attn_mask=bias, policy="chunked")
+        chunked_mod.chunked_attention(q, q, q, bias=bias)  # and by the function itself, called directly

@@ -139,3 +139,22 @@ def test_row_whose_visible_scores_are_all_minus_inf_from_the_data(backend: str) 
         assert torch.equal(row, torch.zeros_like(row))
     ref = reference_attention(q, k, v, causal=True)  # the other heads are untouched by the bad element
     assert_close_to_reference(out[:, 1:], reference_attention(q, k, v, causal=True, dtype=None)[:, 1:], ref[:, 1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_learned_float_mask_gradient_on_cuda(dtype: torch.dtype) -> None:
+    """A float attn_mask that requires grad: cuDNN and FLASH give it no gradient, so auto picks a backend that does
+    (efficient), and dq/dk/dv and the mask's gradient all meet the tolerance rule against float64 math."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 200, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = torch.randn(4, 200, 200, device="cuda", dtype=dtype, requires_grad=True)
+    p = sdpa_flash.explain(q, k, v, attn_mask=bias, causal=True)
+    assert p.backend == "efficient", p.explain()
+    assert "gives no gradient" in p.reasons["cudnn"][0]
+    out = sdpa_flash.attention(q, k, v, attn_mask=bias, causal=True, policy=resolve_policy("auto", fallback="silent"))
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, [q, k, v, bias], go)
+    refs = [reference_attention(q, k, v, attn_mask=bias, causal=True, dtype=dt) for dt in (None, torch.float64)]
+    same, ref64 = (torch.autograd.grad(r, [q, k, v, bias], go.to(r.dtype)) for r in refs)
+    assert_close_to_reference([out, *got], [refs[0], *same], [refs[1], *ref64],
+                              names=("out", "dq", "dk", "dv", "dbias"))

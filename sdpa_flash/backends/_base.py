@@ -56,6 +56,7 @@ class Requirements:
         contiguous_last_dim: the kernel needs the head dim of q, k and v contiguous (stride 1): PyTorch's CPU
             flash kernel reads it so without checking, the CUDA kernels refuse other strides. Inputs whose last
             dim has another stride are copied first (``explain()`` says so).
+        mask_grad: the backward gives the gradient of a float ``attn_mask`` that requires grad (a learned bias).
         deterministic_backward: the backward gives bitwise-identical gradients run to run when
             ``torch.use_deterministic_algorithms(True)`` is set (``None``: not established, treated as no).
     """
@@ -77,6 +78,7 @@ class Requirements:
     min_torch: str | None = None
     contiguous_last_dim: bool = False
     deterministic_backward: bool | None = None
+    mask_grad: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +212,9 @@ class Backend:
         if spec.mask is not None and not req.mask:
             reasons.append("attn_mask is not supported (pass causal=... for causal masks; a key-padding mask "
                            "belongs on the varlen path)")
+        if spec.mask_grad and req.mask and not req.mask_grad:
+            reasons.append("attn_mask requires grad, and this kernel gives no gradient for it (detach the mask, or "
+                           "policy='math' for a learned bias)")
         if spec.dropout and not req.dropout:
             reasons.append("dropout_p > 0 is not supported")
         if spec.needs_grad and not req.backward:

@@ -29,6 +29,7 @@ class EfficientBackend(Backend):
             contiguous_last_dim=True,
             # Under deterministic mode PyTorch runs its backward with num_splits_key=1 (no split-key atomics).
             deterministic_backward=True,
+            mask_grad=True,  # its backward returns the attn_bias gradient
         ),
     }
 

@@ -12,7 +12,7 @@ __all__ = ["MathBackend"]
 
 _ANY_FLOAT = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 _MATH = Requirements(dtypes=_ANY_FLOAT, mask=True, native_gqa=False, kernel_causal="top_left",
-                     mask_with_causal=False, deterministic_backward=True)  # composite ops, any strides
+                     mask_with_causal=False, deterministic_backward=True, mask_grad=True)  # composite ops, any strides
 
 
 class MathBackend(Backend):
