@@ -42,11 +42,11 @@ from typing import Any
 import torch
 
 from . import _shadow
-from . import stats as _stats
 from .capability import Capabilities, capabilities
 from .errors import AttentionInputError, BackendUnavailableError
 from .policy import Policy, get_policy, resolve_policy
 from .spec import AttentionSpec, dtype_name
+from .stats import plan_counter as _plan_counter
 
 __all__ = [
     "COST_MODELS",
@@ -767,7 +767,7 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
             qv, kv, vv = query.index_select(0, rq), key.index_select(0, rk), value.index_select(0, rk)  # type: ignore[arg-type]
         qv, kv, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (qv, kv, vv))
         ov = _flash_varlen(qv, kv, vv, cq, ck, mq, mk, dropout_p, spec.causal is not None, softmax_scale)
-        next(_stats.plan_counter("flash", "flash varlen op", spec.describe()))
+        next(_plan_counter("flash", "flash varlen op", spec.describe()))
         if pol.shadow and not dropout_p:
             seed = _shadow.tick("flash", pol.shadow)
             if seed is not None:

@@ -398,7 +398,7 @@ def test_cuda_paths_equal_per_sequence_attention(path: str, causal: bool | str) 
 
 
 @pytest.mark.sm80
-@pytest.mark.parametrize("path", ["flash varlen", "hybrid"])
+@pytest.mark.parametrize("path", ["flash varlen"])
 def test_cuda_varlen_kernel_calls_are_counted_and_shadow_checked(path: str) -> None:
     """The flash varlen op does not go through attention(): the engine counts it in stats() and shadow-checks
     one of its sequences 1 call in N, like every other kernel call."""

@@ -215,8 +215,7 @@ def mask_function(
     sends the layers that receive this very tensor to the varlen path. (transformers 4.x passes
     ``cache_position`` instead of ``q_length`` / ``q_offset``; both are accepted.)
     """
-    from transformers import masking_utils as mu
-
+    mu = _masking_utils()
     mf = mask_function if mask_function is not None else mu.causal_mask_function
     cache_position = kwargs.get("cache_position")
     if q_length is None:  # transformers 4.x
@@ -579,6 +578,20 @@ def explain(
 
 
 # ---------------------------------------------------------------------------------------- registration
+_MASKING_UTILS: Any = None
+
+
+def _masking_utils() -> Any:
+    """``transformers.masking_utils``, imported once outside any traced frame: under ``torch.compile`` an import
+    through transformers' lazy top-level module is a graph break (seen with transformers 5.17, torch 2.11)."""
+    global _MASKING_UTILS
+    if _MASKING_UTILS is None:
+        import transformers.masking_utils as mu
+
+        _MASKING_UTILS = mu
+    return _MASKING_UTILS
+
+
 def register(name: str = "sdpa_flash", *, policy: PolicyLike | None = None, replace_sdpa: bool = False) -> str:
     """Register sdpa_flash with transformers under ``name`` (idempotent); imports transformers.
 
@@ -618,6 +631,7 @@ def register(name: str = "sdpa_flash", *, policy: PolicyLike | None = None, repl
     except ImportError as exc:
         raise ImportError(f"sdpa_flash needs transformers' AttentionMaskInterface (4.53+), but transformers "
                           f"{transformers.__version__} has none: pip install -U transformers") from exc
+    _masking_utils()
     forward = make_attention_forward(policy)
     AttentionInterface.register(name, forward)
     AttentionMaskInterface.register(name, mask_function)
