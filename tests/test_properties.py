@@ -498,8 +498,8 @@ def test_bad_input_reaches_every_row_that_sees_it(backend: str, data: st.DataObj
     Weakened for every backend (finding, H200): a row whose every visible score is ``-inf`` *because of the bad
     value* (a ``-inf`` query element against positive key elements, the other keys hidden) is one the math
     reference treats as seeing no key and answers 0 (its safe softmax), while the CUDA flash and efficient kernels
-    answer NaN (``exp(-inf - -inf)``). Neither masks bad data the row could see finitely, so the row may be all
-    NaN or equal to the reference; any other value fails.
+    answered NaN there (a hidden key's score was ``-inf * negative = +inf``). Neither masks bad data the row could
+    see finitely, so the row may be all NaN or equal to the reference; any other value fails.
     """
     problem = data.draw(problems(backend), label="problem")
     bad = data.draw(bad_inputs(problem), label="bad")
