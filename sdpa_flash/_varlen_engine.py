@@ -46,6 +46,7 @@ from .capability import Capabilities, capabilities
 from .errors import AttentionInputError, BackendUnavailableError
 from .policy import Policy, get_policy, resolve_policy
 from .spec import AttentionSpec, dtype_name
+from .stats import _reset_hooks as _stats_reset_hooks
 from .stats import plan_counter as _plan_counter
 
 __all__ = [
@@ -488,6 +489,7 @@ class _Exec:
     member_rows: list[list[int]]  # per gathered group: split sizes over its b * len_q rows (real, pad, real, ...)
     varlen: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, int, int] | None
     issue_order: list[int]  # groups, largest first (long kernels start first; short ones fill in)
+    flash_calls: Any = None  # stats() counter of the flash varlen op for this plan, taken on its first call
 
 
 def _build_exec(p: VarlenPlan, device: torch.device) -> _Exec:
@@ -551,6 +553,7 @@ def _ranges(cu: list[int], members: Sequence[int]) -> torch.Tensor:
 
 
 _exec_cache: dict[tuple[Any, ...], _Exec] = {}
+_stats_reset_hooks.append(_exec_cache.clear)  # entries hold a stats counter: reset_stats() starts them afresh
 _streams: dict[int | None, list[torch.cuda.Stream]] = {}
 
 
@@ -767,7 +770,9 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
             qv, kv, vv = query.index_select(0, rq), key.index_select(0, rk), value.index_select(0, rk)  # type: ignore[arg-type]
         qv, kv, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (qv, kv, vv))
         ov = _flash_varlen(qv, kv, vv, cq, ck, mq, mk, dropout_p, spec.causal is not None, softmax_scale)
-        next(_plan_counter("flash", "flash varlen op", spec.describe()))
+        if ex.flash_calls is None:
+            ex.flash_calls = _plan_counter("flash", "flash varlen op", spec.describe())
+        next(ex.flash_calls)
         if pol.shadow and not dropout_p:
             seed = _shadow.tick("flash", pol.shadow)
             if seed is not None:

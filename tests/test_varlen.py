@@ -420,6 +420,13 @@ def test_cuda_varlen_kernel_calls_are_counted_and_shadow_checked(path: str) -> N
     st = sdpa_flash.stats()
     assert st.plans[("flash", "flash varlen op", p.spec.describe())] == 4
     assert st.shadow.checks >= 2 and not st.shadow.mismatches, st  # flash checked 1 call in 2, the first included
+    sdpa_flash.reset_stats()  # counting starts afresh for a plan already built
+    with cost_model("cuda", forced):
+        engine._exec_cache.clear()
+        varlen.varlen_attention(q, k, v, causal=True, policy=pol)
+        sdpa_flash.reset_stats()
+        varlen.varlen_attention(q, k, v, causal=True, policy=pol)
+    assert sdpa_flash.stats().plans[("flash", "flash varlen op", p.spec.describe())] == 1
     bad = dataclasses.replace(pol, shadow=1)
     with cost_model("cuda", forced):  # a wrong output is caught: corrupt the op's result
         real = engine._flash_varlen
