@@ -24,6 +24,15 @@ Candidate paths, each exact — no sequence ever sees another's tokens or paddin
 ``hybrid``
     The shortest sequences in one flash varlen call, the rest in groups.
 
+Not a path: cuDNN's ragged (THD) layout, ``aten._cudnn_attention_forward`` with ``cu_seqlens``. Its kernel is
+what the target needs (H200, device time alone: 0.94-0.99x dense cuDNN forward, 1.06x forward+backward on the
+BASELINE batches, ``benchmarks/varlen_probe.py``), but on torch 2.11 the op rebuilds its cuDNN graph on every
+call (~52 ms of host time per forward, ~110 ms per backward; pytorch/pytorch#191576), the backward returns wrong
+dq/dk (its dQ accumulator is sized from the head dim; pytorch/pytorch#186142), and neither can be captured in a
+CUDA graph to hide the host cost (capture is invalidated, or crashes in relaxed mode).
+``tests/test_varlen.py::test_cudnn_ragged_layout_backward_is_exact`` is a strict xfail that says when a torch
+has the fixes.
+
 The grouping and the choice between paths come from a cost model (:class:`CostModel`, data per device type):
 a group costs a fixed per-call time plus its padded FLOPs at the kernel's rate for that length; dynamic
 programming over the sorted lengths finds the cheapest cut, and the cheapest path wins. ``explain()`` shows
