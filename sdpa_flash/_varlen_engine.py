@@ -499,6 +499,7 @@ class _Exec:
     varlen: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, int, int] | None
     issue_order: list[int]  # groups, largest first (long kernels start first; short ones fill in)
     flash_calls: Any = None  # stats() counter of the flash varlen op for this plan, taken on its first call
+    direct: _Direct | None = None  # the groups' kernels called directly, one autograd node for all (see _Direct)
 
 
 def _build_exec(p: VarlenPlan, device: torch.device) -> _Exec:
@@ -547,7 +548,9 @@ def _build_exec(p: VarlenPlan, device: torch.device) -> _Exec:
         varlen = (rq, rk, cq, ck, max(lq), max(lk))
     order = sorted(range(len(p.groups)), key=lambda n: -len(p.groups[n].members) * p.groups[n].len_q
                    * p.groups[n].len_k)
-    return _Exec(singles, gq, gk, sizes_q, sizes_k, gathered, member_rows, varlen, order)
+    ex = _Exec(singles, gq, gk, sizes_q, sizes_k, gathered, member_rows, varlen, order)
+    ex.direct = _Direct.build(p, ex, device, cu_q, cu_k)
+    return ex
 
 
 def _ranges(cu: list[int], members: Sequence[int]) -> torch.Tensor:
@@ -711,6 +714,13 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
     causal = spec.causal or False
     outs: list[torch.Tensor | None] = [None] * n_seq
     dev = query.device
+    if ex.direct is not None and ex.direct.usable(query, key, value, pol):
+        grouped = ex.direct.run(query, key, value, softmax_scale)
+        if ex.varlen is None and not p.zero_members:
+            return grouped
+        for i, o in zip(ex.direct.members, ex.direct.split(grouped), strict=True):
+            outs[i] = o
+        return _finish(p, ex, query, key, value, dropout_p, softmax_scale, pol, outs)
     streams = _side_streams(dev, p.streams) if p.streams and dev.type == "cuda" and len(p.groups) > 1 else []
     main = torch.cuda.current_stream(dev) if streams else None
     views_q = views_k = views_v = None
@@ -771,6 +781,14 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
     if main is not None:
         for st in streams:
             main.wait_stream(st)
+    return _finish(p, ex, query, key, value, dropout_p, softmax_scale, pol, outs)
+
+
+def _finish(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            dropout_p: float, softmax_scale: float, pol: Policy, outs: list[torch.Tensor | None]) -> torch.Tensor:
+    """The flash varlen part and the zero rows, then the packed output (``outs``: per sequence, or ``None``)."""
+    spec = p.spec
+    hq, dv = spec.heads_q, spec.head_dim_v
     if ex.varlen is not None:
         rq, rk, cq, ck, mq, mk = ex.varlen
         if rq is None:
@@ -815,6 +833,223 @@ def _shadow_one_sequence(p: VarlenPlan, pol: Policy, q: torch.Tensor, k: torch.T
     dense = _dense_spec(spec, 1, lq, lk, "bottom_right" if spec.causal else None, None)
     _shadow.check(qs, ks, vs, None, scale, os_, dense, "flash", f"{spec.describe()}: sequence {i} (flash varlen op)",
                   pol.shadow_action, seed=seed)
+
+
+# ------------------------------------------------------------------------------- direct group execution
+# The groups' kernels called through their aten forward and backward ops, with one autograd node for the whole
+# grouped part instead of a few per group (views, the kernel, the output split): measured on the H200 host, the
+# autograd graph of a per-group attention() call costs ~3x the host time of the kernel calls themselves, and the
+# grouped path is host-bound when it has many small groups. Each adapter: forward(q, k, v, is_causal, scale,
+# needs_lse) -> (out, saved) and backward(grad_out, q, k, v, out, saved, is_causal, scale) -> (dq, dk, dv), all
+# (b, H, L, D).
+def _cudnn_forward(q, k, v, is_causal, scale, lse):  # type: ignore[no-untyped-def]
+    r = torch._scaled_dot_product_cudnn_attention(q, k, v, None, lse, 0.0, is_causal, False, scale=scale)
+    return r[0], (r[1], r[6], r[7], r[4], r[5])
+
+
+def _cudnn_backward(go, q, k, v, out, saved, is_causal, scale):  # type: ignore[no-untyped-def]
+    lse, seed, offset, max_q, max_k = saved
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        go, q, k, v, out, lse, seed, offset, None, None, None, max_q, max_k, 0.0, is_causal, scale=scale)
+
+
+def _flash_forward(q, k, v, is_causal, scale, lse):  # type: ignore[no-untyped-def]
+    r = torch._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
+    return r[0], r[1:8]
+
+
+def _flash_backward(go, q, k, v, out, saved, is_causal, scale):  # type: ignore[no-untyped-def]
+    lse, cum_q, cum_k, max_q, max_k, seed, offset = saved
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        go, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, is_causal, seed, offset, scale=scale)
+
+
+def _cpu_flash_forward(q, k, v, is_causal, scale, lse):  # type: ignore[no-untyped-def]
+    r = torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
+    return r[0], (r[1],)
+
+
+def _cpu_flash_backward(go, q, k, v, out, saved, is_causal, scale):  # type: ignore[no-untyped-def]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        go, q, k, v, out, saved[0], 0.0, is_causal, scale=scale)
+
+
+_DIRECT_OPS = {("cuda", "cudnn"): (_cudnn_forward, _cudnn_backward),
+               ("cuda", "flash"): (_flash_forward, _flash_backward),
+               ("cpu", "flash"): (_cpu_flash_forward, _cpu_flash_backward)}
+_det_on = torch.are_deterministic_algorithms_enabled
+
+
+class _Direct:
+    """The grouped part of one plan, run without per-group autograd (see the adapters above).
+
+    Built only where that is exactly what ``attention()`` would run for every group: each group's dense plan
+    takes the kernel's direct route with nothing to adapt (no GQA repeat, head-dim padding, key truncation or
+    masks), on padding that needs no mask (``none``, ``causal``, ``queries``). Per call it also needs contiguous
+    packed inputs, no autocast, no shadow checking and torch's deterministic mode off; otherwise the groups go
+    through ``attention()`` one by one, as before.
+    """
+
+    def __init__(self, p: VarlenPlan, ex: _Exec, calls: list[tuple[Any, Any, bool, Any]], real_q: Any,
+                 cu_q: list[int], cu_k: list[int]) -> None:
+        self.p, self.ex, self.calls, self.real_q, self.cu_q, self.cu_k = p, ex, calls, real_q, cu_q, cu_k
+        self.members = sorted(i for g in p.groups for i in g.members)
+        self.sizes = [p.spec.seqlens_q[i] for i in self.members]
+        self.whole = len(self.members) == len(p.spec.seqlens_q)
+
+    @classmethod
+    def build(cls, p: VarlenPlan, ex: _Exec, device: torch.device, cu_q: list[int], cu_k: list[int]
+              ) -> _Direct | None:
+        from .policy import plan as dense_plan
+
+        s = p.spec
+        if not p.groups or p.streams or s.dropout or min(s.head_dim, s.head_dim_v) < 2:
+            return None  # (side streams: each group's kernels are issued on its stream by the per-group path)
+        caps = capabilities(device)
+        calls = []
+        for g in p.groups:
+            if g.padding not in ("none", "causal", "queries"):
+                return None
+            dense = _dense_spec(s, len(g.members), g.len_q, g.len_k, s.causal, None)
+            try:
+                dp = dense_plan(dense, caps, p.policy)
+            except BackendUnavailableError:
+                return None
+            ops = _DIRECT_OPS.get((device.type, dp.backend))
+            pr = dp.prep
+            if ops is None or dp.route != "direct" or pr.repeat_kv != 1 or pr.pad_qk_to or pr.pad_v_to or \
+                    pr.truncate_keys or pr.causal_mask or pr.float_bias or not isinstance(pr.kernel_causal, bool):
+                return None
+            calls.append((*ops, pr.kernel_causal, _plan_counter(dp.backend, dp.route, dense.describe())))
+        real_q = None
+        if ex.gather_q is not None:
+            keep = [flag for rows in ex.member_rows for n, flag in zip(rows, itertools.cycle((1, 0))) for _ in
+                    range(n)]
+            real_q = torch.tensor(keep, dtype=torch.bool).to(device)[:, None, None]
+        return cls(p, ex, calls, real_q, cu_q, cu_k)
+
+    def usable(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pol: Policy) -> bool:
+        return (not pol.shadow and query.is_contiguous() and key.is_contiguous() and value.is_contiguous()
+                and not torch.is_autocast_enabled(query.device.type) and not _det_on())
+
+    def split(self, grouped: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(grouped, self.sizes)
+
+    def run(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        """The grouped sequences' outputs, packed in sequence order."""
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+            return _DirectGroups.apply(query, key, value, self, scale)  # type: ignore[no-any-return]
+        return self.forward(query, key, value, scale, False)[0]
+
+    def _inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+                ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each group's (q, k, v) as (b, H, L, D): views for single sequences, gathered rows for the others."""
+        p, ex, s = self.p, self.ex, self.p.spec
+        vq = torch.split(query, list(s.seqlens_q)) if ex.singles else ()
+        vk = torch.split(key, list(s.seqlens_k)) if ex.singles else ()
+        vv = torch.split(value, list(s.seqlens_k)) if ex.singles else ()
+        if ex.gather_q is not None:
+            gq = torch.split(query.index_select(0, ex.gather_q), ex.sizes_q)
+            gk = torch.split(key.index_select(0, ex.gather_k), ex.sizes_k)  # type: ignore[arg-type]
+            gv = torch.split(value.index_select(0, ex.gather_k), ex.sizes_k)  # type: ignore[arg-type]
+        where = {n: j for j, n in enumerate(ex.gathered)}
+        out = []
+        for n, g in enumerate(p.groups):
+            b = len(g.members)
+            if n in ex.singles:
+                i = ex.singles[n]
+                t = (vq[i].unsqueeze(0), vk[i].unsqueeze(0), vv[i].unsqueeze(0))
+            else:
+                j = where[n]
+                t = (gq[j].view(b, g.len_q, s.heads_q, s.head_dim), gk[j].view(b, g.len_k, s.heads_kv, s.head_dim),
+                     gv[j].view(b, g.len_k, s.heads_kv, s.head_dim_v))
+            out.append(tuple(x.transpose(1, 2) for x in t))
+        return out  # type: ignore[return-value]
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, lse: bool
+                ) -> tuple[torch.Tensor, list[Any]]:
+        p, ex = self.p, self.ex
+        inputs = self._inputs(query, key, value)
+        results: list[Any] = [None] * len(p.groups)
+        for n in ex.issue_order:
+            fwd, _, is_causal, counter = self.calls[n]
+            results[n] = fwd(*inputs[n], is_causal, scale, lse)
+            next(counter)
+        outs: list[torch.Tensor | None] = [None] * len(p.spec.seqlens_q)
+        hq, dv = p.spec.heads_q, p.spec.head_dim_v
+        where = {n: j for j, n in enumerate(ex.gathered)}
+        for n, g in enumerate(p.groups):
+            og = results[n][0].transpose(1, 2)  # (b, L, H, Dv)
+            if n in ex.singles:
+                outs[ex.singles[n]] = og[0]
+            else:
+                rows = torch.split(og.reshape(len(g.members) * g.len_q, hq, dv), ex.member_rows[where[n]])
+                for r, i in enumerate(g.members):
+                    outs[i] = rows[2 * r]
+        pieces = [outs[i] for i in self.members]
+        grouped = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # type: ignore[arg-type]
+        return grouped, [inputs, results] if lse else []
+
+    def backward(self, grad: torch.Tensor, saved: list[Any], scale: float, shapes: list[torch.Size]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        p, ex, s = self.p, self.ex, self.p.spec
+        inputs, results = saved
+        if grad.shape[0] != shapes[0][0]:  # grad is for the grouped members only: back to packed positions
+            full = grad.new_zeros(shapes[0][0], *grad.shape[1:])
+            start = 0
+            for i, n_rows in zip(self.members, self.sizes, strict=True):
+                full[self.cu_q[i]:self.cu_q[i] + n_rows] = grad[start:start + n_rows]
+                start += n_rows
+            grad = full
+        go_single = torch.split(grad, list(s.seqlens_q)) if ex.singles else ()
+        if ex.gather_q is not None:  # padding query rows get no gradient
+            go_gathered = torch.split(grad.index_select(0, ex.gather_q) * self.real_q, ex.sizes_q)
+        where = {n: j for j, n in enumerate(ex.gathered)}
+        dq, dk, dv = (grad.new_zeros(shape) for shape in shapes)
+        gathered: list[list[torch.Tensor]] = [[], [], []]
+        for n in ex.issue_order:
+            g = p.groups[n]
+            _, bwd, is_causal, _ = self.calls[n]
+            out, extra = results[n]
+            if n in ex.singles:
+                go = go_single[ex.singles[n]].unsqueeze(0)
+            else:
+                go = go_gathered[where[n]].view(len(g.members), g.len_q, s.heads_q, s.head_dim_v)
+            grads = bwd(go.transpose(1, 2), *inputs[n], out, extra, is_causal, scale)
+            if n in ex.singles:
+                i = ex.singles[n]
+                for t, gr, cu, lens in ((dq, grads[0], self.cu_q, s.seqlens_q), (dk, grads[1], self.cu_k, s.seqlens_k),
+                                        (dv, grads[2], self.cu_k, s.seqlens_k)):
+                    t[cu[i]:cu[i] + lens[i]] = gr[0].transpose(0, 1)
+            else:
+                gathered[0].append((n, grads[0]))  # type: ignore[arg-type]
+                gathered[1].append((n, grads[1]))  # type: ignore[arg-type]
+                gathered[2].append((n, grads[2]))  # type: ignore[arg-type]
+        if ex.gather_q is not None:
+            for t, parts, index in ((dq, gathered[0], ex.gather_q), (dk, gathered[1], ex.gather_k),
+                                    (dv, gathered[2], ex.gather_k)):
+                order = sorted(parts, key=lambda x: where[x[0]])  # type: ignore[index]
+                rows = torch.cat([gr.transpose(1, 2).reshape(-1, *gr.shape[1:2], gr.shape[-1]) for _, gr in order])
+                t.index_add_(0, index, rows)  # padding rows add exact zeros (no gradient reaches them)
+        return dq, dk, dv
+
+
+class _DirectGroups(torch.autograd.Function):
+    """One autograd node for every group of a plan run by :class:`_Direct`."""
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, direct: _Direct,
+                scale: float) -> torch.Tensor:
+        out, saved = direct.forward(query, key, value, scale, True)
+        ctx.direct, ctx.saved, ctx.scale = direct, saved, scale
+        ctx.shapes = [query.shape, key.shape, value.shape]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        dq, dk, dv = ctx.direct.backward(grad.contiguous(), ctx.saved, ctx.scale, ctx.shapes)
+        ctx.saved = None
+        return dq, dk, dv, None, None
 
 
 class _Zeros(torch.autograd.Function):

@@ -449,6 +449,85 @@ def test_grouped_calls_are_counted_per_dense_call() -> None:
     assert sdpa_flash.stats().total == len(p.groups)
 
 
+# ------------------------------------------------------------------------- direct group execution
+def _run_varlen(lq: list[int], lk: list[int], causal: bool | str, device: str, dtype: torch.dtype, *,
+                hq: int = 4, hkv: int = 2, d: int = 16, slow: bool = False
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], engine._Exec]:
+    """varlen_attention and its gradients; ``slow`` forbids the direct group execution (each group through
+    ``attention()`` with its own autograd nodes, the reference for it)."""
+    g = torch.Generator().manual_seed(1)
+    batches = [varlen.pack([torch.randn(n, h, d, generator=g).to(device, dtype) for n in lens])
+               for lens, h in ((lq, hq), (lk, hkv), (lk, hkv))]
+    leaves = [b.values.clone().requires_grad_() for b in batches]
+    inputs = [varlen.VarlenBatch(t, b.cu_seqlens, b.max_seqlen, b.seqlens) for t, b in zip(leaves, batches,
+                                                                                           strict=True)]
+    usable = engine._Direct.usable
+    if slow:
+        engine._Direct.usable = lambda *a: False  # type: ignore[method-assign]
+    try:
+        out = varlen.varlen_attention(*inputs, causal=causal)
+        go = torch.randn(out.values.shape, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+        grads = torch.autograd.grad(out.values, leaves, go)
+    finally:
+        engine._Direct.usable = usable  # type: ignore[method-assign]
+    return out.values, grads, list(engine._exec_cache.values())[-1]
+
+
+DIRECT_CASES = [  # (query lengths, key lengths, causal): causal right-padded groups, padded queries, singles
+    ([5, 9, 9, 30, 2, 17], None, True),
+    ([4, 8, 3, 8], [8, 8, 8, 8], False),
+    ([7, 0, 3, 12], None, "top_left"),
+    ([6, 6, 6], None, False),
+]
+
+
+@pytest.mark.parametrize("model", ["default", "per-sequence"])
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: f"{c[0]}-{c[2]}")
+def test_direct_group_execution_equals_per_group_attention(model: str, case: tuple[list[int], Any, Any]) -> None:
+    """The grouped part run through the kernels' own forward and backward ops under one autograd node gives
+    bitwise what per-group attention() calls give (same kernels, same inputs); it must also be the path taken."""
+    lq, lk, causal = case
+    with cost_model("cpu", models("cpu")[model]):
+        out, grads, ex = _run_varlen(lq, lk or lq, causal, "cpu", torch.float32)
+        assert ex.direct is not None, "the direct group execution was expected for this plan"
+        ref, ref_grads, _ = _run_varlen(lq, lk or lq, causal, "cpu", torch.float32, slow=True)
+    assert torch.equal(out, ref)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_direct_group_execution_is_skipped_where_it_would_differ() -> None:
+    """Groups that need a mask, shadow checking, non-contiguous inputs: the groups go through attention()."""
+    with cost_model("cpu", models("cpu")["one group, mask padding"]):
+        _, _, ex = _run_varlen([5, 9, 3], [5, 9, 3], False, "cpu", torch.float32)
+        assert ex.direct is None
+    with cost_model("cpu", models("cpu")["per-sequence"]):
+        _, _, ex = _run_varlen([5, 9, 3], [5, 9, 3], True, "cpu", torch.float32)
+        assert ex.direct is not None
+        q = torch.randn(17, 2, 16)
+        assert ex.direct.usable(q, q, q, sdpa_flash.Policy())
+        assert not ex.direct.usable(q, q, q, sdpa_flash.Policy(shadow=10))
+        assert not ex.direct.usable(q.transpose(0, 1).contiguous().transpose(0, 1), q, q, sdpa_flash.Policy())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("model", ["default", "per-sequence"])
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: f"{c[0]}-{c[2]}")
+def test_cuda_direct_group_execution_equals_per_group_attention(model: str, case: tuple[list[int], Any, Any]
+                                                                ) -> None:
+    lq, lk, causal = case
+    lq = [n * 9 for n in lq]  # lengths the fused kernels take (cuDNN refuses a key length of 1)
+    lk = [n * 9 for n in lk] if lk else lq
+    with cost_model("cuda", models("cuda")[model]):
+        for dtype in (torch.bfloat16, torch.float16):
+            out, grads, ex = _run_varlen(lq, lk, causal, "cuda", dtype, d=64)
+            assert ex.direct is not None
+            ref, ref_grads, _ = _run_varlen(lq, lk, causal, "cuda", dtype, d=64, slow=True)
+            assert torch.equal(out, ref)
+            for a, b in zip(grads, ref_grads, strict=True):  # cuDNN's backward is not bitwise deterministic
+                torch.testing.assert_close(a, b, rtol=0, atol=float(b.abs().max()) * 2 ** -7)
+
+
 # ------------------------------------------------------------------ cuDNN's ragged layout (not an engine path)
 _RAGGED_LENS = [300, 1, 129, 64, 17, 512, 200, 1000]
 _RAGGED = """
