@@ -16,7 +16,10 @@ Candidate paths, each exact — no sequence ever sees another's tokens or paddin
     * ``"mask"``: a ``(b, 1, 1, L_k)`` boolean key mask.
 
     Padding rows are gathered from real rows (never uninitialised memory), and their outputs are dropped, so
-    their gradients are exactly 0.
+    their gradients are exactly 0. Where every group needs no mask and its dense plan is a kernel's direct
+    route with nothing to adapt, the groups' forward and backward aten ops are called directly under one
+    autograd node (:class:`_Direct`): the same kernels on the same inputs, without a few autograd nodes per
+    group, which is most of a small group's host time.
 
 ``flash_varlen``
     One call of the flash kernel with ``cu_seqlens`` (CUDA): no padding at all, one launch.
@@ -878,6 +881,8 @@ _DIRECT_OPS = {("cuda", "cudnn"): (_cudnn_forward, _cudnn_backward),
                ("cuda", "flash"): (_flash_forward, _flash_backward),
                ("cpu", "flash"): (_cpu_flash_forward, _cpu_flash_backward)}
 _det_on = torch.are_deterministic_algorithms_enabled
+# While torch.compile traces, the groups go through attention(), which dynamo traces kernel by kernel.
+_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 class _Direct:
@@ -930,7 +935,7 @@ class _Direct:
 
     def usable(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pol: Policy) -> bool:
         return (not pol.shadow and query.is_contiguous() and key.is_contiguous() and value.is_contiguous()
-                and not torch.is_autocast_enabled(query.device.type) and not _det_on())
+                and not torch.is_autocast_enabled(query.device.type) and not _det_on() and not _compiling())
 
     def split(self, grouped: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.split(grouped, self.sizes)
