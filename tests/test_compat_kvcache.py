@@ -113,6 +113,8 @@ DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
 def test_decode_appends_in_place_and_attends_to_the_updated_cache(path: str | None, dtype: torch.dtype) -> None:
     check(3, 1, 1, [5, 0, 17], dtype, path=path, causal=True)
     check(3, 1, 1, [5, 0, 17], dtype, path=path)
+    check(3, 1, 1, [9, 9, 9], dtype, path=path, causal=True, as_int=True)  # one int length: sliced append
+    check(2, 2, 2, [0, 0], dtype, path=path, as_int=True)
 
 
 @pytest.mark.parametrize("rotary", ["interleaved", "neox"])

@@ -178,6 +178,31 @@ def _prepare_kvcache(
     plan = plan_for(spec, dev)
     slopes = c.slopes_2d(alibi_slopes, b)
 
+    # One length for every row of a contiguous cache (an int cache_seqlens): rotary rows and the append are
+    # slices, not gathers and index_put (a handful of small kernels fewer per decode step; same values).
+    sliced = uniform is not None and cache_batch_idx is None and not paged and (
+        rotary_cos is None or uniform + max(sq, snew) <= rotary_cos.shape[0])
+
+    @torch.no_grad()
+    def run_sliced() -> Any:
+        n0 = uniform
+        assert n0 is not None
+        qq, kn = q, k
+        if rotary_cos is not None and rotary_sin is not None:
+            kn = apply_rotary(k, rotary_cos[None, n0:n0 + snew], rotary_sin[None, n0:n0 + snew], interleaved)
+            if feats.causal or feats.window:
+                cq, sn = rotary_cos[None, n0:n0 + sq], rotary_sin[None, n0:n0 + sq]
+            else:
+                cq, sn = (t[None, n0:n0 + 1].expand(1, sq, t.shape[1]) for t in (rotary_cos, rotary_sin))
+            qq = apply_rotary(q, cq, sn, interleaved)
+        if kn is not None and snew:
+            k_cache[:b, n0:n0 + snew] = kn
+            v_cache[:b, n0:n0 + snew] = v
+        n = n0 + snew
+        out, lse, _ = run_dense(plan, qq, k_cache[:b, :n], v_cache[:b, :n], feats, scale, softmax_scale, slopes,
+                                0.0, want_lse, False)
+        return (out, lse) if want_lse else out
+
     @torch.no_grad()
     def run() -> Any:
         if uniform is not None:
@@ -223,7 +248,7 @@ def _prepare_kvcache(
                                   want_lse)
         return (out, lse) if want_lse else out
 
-    return _Call(plan, run)
+    return _Call(plan, run_sliced if sliced else run)
 
 
 def flash_attn_with_kvcache(
