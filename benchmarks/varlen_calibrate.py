@@ -6,7 +6,7 @@ flash varlen kernel per L, from the profiler (kernel time alone), and the engine
 
 bf16, 16 heads, hd128 (the BASELINE shapes); the dense calls are made as the engine makes them, through
 ``attention(..., layout="bshd")`` on (b, L, H, D) tensors. What it showed on the H200 (2026-12-04): the grouped
-path's device time alone would reach 0.84-1.0x dense cuDNN on the non-causal BASELINE batches, but each group
+path's device time alone would reach 0.84-1.03x dense cuDNN on the non-causal BASELINE batches, but each group
 costs tens of microseconds of host time (more in the backward), so batches of many short sequences are
 host-bound. ``COST_MODELS`` is not fitted to these tables yet: its figures are still the parametric ones.
 """
