@@ -654,7 +654,7 @@ def _spec_of(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seqlen
 
 def _host_lengths(cu: Any, given: Sequence[int] | None, max_seqlen: int, what: str) -> tuple[int, ...]:
     if given is not None:
-        lens = tuple(int(x) for x in given)
+        lens = tuple(map(int, given))
     else:
         if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or \
                 cu.numel() < 1:
@@ -665,7 +665,7 @@ def _host_lengths(cu: Any, given: Sequence[int] | None, max_seqlen: int, what: s
         if host[0] != 0:
             raise AttentionInputError(f"Expected {what} to start at 0, but it starts at {host[0]} instead.")
         lens = tuple(b - a for a, b in itertools.pairwise(host))
-    if any(x < 0 for x in lens):
+    if lens and min(lens) < 0:
         raise AttentionInputError(f"Expected {what} to be non-decreasing, but it has a negative length.")
     if lens and max_seqlen is not None and max(lens) > max_seqlen:
         raise AttentionInputError(f"Expected max_seqlen >= the longest sequence ({max(lens)}) for {what}, but got "
@@ -1051,6 +1051,7 @@ class _DirectGroups(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # as the kernels' own backward ops: no double backward
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         dq, dk, dv = ctx.direct.backward(grad.contiguous(), ctx.saved, ctx.scale, ctx.shapes)
         ctx.saved = None
