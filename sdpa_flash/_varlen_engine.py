@@ -1046,16 +1046,40 @@ class _DirectGroups(torch.autograd.Function):
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, direct: _Direct,
                 scale: float) -> torch.Tensor:
         out, saved = direct.forward(query, key, value, scale, True)
-        ctx.direct, ctx.saved, ctx.scale = direct, saved, scale
+        tensors: list[torch.Tensor] = []
+        ctx.layout = _flatten(saved, tensors)  # saved through autograd: freed after backward, as aten ops' are
+        ctx.save_for_backward(*tensors)
+        ctx.direct, ctx.scale = direct, scale
         ctx.shapes = [query.shape, key.shape, value.shape]
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # as the kernels' own backward ops: no double backward
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        dq, dk, dv = ctx.direct.backward(grad.contiguous(), ctx.saved, ctx.scale, ctx.shapes)
-        ctx.saved = None
+        saved = _unflatten(ctx.layout, ctx.saved_tensors)
+        dq, dk, dv = ctx.direct.backward(grad.contiguous(), saved, ctx.scale, ctx.shapes)
         return dq, dk, dv, None, None
+
+
+class _Slot(int):
+    """Where a saved tensor sits in ``ctx.saved_tensors``."""
+
+
+def _flatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return _Slot(len(tensors) - 1)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_flatten(o, tensors) for o in obj)
+    return obj
+
+
+def _unflatten(layout: Any, tensors: tuple[torch.Tensor, ...]) -> Any:
+    if type(layout) is _Slot:
+        return tensors[layout]
+    if isinstance(layout, (list, tuple)):
+        return type(layout)(_unflatten(o, tensors) for o in layout)
+    return layout
 
 
 class _Zeros(torch.autograd.Function):

@@ -510,6 +510,27 @@ def test_direct_group_execution_is_skipped_where_it_would_differ() -> None:
         assert not ex.direct.usable(q.transpose(0, 1).contiguous().transpose(0, 1), q, q, sdpa_flash.Policy())
 
 
+def test_direct_group_execution_autograd_semantics() -> None:
+    """Like the kernels' own ops: backward twice with retain_graph gives the same gradients, twice without it is
+    an error, and double backward is refused."""
+    with cost_model("cpu", models("cpu")["per-sequence"]):
+        q = varlen.pack(seqs([5, 9, 3], h=2, d=16, dtype=torch.float32))
+        leaf = q.values.clone().requires_grad_()
+        b = q.with_values(leaf)
+        out = varlen.varlen_attention(b, b, b, causal=True).values
+        assert list(engine._exec_cache.values())[-1].direct is not None
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+        first = torch.autograd.grad(out, leaf, go, retain_graph=True)[0]
+        again = torch.autograd.grad(out, leaf, go)[0]
+        assert torch.equal(first, again)
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(out, leaf, go)
+        out = varlen.varlen_attention(b, b, b, causal=True).values
+        (g,) = torch.autograd.grad(out, leaf, go, create_graph=True)
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(g.sum(), leaf)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("model", ["default", "per-sequence"])
 @pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: f"{c[0]}-{c[2]}")
