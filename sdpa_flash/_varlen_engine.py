@@ -928,9 +928,12 @@ class _Direct:
             calls.append((*ops, pr.kernel_causal, _plan_counter(dp.backend, dp.route, dense.describe())))
         real_q = None
         if ex.gather_q is not None:
-            keep = [flag for rows in ex.member_rows for n, flag in zip(rows, itertools.cycle((1, 0))) for _ in
-                    range(n)]
-            real_q = torch.tensor(keep, dtype=torch.bool).to(device)[:, None, None]
+            keep = []  # per gathered group, (b, len_q): True on each member's real query rows
+            for n in ex.gathered:
+                g = p.groups[n]
+                lens = torch.tensor([s.seqlens_q[i] for i in g.members])
+                keep.append((torch.arange(g.len_q)[None, :] < lens[:, None]).reshape(-1))
+            real_q = torch.cat(keep).to(device)[:, None, None]
         return cls(p, ex, calls, real_q, cu_q, cu_k)
 
     def usable(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pol: Policy) -> bool:
