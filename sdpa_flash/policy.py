@@ -420,18 +420,24 @@ class DenylistEntry:
             return False
         if self.max_cc is not None and (cc is None or cc > self.max_cc):
             return False
-        if self.torch is not None and Version(caps.torch_version) not in SpecifierSet(self.torch):
+        if self.torch is not None and not _version_in(caps.torch_version, self.torch):
             return False
         if self.cudnn is not None:
             if caps.cudnn_version is None:
                 return False
             v = caps.cudnn_version
-            if Version(f"{v // 10000}.{v // 100 % 100}.{v % 100}") not in SpecifierSet(self.cudnn):
+            if not _version_in(f"{v // 10000}.{v // 100 % 100}.{v % 100}", self.cudnn):
                 return False
         return self.when is None or bool(self.when(spec))
 
     def describe(self) -> str:
         return f"denylisted: {self.reason}" + (f" [{self.source}]" if self.source else "")
+
+
+@functools.lru_cache(maxsize=256)
+def _version_in(version: str, specifier: str) -> bool:
+    """``version`` satisfies the PEP 440 ``specifier`` (parsed once per pair: plan() asks for every candidate)."""
+    return Version(version) in SpecifierSet(specifier)
 
 
 from ._denylist import BUILTIN_DENYLIST  # noqa: E402  (data module; needs DenylistEntry)
