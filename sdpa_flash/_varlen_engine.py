@@ -900,7 +900,6 @@ class _Direct:
         self.p, self.ex, self.calls, self.real_q, self.cu_q, self.cu_k = p, ex, calls, real_q, cu_q, cu_k
         self.members = sorted(i for g in p.groups for i in g.members)
         self.sizes = [p.spec.seqlens_q[i] for i in self.members]
-        self.whole = len(self.members) == len(p.spec.seqlens_q)
 
     @classmethod
     def build(cls, p: VarlenPlan, ex: _Exec, device: torch.device, cu_q: list[int], cu_k: list[int]
@@ -922,9 +921,10 @@ class _Direct:
                 return None
             ops = _DIRECT_OPS.get((device.type, dp.backend))
             pr = dp.prep
-            if ops is None or dp.route != "direct" or pr.repeat_kv != 1 or pr.pad_qk_to or pr.pad_v_to or \
-                    pr.truncate_keys or pr.causal_mask or pr.float_bias or not isinstance(pr.kernel_causal, bool):
-                return None
+            if ops is None or dp.route != "direct" or dp.fallback or pr.repeat_kv != 1 or pr.pad_qk_to or \
+                    pr.pad_v_to or pr.truncate_keys or pr.causal_mask or pr.float_bias or \
+                    not isinstance(pr.kernel_causal, bool):
+                return None  # (a fallback is counted and warned about by attention())
             calls.append((*ops, pr.kernel_causal, _plan_counter(dp.backend, dp.route, dense.describe())))
         real_q = None
         if ex.gather_q is not None:
