@@ -19,7 +19,7 @@ import json
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from varlen_probe import device_ms  # this folder: the scripts run as `python benchmarks/...`
 
 from sdpa_flash import _varlen_engine as E
 from sdpa_flash import attention, varlen
@@ -31,14 +31,7 @@ BATCHES = (1, 4, 16)
 
 
 def device_us(fn, n: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-    cuda = torch.autograd.DeviceType.CUDA
-    return sum(e.device_time for e in prof.events() if e.device_type == cuda) / n  # us
+    return device_ms(fn, n) * 1e3
 
 
 def main() -> None:

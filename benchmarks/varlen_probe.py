@@ -64,7 +64,7 @@ def padded_rows(kind, causal, lens, q, k, v, gout, useful, rec, rep) -> None:
     rec(kind, causal, "fwdbwd", f"padded {n}x{s} + boolean key mask", ms, useful * 3.5)
 
 
-def _gpu_ms(fn, n: int = 5) -> float:
+def device_ms(fn, n: int = 5) -> float:
     """Device time of ``fn`` per call (sum of its kernels' times, from the profiler): host time excluded."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -98,7 +98,7 @@ def ragged_rows(kind, causal, q, k, v, gout, cu, mx, ref, leaves, useful, rec, r
             ms = do_bench(lambda: fwd(q, k, v), rep=rep, return_mode="median")
             rec(kind, causal, "fwd", "cudnn ragged, wall clock", ms, useful,
                 f"maxdiff {err:.3g} vs flash varlen; host {host_ms:.1f} ms per call")
-            rec(kind, causal, "fwd", "cudnn ragged, device time only", _gpu_ms(lambda: fwd(q, k, v)), useful,
+            rec(kind, causal, "fwd", "cudnn ragged, device time only", device_ms(lambda: fwd(q, k, v)), useful,
                 "kernel time alone: not reachable while the host cost stands")
         # torch's own autograd formula for the op (its backward runs _cudnn_attention_backward)
         ref_grads = torch.autograd.grad(varlen_attn_ref(leaves, cu, mx, causal), leaves, gout)
@@ -109,7 +109,7 @@ def ragged_rows(kind, causal, q, k, v, gout, cu, mx, ref, leaves, useful, rec, r
                       return_mode="median")
         rec(kind, causal, "fwdbwd", "cudnn ragged, wall clock", ms, useful * 3.5, f"grad maxdiff {errs}")
         rec(kind, causal, "fwdbwd", "cudnn ragged, device time only",
-            _gpu_ms(lambda: torch.autograd.grad(fwd(*leaves, lse=True), leaves, gout), 3), useful * 3.5,
+            device_ms(lambda: torch.autograd.grad(fwd(*leaves, lse=True), leaves, gout), 3), useful * 3.5,
             f"grad maxdiff {errs}")
     except Exception as exc:
         print(kind, causal, "cudnn ragged FAILED", repr(exc)[:300], flush=True)

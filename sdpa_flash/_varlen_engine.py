@@ -28,9 +28,9 @@ Candidate paths, each exact — no sequence ever sees another's tokens or paddin
     The shortest sequences in one flash varlen call, the rest in groups.
 
 Not a path: cuDNN's ragged (THD) layout, ``aten._cudnn_attention_forward`` with ``cu_seqlens``. Its kernel is
-what the target needs (H200, device time alone: 0.94-0.99x dense cuDNN forward, 1.06x forward+backward on the
-BASELINE batches, ``benchmarks/varlen_probe.py``), but on torch 2.11 the op rebuilds its cuDNN graph on every
-call (~52 ms of host time per forward, ~110 ms per backward; pytorch/pytorch#191576), the backward returns wrong
+what the target needs (H200, device time alone: 0.85-0.99x dense cuDNN forward, 1.05-1.08x forward+backward on
+the BASELINE batches over two runs of ``benchmarks/varlen_probe.py``), but on torch 2.11 the op rebuilds its cuDNN
+graph on every call (45-83 ms of host time per forward; pytorch/pytorch#191576), the backward returns wrong
 dq/dk (its dQ accumulator is sized from the head dim; pytorch/pytorch#186142), and neither can be captured in a
 CUDA graph to hide the host cost (capture is invalidated, or crashes in relaxed mode).
 ``tests/test_varlen.py::test_cudnn_ragged_layout_backward_is_exact`` is a strict xfail that says when a torch
@@ -52,6 +52,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _shadow
 from .capability import Capabilities, capabilities
@@ -498,6 +499,7 @@ class _Exec:
     sizes_q: list[int]  # rows of each gathered group, in gathered order
     sizes_k: list[int]
     gathered: list[int]  # group numbers, in gathered order
+    where: dict[int, int]  # group number -> its position in gathered order
     member_rows: list[list[int]]  # per gathered group: split sizes over its b * len_q rows (real, pad, real, ...)
     varlen: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, int, int] | None
     issue_order: list[int]  # groups, largest first (long kernels start first; short ones fill in)
@@ -551,7 +553,8 @@ def _build_exec(p: VarlenPlan, device: torch.device) -> _Exec:
         varlen = (rq, rk, cq, ck, max(lq), max(lk))
     order = sorted(range(len(p.groups)), key=lambda n: -len(p.groups[n].members) * p.groups[n].len_q
                    * p.groups[n].len_k)
-    ex = _Exec(singles, gq, gk, sizes_q, sizes_k, gathered, member_rows, varlen, order)
+    ex = _Exec(singles, gq, gk, sizes_q, sizes_k, gathered, {n: j for j, n in enumerate(gathered)}, member_rows,
+               varlen, order)
     ex.direct = _Direct.build(p, ex, device, cu_q, cu_k)
     return ex
 
@@ -706,13 +709,48 @@ def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_
     return _execute(p, ex, query, key, value, dropout_p, scale, pol)
 
 
+def _group_inputs(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+                  ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each group's (q, k, v) as (b, L, H, D), by group number: views for a single sequence, gathered rows
+    (one ``index_select`` per input for all groups) for the others."""
+    s = p.spec
+    if ex.singles:
+        vq, vk, vv = (torch.split(t, list(lens)) for t, lens in ((query, s.seqlens_q), (key, s.seqlens_k),
+                                                                 (value, s.seqlens_k)))
+    if ex.gather_q is not None:
+        gq = torch.split(query.index_select(0, ex.gather_q), ex.sizes_q)
+        gk = torch.split(key.index_select(0, ex.gather_k), ex.sizes_k)  # type: ignore[arg-type]
+        gv = torch.split(value.index_select(0, ex.gather_k), ex.sizes_k)  # type: ignore[arg-type]
+    out = []
+    for n, g in enumerate(p.groups):
+        if n in ex.singles:
+            i = ex.singles[n]
+            out.append((vq[i].unsqueeze(0), vk[i].unsqueeze(0), vv[i].unsqueeze(0)))
+        else:
+            j, b = ex.where[n], len(g.members)
+            out.append((gq[j].view(b, g.len_q, s.heads_q, s.head_dim), gk[j].view(b, g.len_k, s.heads_kv, s.head_dim),
+                        gv[j].view(b, g.len_k, s.heads_kv, s.head_dim_v)))
+    return out
+
+
+def _place_outputs(p: VarlenPlan, ex: _Exec, n: int, og: torch.Tensor, outs: list[torch.Tensor | None]) -> None:
+    """Group ``n``'s output (b, L, H, Dv) into ``outs``, per member sequence (padding rows dropped)."""
+    g = p.groups[n]
+    if n in ex.singles:
+        outs[ex.singles[n]] = og[0]
+        return
+    rows = torch.split(og.reshape(len(g.members) * g.len_q, *og.shape[2:]), ex.member_rows[ex.where[n]])
+    for r, i in enumerate(g.members):
+        outs[i] = rows[2 * r]
+
+
 def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              dropout_p: float, scale: float | None, pol: Policy) -> torch.Tensor:
     from .attention import attention
 
     spec = p.spec
     n_seq = len(spec.seqlens_q)
-    hq, hk, d, dv = spec.heads_q, spec.heads_kv, spec.head_dim, spec.head_dim_v
+    d = spec.head_dim
     softmax_scale = scale if scale is not None else 1.0 / math.sqrt(d)
     causal = spec.causal or False
     outs: list[torch.Tensor | None] = [None] * n_seq
@@ -726,18 +764,7 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
         return _finish(p, ex, query, key, value, dropout_p, softmax_scale, pol, outs)
     streams = _side_streams(dev, p.streams) if p.streams and dev.type == "cuda" and len(p.groups) > 1 else []
     main = torch.cuda.current_stream(dev) if streams else None
-    views_q = views_k = views_v = None
-    if ex.singles:
-        views_q = torch.split(query, list(spec.seqlens_q))
-        views_k = torch.split(key, list(spec.seqlens_k))
-        views_v = torch.split(value, list(spec.seqlens_k))
-    gq = gk = gv = None
-    where: dict[int, int] = {}
-    if ex.gather_q is not None:
-        gq = torch.split(query.index_select(0, ex.gather_q), ex.sizes_q)
-        gk = torch.split(key.index_select(0, ex.gather_k), ex.sizes_k)  # type: ignore[arg-type]
-        gv = torch.split(value.index_select(0, ex.gather_k), ex.sizes_k)  # type: ignore[arg-type]
-        where = {n: j for j, n in enumerate(ex.gathered)}
+    inputs = _group_inputs(p, ex, query, key, value)
     d_coord = _coordinate_dim(d)
     contiguous = COST_MODELS.get(dev.type, _FALLBACK_MODEL).contiguous_groups
     if main is not None:  # after the gathers above: the side streams read what the current stream wrote
@@ -745,20 +772,11 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
             st.wait_stream(main)
     for slot, n in enumerate(ex.issue_order):
         g = p.groups[n]
-        b = len(g.members)
         ctx = torch.cuda.stream(streams[slot % len(streams)]) if streams else _null
         with ctx:
             mask = None
-            if n in ex.singles:
-                i = ex.singles[n]
-                qg = views_q[i].unsqueeze(0)  # type: ignore[index]
-                kg = views_k[i].unsqueeze(0)  # type: ignore[index]
-                vg = views_v[i].unsqueeze(0)  # type: ignore[index]
-            else:
-                j = where[n]
-                qg = gq[j].view(b, g.len_q, hq, d)  # type: ignore[index]
-                kg = gk[j].view(b, g.len_k, hk, d)  # type: ignore[index]
-                vg = gv[j].view(b, g.len_k, hk, dv)  # type: ignore[index]
+            qg, kg, vg = inputs[n]
+            if n not in ex.singles:
                 if g.padding in ("coordinate", "mask"):
                     lens_k = torch.tensor([spec.seqlens_k[i] for i in g.members], device=dev)
                     key_ok = torch.arange(g.len_k, device=dev)[None, :] < lens_k[:, None]
@@ -775,12 +793,7 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
                                scale=softmax_scale, layout="bshd", policy=pol)
             if main is not None:
                 og.record_stream(main)
-            if n in ex.singles:
-                outs[ex.singles[n]] = og[0]
-            else:
-                rows = torch.split(og.reshape(b * g.len_q, hq, dv), ex.member_rows[where[n]])
-                for r, i in enumerate(g.members):
-                    outs[i] = rows[2 * r]
+            _place_outputs(p, ex, n, og, outs)
     if main is not None:
         for st in streams:
             main.wait_stream(st)
@@ -949,51 +962,17 @@ class _Direct:
             return _DirectGroups.apply(query, key, value, self, scale)  # type: ignore[no-any-return]
         return self.forward(query, key, value, scale, False)[0]
 
-    def _inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-                ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Each group's (q, k, v) as (b, H, L, D): views for single sequences, gathered rows for the others."""
-        p, ex, s = self.p, self.ex, self.p.spec
-        vq = torch.split(query, list(s.seqlens_q)) if ex.singles else ()
-        vk = torch.split(key, list(s.seqlens_k)) if ex.singles else ()
-        vv = torch.split(value, list(s.seqlens_k)) if ex.singles else ()
-        if ex.gather_q is not None:
-            gq = torch.split(query.index_select(0, ex.gather_q), ex.sizes_q)
-            gk = torch.split(key.index_select(0, ex.gather_k), ex.sizes_k)  # type: ignore[arg-type]
-            gv = torch.split(value.index_select(0, ex.gather_k), ex.sizes_k)  # type: ignore[arg-type]
-        where = {n: j for j, n in enumerate(ex.gathered)}
-        out = []
-        for n, g in enumerate(p.groups):
-            b = len(g.members)
-            if n in ex.singles:
-                i = ex.singles[n]
-                t = (vq[i].unsqueeze(0), vk[i].unsqueeze(0), vv[i].unsqueeze(0))
-            else:
-                j = where[n]
-                t = (gq[j].view(b, g.len_q, s.heads_q, s.head_dim), gk[j].view(b, g.len_k, s.heads_kv, s.head_dim),
-                     gv[j].view(b, g.len_k, s.heads_kv, s.head_dim_v))
-            out.append(tuple(x.transpose(1, 2) for x in t))
-        return out  # type: ignore[return-value]
-
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, lse: bool
                 ) -> tuple[torch.Tensor, list[Any]]:
         p, ex = self.p, self.ex
-        inputs = self._inputs(query, key, value)
+        inputs = [tuple(t.transpose(1, 2) for t in qkv) for qkv in _group_inputs(p, ex, query, key, value)]
         results: list[Any] = [None] * len(p.groups)
+        outs: list[torch.Tensor | None] = [None] * len(p.spec.seqlens_q)
         for n in ex.issue_order:
             fwd, _, is_causal, counter = self.calls[n]
             results[n] = fwd(*inputs[n], is_causal, scale, lse)
             next(counter)
-        outs: list[torch.Tensor | None] = [None] * len(p.spec.seqlens_q)
-        hq, dv = p.spec.heads_q, p.spec.head_dim_v
-        where = {n: j for j, n in enumerate(ex.gathered)}
-        for n, g in enumerate(p.groups):
-            og = results[n][0].transpose(1, 2)  # (b, L, H, Dv)
-            if n in ex.singles:
-                outs[ex.singles[n]] = og[0]
-            else:
-                rows = torch.split(og.reshape(len(g.members) * g.len_q, hq, dv), ex.member_rows[where[n]])
-                for r, i in enumerate(g.members):
-                    outs[i] = rows[2 * r]
+            _place_outputs(p, ex, n, results[n][0].transpose(1, 2), outs)
         pieces = [outs[i] for i in self.members]
         grouped = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # type: ignore[arg-type]
         return grouped, [inputs, results] if lse else []
@@ -1012,7 +991,6 @@ class _Direct:
         go_single = torch.split(grad, list(s.seqlens_q)) if ex.singles else ()
         if ex.gather_q is not None:  # padding query rows get no gradient
             go_gathered = torch.split(grad.index_select(0, ex.gather_q) * self.real_q, ex.sizes_q)
-        where = {n: j for j, n in enumerate(ex.gathered)}
         dq, dk, dv = (grad.new_zeros(shape) for shape in shapes)
         gathered: list[list[torch.Tensor]] = [[], [], []]
         for n in ex.issue_order:
@@ -1022,7 +1000,7 @@ class _Direct:
             if n in ex.singles:
                 go = go_single[ex.singles[n]].unsqueeze(0)
             else:
-                go = go_gathered[where[n]].view(len(g.members), g.len_q, s.heads_q, s.head_dim_v)
+                go = go_gathered[ex.where[n]].view(len(g.members), g.len_q, s.heads_q, s.head_dim_v)
             grads = bwd(go.transpose(1, 2), *inputs[n], out, extra, is_causal, scale)
             if n in ex.singles:
                 i = ex.singles[n]
@@ -1030,13 +1008,12 @@ class _Direct:
                                         (dv, grads[2], self.cu_k, s.seqlens_k)):
                     t[cu[i]:cu[i] + lens[i]] = gr[0].transpose(0, 1)
             else:
-                gathered[0].append((n, grads[0]))  # type: ignore[arg-type]
-                gathered[1].append((n, grads[1]))  # type: ignore[arg-type]
-                gathered[2].append((n, grads[2]))  # type: ignore[arg-type]
+                for parts, gr in zip(gathered, grads, strict=True):
+                    parts.append((n, gr))  # type: ignore[arg-type]
         if ex.gather_q is not None:
             for t, parts, index in ((dq, gathered[0], ex.gather_q), (dk, gathered[1], ex.gather_k),
                                     (dv, gathered[2], ex.gather_k)):
-                order = sorted(parts, key=lambda x: where[x[0]])  # type: ignore[index]
+                order = sorted(parts, key=lambda x: ex.where[x[0]])  # type: ignore[index]
                 rows = torch.cat([gr.transpose(1, 2).reshape(-1, *gr.shape[1:2], gr.shape[-1]) for _, gr in order])
                 t.index_add_(0, index, rows)  # padding rows add exact zeros (no gradient reaches them)
         return dq, dk, dv
@@ -1049,9 +1026,12 @@ class _DirectGroups(torch.autograd.Function):
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, direct: _Direct,
                 scale: float) -> torch.Tensor:
         out, saved = direct.forward(query, key, value, scale, True)
-        tensors: list[torch.Tensor] = []
-        ctx.layout = _flatten(saved, tensors)  # saved through autograd: freed after backward, as aten ops' are
-        ctx.save_for_backward(*tensors)
+        # the tensors go through autograd's saved-tensor machinery (freed after backward, as the aten ops' are),
+        # the rest (SymInts, None) stays on ctx
+        leaves, ctx.tree = tree_flatten(saved)
+        ctx.is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
+        ctx.save_for_backward(*(x for x, t in zip(leaves, ctx.is_tensor, strict=True) if t))
+        ctx.others = [None if t else x for x, t in zip(leaves, ctx.is_tensor, strict=True)]
         ctx.direct, ctx.scale = direct, scale
         ctx.shapes = [query.shape, key.shape, value.shape]
         return out
@@ -1059,30 +1039,11 @@ class _DirectGroups(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # as the kernels' own backward ops: no double backward
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        saved = _unflatten(ctx.layout, ctx.saved_tensors)
+        tensors = iter(ctx.saved_tensors)
+        saved = tree_unflatten([next(tensors) if t else x for x, t in zip(ctx.others, ctx.is_tensor, strict=True)],
+                               ctx.tree)
         dq, dk, dv = ctx.direct.backward(grad.contiguous(), saved, ctx.scale, ctx.shapes)
         return dq, dk, dv, None, None
-
-
-class _Slot(int):
-    """Where a saved tensor sits in ``ctx.saved_tensors``."""
-
-
-def _flatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        tensors.append(obj)
-        return _Slot(len(tensors) - 1)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_flatten(o, tensors) for o in obj)
-    return obj
-
-
-def _unflatten(layout: Any, tensors: tuple[torch.Tensor, ...]) -> Any:
-    if type(layout) is _Slot:
-        return tensors[layout]
-    if isinstance(layout, (list, tuple)):
-        return type(layout)(_unflatten(o, tensors) for o in layout)
-    return layout
 
 
 class _Zeros(torch.autograd.Function):

@@ -183,54 +183,44 @@ def _prepare_kvcache(
     sliced = uniform is not None and cache_batch_idx is None and not paged and (
         rotary_cos is None or uniform + max(sq, snew) <= rotary_cos.shape[0])
 
-    @torch.no_grad()
-    def run_sliced() -> Any:
-        n0 = uniform
-        assert n0 is not None
-        qq, kn = q, k
-        if rotary_cos is not None and rotary_sin is not None:
-            kn = apply_rotary(k, rotary_cos[None, n0:n0 + snew], rotary_sin[None, n0:n0 + snew], interleaved)
-            if feats.causal or feats.window:
-                cq, sn = rotary_cos[None, n0:n0 + sq], rotary_sin[None, n0:n0 + sq]
-            else:
-                cq, sn = (t[None, n0:n0 + 1].expand(1, sq, t.shape[1]) for t in (rotary_cos, rotary_sin))
-            qq = apply_rotary(q, cq, sn, interleaved)
-        if kn is not None and snew:
-            k_cache[:b, n0:n0 + snew] = kn
-            v_cache[:b, n0:n0 + snew] = v
-        n = n0 + snew
-        out, lse, _ = run_dense(plan, qq, k_cache[:b, :n], v_cache[:b, :n], feats, scale, softmax_scale, slopes,
-                                0.0, want_lse, False)
-        return (out, lse) if want_lse else out
+    def rotary_rows(lens: torch.Tensor | None, first: int, n: int, spread: bool) -> tuple[torch.Tensor, ...]:
+        """cos, sin (b or 1, n, rotary_dim / 2) at positions first + i (``spread``) or first, per row."""
+        assert rotary_cos is not None and rotary_sin is not None
+        if lens is None:  # sliced: one start for every row
+            return tuple(t[None, first:first + n] if spread else t[None, first:first + 1].expand(1, n, t.shape[1])
+                         for t in (rotary_cos, rotary_sin))
+        pos = lens[:, None] + torch.arange(n, device=dev) if spread else lens[:, None].expand(b, n)
+        return rotary_cos[pos], rotary_sin[pos]
 
     @torch.no_grad()
     def run() -> Any:
-        if uniform is not None:
+        if sliced:
+            lens = None
+        elif uniform is not None:
             lens = torch.full((b,), uniform, dtype=torch.long, device=dev)
         else:
             lens = cache_seqlens.long()
+        first = uniform or 0
         qq, kn = q, k
         if rotary_cos is not None:
-            t_new = torch.arange(snew, device=dev)
-            pos_k = lens[:, None] + t_new
-            kn = apply_rotary(k, rotary_cos[pos_k], rotary_sin[pos_k], interleaved)
-            if feats.causal or feats.window:
-                pos_q = lens[:, None] + torch.arange(sq, device=dev)
-            else:
-                pos_q = lens[:, None].expand(b, sq)
-            qq = apply_rotary(q, rotary_cos[pos_q], rotary_sin[pos_q], interleaved)
+            kn = apply_rotary(k, *rotary_rows(lens, first, snew, True), interleaved)
+            qq = apply_rotary(q, *rotary_rows(lens, first, sq, bool(feats.causal or feats.window)), interleaved)
         rows = None if cache_batch_idx is None else cache_batch_idx.long()
         if kn is not None and snew:
-            pos = lens[:, None] + torch.arange(snew, device=dev)
-            if paged:
-                page = k_cache.shape[1]
-                blk = block_table.long().gather(1, pos // page)
-                index: tuple[torch.Tensor, ...] = (blk, pos % page)
+            if lens is None:
+                k_cache[:b, first:first + snew] = kn
+                v_cache[:b, first:first + snew] = v
             else:
-                r = torch.arange(b, device=dev) if rows is None else rows
-                index = (r[:, None].expand(b, snew), pos)
-            k_cache.index_put_(index, kn)
-            v_cache.index_put_(index, v)
+                pos = lens[:, None] + torch.arange(snew, device=dev)
+                if paged:
+                    page = k_cache.shape[1]
+                    blk = block_table.long().gather(1, pos // page)
+                    index: tuple[torch.Tensor, ...] = (blk, pos % page)
+                else:
+                    r = torch.arange(b, device=dev) if rows is None else rows
+                    index = (r[:, None].expand(b, snew), pos)
+                k_cache.index_put_(index, kn)
+                v_cache.index_put_(index, v)
         if paged:
             kk = k_cache[block_table.long()].flatten(1, 2)
             vv = v_cache[block_table.long()].flatten(1, 2)
@@ -248,7 +238,7 @@ def _prepare_kvcache(
                                   want_lse)
         return (out, lse) if want_lse else out
 
-    return _Call(plan, run_sliced if sliced else run)
+    return _Call(plan, run)
 
 
 def flash_attn_with_kvcache(
