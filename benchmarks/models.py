@@ -2,6 +2,7 @@
 
     python benchmarks/models.py --json models.json          # H200: 12 layers, width 1024, 16/4 heads, 8 x 2048, bf16
     python benchmarks/models.py --tiny                       # any machine (CPU too): a smoke run of the same code
+    python benchmarks/models.py --also-policy cudnn,flash,efficient,math   # + "sdpa_flash" without FA4, interleaved
 
 One model (transformers ``LlamaConfig``, random weights, bf16) is built once and switched between implementations
 with ``model.set_attn_implementation`` (same weights, no copies). Two scenarios:
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="2 layers, width 64, 2 x 64 tokens, 2 reps (smoke run)")
     ap.add_argument("--no-check", action="store_true", help="time even if the outputs disagree")
     ap.add_argument("--json", default=None, help="write the results to this file")
+    ap.add_argument("--also-policy", default=None, metavar="POLICY",
+                    help="also time 'sdpa_flash' under this policy (e.g. cudnn,flash,efficient,math: auto without "
+                         "FlashAttention-4), interleaved with the others")
     args = ap.parse_args(argv)
     if args.tiny:
         args.layers, args.width, args.mlp, args.heads, args.kv_heads = 2, 64, 128, 4, 2
@@ -139,18 +143,29 @@ def main(argv: list[str] | None = None) -> int:
         print("outputs disagree beyond the bound; not timing (--no-check to time anyway)", file=sys.stderr)
         return 1
 
+    import contextlib
+
+    labels = list(IMPLS) + ([f"sdpa_flash[{args.also_policy}]"] if args.also_policy else [])
+
+    def impl_of(label: str) -> tuple[str, Any]:
+        if label.startswith("sdpa_flash["):
+            return "sdpa_flash", sdpa_flash.use_policy(args.also_policy)
+        return label, contextlib.nullcontext()
+
     times: dict[tuple[str, str], list[float]] = {}
     peaks: dict[tuple[str, str], int] = {}
     routes: dict[str, dict[str, int]] = {}
-    for scenario, (ids, mask, labels) in data.items():
+    for scenario, (ids, mask, lab) in data.items():
         hf.reset_route_counts()
         for rep in range(args.warmup + args.reps):
-            for impl in IMPLS:  # interleaved: drifts in clock or temperature hit every implementation alike
-                model.set_attn_implementation(impl)
+            for impl in labels:  # interleaved: drifts in clock or temperature hit every implementation alike
+                attn, ctx = impl_of(impl)
+                model.set_attn_implementation(attn)
                 if device == "cuda" and rep == args.warmup:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                ms = timed(lambda ids=ids, mask=mask, labels=labels: step(model, ids, mask, labels), device)
+                with ctx:
+                    ms = timed(lambda ids=ids, mask=mask, lab=lab: step(model, ids, mask, lab), device)
                 if rep >= args.warmup:
                     times.setdefault((scenario, impl), []).append(ms)
                     if device == "cuda":
@@ -166,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'scenario':<8} {'impl':<11} {'ms/step':>9} {'vs sdpa':>8} {'real tok/s':>11} {'peak MiB':>9}")
     for scenario in data:
         base = statistics.median(times[(scenario, "sdpa")])
-        for impl in IMPLS:
+        for impl in labels:
             t = times[(scenario, impl)]
             med = statistics.median(t)
             row = {"scenario": scenario, "impl": impl, "median_ms": med, "min_ms": min(t), "max_ms": max(t),

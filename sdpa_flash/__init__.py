@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from ._warmup import WarmupResult, warmup
 from .attention import attention, explain
 from .capability import Capabilities, capabilities
 from .errors import AttentionInputError, BackendUnavailableError, SdpaFlashError, ShadowMismatchError
@@ -45,6 +46,7 @@ __all__ = [
     "ShadowMismatchError",
     "ShadowStats",
     "Stats",
+    "WarmupResult",
     "__version__",
     "add_denylist_entry",
     "attention",
@@ -59,4 +61,5 @@ __all__ = [
     "set_policy",
     "stats",
     "use_policy",
+    "warmup",
 ]

@@ -23,6 +23,7 @@ from .capability import Capabilities, capabilities
 from .errors import BackendUnavailableError, SdpaFlashError
 from .policy import denylist, get_policy, ranking, resolve_policy
 from .require import parse_device, require
+from .spec import AttentionSpec
 from .testing import compare_to_reference, reference_attention
 
 __all__ = ["main", "report", "self_check"]
@@ -124,9 +125,38 @@ def report(device: str | None = None, *, check: bool = True) -> dict[str, Any]:
         "chosen_error": backends_err,
         "backends": backends,
         "denylist_entries_here": [e.describe() for e in denylist() if e.device_type == caps.device_type],
+        "fa4": fa4_report(caps),
     }
     if check:
         out["self_check"] = self_check(dev, dtype)
+    return out
+
+
+def fa4_report(caps: Capabilities) -> dict[str, Any]:
+    """FlashAttention-4 here: installed or not, whether it imports, what it covers on this device, its cache."""
+    import dataclasses
+
+    from .backends import fa4
+
+    out: dict[str, Any] = {"installed": caps.fa4_version, "install": fa4.INSTALL_HINT}
+    req = BACKENDS["fa4"].requirements(caps.device_type)
+    if caps.fa4_version is None:
+        out["covers"] = "nothing: not installed"
+    elif req is None or caps.compute_capability is None:
+        out["covers"] = f"nothing on {caps.device_type}: FlashAttention-4 runs on NVIDIA sm90/sm100 GPUs"
+    else:
+        probe = AttentionSpec(caps.device_type, torch.bfloat16, 1, 16, 16, 1024, 1024, 128, 128, "top_left",
+                              needs_grad=True)
+        why = BACKENDS["fa4"].not_supported_reasons(probe, caps)
+        if why:
+            out["covers"] = f"nothing here: {why[0]}"
+        else:
+            hd = "8-256" if caps.compute_capability[0] == 9 else "8-128, (192, 128), (256, 256)"
+            out["covers"] = (f"{caps.arch}: float16/bfloat16, head dims {hd} (multiples of 8; others zero-padded), "
+                             "GQA, causal (bottom-right corner), forward and backward, packed varlen batches; no "
+                             "dropout, no attn_mask")
+        out["import_seconds"] = fa4.import_seconds
+    out["cache"] = dataclasses.asdict(fa4.cache_info())
     return out
 
 
@@ -150,6 +180,14 @@ def _print(rep: dict[str, Any]) -> None:
             print(f"  {name:<10} unavailable: {'; '.join(b['reasons'])}")
     if rep["chosen_error"]:
         print("policy cannot run the probe call:\n" + rep["chosen_error"])
+    f4 = rep["fa4"]
+    cache = f4["cache"]
+    where = (f"on, {cache['directory']} ({cache['entries']} kernels, {cache['bytes'] / 2**20:.1f} MiB)"
+             if cache["enabled"] else "off (SDPA_FLASH_FA4_CACHE=0 or FA4's own setting)")
+    print(f"FlashAttention-4: {f4['installed'] or 'not installed (' + f4['install'] + ')'}; covers {f4['covers']}"
+          + (f"; imported in {f4['import_seconds']:.1f} s" if f4.get("import_seconds") else ""))
+    if f4["installed"]:
+        print(f"  compile cache: {where}")
     if rep["denylist_entries_here"]:
         print(f"denylist: {len(rep['denylist_entries_here'])} entries for {d['type']} (see sdpa_flash.denylist())")
     if "self_check" in rep:

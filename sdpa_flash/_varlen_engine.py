@@ -22,10 +22,13 @@ Candidate paths, each exact — no sequence ever sees another's tokens or paddin
     group, which is most of a small group's host time.
 
 ``flash_varlen``
-    One call of the flash kernel with ``cu_seqlens`` (CUDA): no padding at all, one launch.
+    One call of a packed (``cu_seqlens``) kernel: no padding at all, one launch. The kernel is the first of the
+    policy's backends that has such an entry point and can run the batch: FlashAttention-4's
+    ``flash_attn_varlen_func`` (backend ``fa4``, optional; ~0.9-1.0x dense cuDNN speed on the H200) or
+    PyTorch's own flash varlen op (backend ``flash``, FlashAttention-2 speed).
 
 ``hybrid``
-    The shortest sequences in one flash varlen call, the rest in groups.
+    The shortest sequences in one such varlen call, the rest in groups.
 
 Not a path: cuDNN's ragged (THD) layout, ``aten._cudnn_attention_forward`` with ``cu_seqlens``. Its kernel is
 what the target needs (H200, device time alone: 0.85-0.99x dense cuDNN forward, 1.05-1.08x forward+backward on
@@ -126,6 +129,8 @@ class CostModel:
         half_len / half_len_bwd: the length at which it reaches half of that rate.
         varlen_call_us / varlen_call_us_bwd: fixed cost of the flash varlen call.
         varlen_rate / varlen_rate_bwd: the flash varlen kernel's rate.
+        varlen_kernels: the same four figures (call, call with backward, rate, rate with backward) for other
+            backends' packed kernels, by backend name.
         causal_bwd_factor: the dense kernel's causal forward+backward rate as a share of ``rate_bwd`` when
             it runs one group per call (measured far below the dense causal rate).
         coordinate_penalty / coordinate_penalty_bwd: extra cost factor of the extra head-dim coordinate beyond
@@ -154,6 +159,7 @@ class CostModel:
     padding: str = "coordinate"
     streams: int = 0
     max_group_span: int = 64
+    varlen_kernels: tuple[tuple[str, float, float, float, float], ...] = ()
 
     def dense_us(self, b: int, heads: int, lq: int, lk: int, d: int, dv: int, causal: bool, bwd: bool) -> float:
         flops = 2.0 * b * heads * lq * lk * (d + dv) * (0.5 if causal else 1.0) * (3.5 if bwd else 1.0)
@@ -163,11 +169,16 @@ class CostModel:
             rate *= self.causal_bwd_factor
         return (self.call_us_bwd if bwd else self.call_us) + flops / (rate * length / (length + half)) / 1e6
 
-    def varlen_us(self, work: float, heads: int, d: int, dv: int, causal: bool, bwd: bool) -> float:
-        """``work`` = sum of Lq_i * Lk_i over the sequences."""
+    def varlen_us(self, work: float, heads: int, d: int, dv: int, causal: bool, bwd: bool,
+                  backend: str = "flash") -> float:
+        """``work`` = sum of Lq_i * Lk_i over the sequences; ``backend``: whose packed kernel runs them."""
         flops = 2.0 * heads * work * (d + dv) * (0.5 if causal else 1.0) * (3.5 if bwd else 1.0)
-        rate = self.varlen_rate_bwd if bwd else self.varlen_rate
-        return (self.varlen_call_us_bwd if bwd else self.varlen_call_us) + flops / rate / 1e6
+        call, call_bwd, rate, rate_bwd = self.varlen_call_us, self.varlen_call_us_bwd, self.varlen_rate, \
+            self.varlen_rate_bwd
+        for name, *figures in self.varlen_kernels:
+            if name == backend:
+                call, call_bwd, rate, rate_bwd = figures
+        return (call_bwd if bwd else call) + flops / (rate_bwd if bwd else rate) / 1e6
 
 
 COST_MODELS: dict[str, CostModel] = {
@@ -180,7 +191,11 @@ COST_MODELS: dict[str, CostModel] = {
     "cuda": CostModel(call_us=30.0, call_us_bwd=90.0, rate=620.0, rate_bwd=570.0, half_len=110.0,
                       half_len_bwd=270.0, varlen_call_us=40.0, varlen_call_us_bwd=120.0, varlen_rate=340.0,
                       varlen_rate_bwd=298.0, coordinate_penalty=1.5, coordinate_penalty_bwd=2.1,
-                      causal_bwd_factor=0.55, padding="coordinate", streams=0),
+                      causal_bwd_factor=0.55, padding="coordinate", streams=0,
+                      # FA4's flash_attn_varlen_func on the BASELINE ragged batches: 589-598 / 538-548 useful
+                      # TFLOP/s non-causal, 503-513 / 459-464 causal (fwd / fwd+bwd); ~75 / ~170 us per call of
+                      # Python dispatch (flash-attention#2426).
+                      varlen_kernels=(("fa4", 75.0, 170.0, 560.0, 500.0),)),
     # CPU: the flash kernel runs near its rate from small lengths; a call costs ~30 us of Python and dispatch.
     "cpu": CostModel(call_us=40.0, call_us_bwd=120.0, rate=0.05, rate_bwd=0.04, half_len=8.0, half_len_bwd=8.0,
                      padding="mask"),
@@ -208,9 +223,10 @@ class VarlenPlan:
     """What :func:`sdpa_flash.varlen.varlen_attention` runs for one batch, and why.
 
     Attributes:
-        path: ``"grouped"``, ``"flash_varlen"``, ``"hybrid"`` or ``"empty"``.
+        path: ``"grouped"``, ``"flash_varlen"`` (one packed call), ``"hybrid"`` or ``"empty"``.
         backend: the backend of the dense group calls as the policy plans it for the largest group (the
-            calls are made through ``attention()``, which may pick per call), or ``"flash"`` for flash varlen.
+            calls are made through ``attention()``, which may pick per call), or the packed kernel's backend
+            for ``flash_varlen``.
         groups: the dense calls.
         varlen_members: sequences computed by the one flash varlen call (``flash_varlen`` / ``hybrid``).
         zero_members: sequences with queries but no keys: their output is zeros.
@@ -219,6 +235,7 @@ class VarlenPlan:
         reasons: why each other path was not chosen.
         spec: the call's summary.
         policy: the policy in force.
+        varlen_backend: whose packed (``cu_seqlens``) kernel computes ``varlen_members``: ``"fa4"`` or ``"flash"``.
     """
 
     path: str
@@ -231,6 +248,7 @@ class VarlenPlan:
     reasons: dict[str, tuple[str, ...]]
     spec: VarlenSpec
     policy: Policy
+    varlen_backend: str = ""
 
     @property
     def padded_work(self) -> float:
@@ -244,7 +262,7 @@ class VarlenPlan:
         if self.groups:
             bits.append(f"{len(self.groups)} {self.backend} group call(s), padded work x{self.padded_work:.2f}")
         if self.varlen_members:
-            bits.append(f"{len(self.varlen_members)} sequence(s) in one flash varlen call")
+            bits.append(f"{len(self.varlen_members)} sequence(s) in one {self.varlen_backend} varlen call")
         why = "; ".join(f"{k}: {v[0]}" for k, v in self.reasons.items() if v)
         head = f"varlen {self.path}: " + (", ".join(bits) or "nothing to compute")
         return f"{head}  ({why})" if why else head
@@ -261,7 +279,8 @@ class VarlenPlan:
             if len(self.groups) > 12:
                 lines.append(f"  ... {len(self.groups) - 12} more")
         if self.varlen_members:
-            lines.append(f"flash varlen: {len(self.varlen_members)} sequences in one call")
+            lines.append(f"varlen:  {len(self.varlen_members)} sequences in one {self.varlen_backend} call with "
+                         "cu_seqlens")
         if self.zero_members:
             lines.append(f"zeros:   {len(self.zero_members)} sequences have queries but no keys")
         for name, why in self.reasons.items():
@@ -281,27 +300,32 @@ def _coordinate_dim(d: int) -> int:
     return -(-(d + 1) // 8) * 8
 
 
-def _flash_allowed(policy: Policy) -> bool:
-    return policy.name in ("auto", "fused") or "flash" in policy.backends
+def _varlen_kernel(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> tuple[str, list[str]]:
+    """The backend whose packed (``cu_seqlens``) kernel runs this batch in one call, and why not, when none can.
 
-
-def _flash_varlen_reasons(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> list[str]:
-    if not _flash_allowed(policy):
-        return [f"not allowed by policy {policy}"]
-    if caps.device_type != "cuda":
-        return [f"the flash varlen kernel is CUDA only (this is {caps.device_type})"]
+    Candidates are the policy's backends in its order (``auto`` / ``fused``: the device's ranking) that have a
+    varlen entry point; the first one with no reasons wins.
+    """
     from .backends import BACKENDS
+    from .policy import ranking
 
+    names = ranking(caps).order if policy.name in ("auto", "fused") else policy.backends
+    names = tuple(n for n in names if BACKENDS[n].VARLEN)
+    if not names:
+        return "", [f"no backend allowed by policy {policy} has a packed (cu_seqlens) kernel "
+                    f"({', '.join(n for n, b in BACKENDS.items() if b.VARLEN)} have)"]
     dense = _dense_spec(spec, 1, max(spec.seqlens_q, default=1), max(spec.seqlens_k, default=1),
                         "bottom_right" if spec.causal else None, None)
-    reasons = [r for r in BACKENDS["flash"].not_supported_reasons(dense, caps) if "causal" not in r]
-    if spec.head_dim % 8 or spec.head_dim != spec.head_dim_v:
-        reasons.append(f"head dims {spec.head_dim}/{spec.head_dim_v}: the varlen kernel needs equal head dims that "
-                       "are multiples of 8")
-    if spec.causal == "top_left" and spec.seqlens_q != spec.seqlens_k:
-        reasons.append("causal='top_left' with query and key lengths that differ: the varlen kernel aligns causal "
-                       "bottom-right (pass causal='bottom_right' for flash-attn's convention)")
-    return reasons
+    why: list[str] = []
+    for name in names:
+        reasons = BACKENDS[name].varlen_reasons(dense, caps)
+        if spec.causal == "top_left" and spec.seqlens_q != spec.seqlens_k:
+            reasons.append("causal='top_left' with query and key lengths that differ: the varlen kernel aligns causal "
+                           "bottom-right (pass causal='bottom_right' for flash-attn's convention)")
+        if not reasons:
+            return name, []
+        why.extend(f"{name}: {r}" for r in reasons)
+    return "", why
 
 
 def _group_ok(spec: VarlenSpec, members: Sequence[int]) -> str | None:
@@ -433,7 +457,7 @@ def plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> VarlenP
         reasons["grouped"] = tuple(why_dense)
     estimates["grouped"] = grouped_cost
 
-    flash_why = _flash_varlen_reasons(spec, caps, policy)
+    vk, flash_why = _varlen_kernel(spec, caps, policy)
     hybrid_cost, hybrid_groups, hybrid_varlen = math.inf, [], ()
     if flash_why:
         estimates["flash_varlen"] = estimates["hybrid"] = math.inf
@@ -443,7 +467,7 @@ def plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> VarlenP
         work = [spec.seqlens_q[i] * spec.seqlens_k[i] for i in live]
         causal = spec.causal is not None
         estimates["flash_varlen"] = model.varlen_us(sum(work), spec.heads_q, spec.head_dim, spec.head_dim_v, causal,
-                                                    bwd)
+                                                    bwd, vk)
         if not why_dense:
             # hybrid: the k shortest (by work) in one varlen call, the rest grouped; try a few cut points.
             by_work = sorted(live, key=lambda i: spec.seqlens_q[i] * spec.seqlens_k[i])
@@ -457,7 +481,7 @@ def plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> VarlenP
                 if groups_reasons(g_rest):
                     continue
                 c = c_rest + model.varlen_us(sum(spec.seqlens_q[i] * spec.seqlens_k[i] for i in short),
-                                             spec.heads_q, spec.head_dim, spec.head_dim_v, causal, bwd)
+                                             spec.heads_q, spec.head_dim, spec.head_dim_v, causal, bwd, vk)
                 if c < hybrid_cost:
                     hybrid_cost, hybrid_groups, hybrid_varlen = c, g_rest, tuple(sorted(short))
         estimates["hybrid"] = hybrid_cost
@@ -478,8 +502,8 @@ def plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> VarlenP
         return VarlenPlan(path, backend, tuple(groups), (), zero, streams, estimates, reasons, spec, policy)
     if path == "hybrid":
         return VarlenPlan(path, backend, tuple(hybrid_groups), hybrid_varlen, zero, streams, estimates, reasons,
-                          spec, policy)
-    return VarlenPlan(path, "flash", (), tuple(sorted(live)), zero, 0, estimates, reasons, spec, policy)
+                          spec, policy, vk)
+    return VarlenPlan(path, vk, (), tuple(sorted(live)), zero, 0, estimates, reasons, spec, policy, vk)
 
 
 # ------------------------------------------------------------------------------------------- execution
@@ -503,7 +527,8 @@ class _Exec:
     member_rows: list[list[int]]  # per gathered group: split sizes over its b * len_q rows (real, pad, real, ...)
     varlen: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, int, int] | None
     issue_order: list[int]  # groups, largest first (long kernels start first; short ones fill in)
-    flash_calls: Any = None  # stats() counter of the flash varlen op for this plan, taken on its first call
+    flash_calls: Any = None  # stats() counter of the packed varlen call for this plan, taken on its first call
+    varlen_run: Any = None  # the packed kernel: run(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale)
     direct: _Direct | None = None  # the groups' kernels called directly, one autograd node for all (see _Direct)
 
 
@@ -555,6 +580,10 @@ def _build_exec(p: VarlenPlan, device: torch.device) -> _Exec:
                    * p.groups[n].len_k)
     ex = _Exec(singles, gq, gk, sizes_q, sizes_k, gathered, {n: j for j, n in enumerate(gathered)}, member_rows,
                varlen, order)
+    if varlen is not None:
+        from .backends import BACKENDS
+
+        ex.varlen_run = BACKENDS[p.varlen_backend].varlen()
     ex.direct = _Direct.build(p, ex, device, cu_q, cu_k)
     return ex
 
@@ -599,11 +628,6 @@ def _with_coordinate(qg: torch.Tensor, kg: torch.Tensor, key_ok: torch.Tensor, d
     ak[..., 0] = torch.where(key_ok, 0.0, _K_EXTRA[kg.dtype])[..., None].to(kg.dtype)
     return (torch.cat([qg, aq.expand(*qg.shape[:-1], extra)], -1),
             torch.cat([kg, ak.expand(*kg.shape[:-1], extra)], -1))
-
-
-def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale):  # type: ignore[no-untyped-def]
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, False,
-                                                   scale=scale)[0]
 
 
 def _spec_of(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seqlens_q: tuple[int, ...],
@@ -812,12 +836,12 @@ def _finish(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, va
         else:
             qv, kv, vv = query.index_select(0, rq), key.index_select(0, rk), value.index_select(0, rk)  # type: ignore[arg-type]
         qv, kv, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (qv, kv, vv))
-        ov = _flash_varlen(qv, kv, vv, cq, ck, mq, mk, dropout_p, spec.causal is not None, softmax_scale)
+        ov = ex.varlen_run(qv, kv, vv, cq, ck, mq, mk, dropout_p, spec.causal is not None, softmax_scale)
         if ex.flash_calls is None:
-            ex.flash_calls = _plan_counter("flash", "flash varlen op", spec.describe())
+            ex.flash_calls = _plan_counter(p.varlen_backend, f"{p.varlen_backend} varlen op", spec.describe())
         next(ex.flash_calls)
         if pol.shadow and not dropout_p:
-            seed = _shadow.tick("flash", pol.shadow)
+            seed = _shadow.tick(p.varlen_backend, pol.shadow)
             if seed is not None:
                 _shadow_one_sequence(p, pol, qv, kv, vv, ov, softmax_scale, seed)
         if rq is None and not p.zero_members:
@@ -837,7 +861,7 @@ def _finish(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, va
 
 def _shadow_one_sequence(p: VarlenPlan, pol: Policy, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          out: torch.Tensor, scale: float, seed: int) -> None:
-    """A shadow check of the flash varlen call on one of its sequences (drawn from ``seed``), as a dense call."""
+    """A shadow check of the packed varlen call on one of its sequences (drawn from ``seed``), as a dense call."""
     spec, members = p.spec, p.varlen_members
     j = seed % len(members)
     oq = sum(spec.seqlens_q[i] for i in members[:j])
@@ -847,7 +871,8 @@ def _shadow_one_sequence(p: VarlenPlan, pol: Policy, q: torch.Tensor, k: torch.T
     qs, os_ = (t[oq:oq + lq].unsqueeze(0).transpose(1, 2) for t in (q, out))
     ks, vs = (t[ok:ok + lk].unsqueeze(0).transpose(1, 2) for t in (k, v))
     dense = _dense_spec(spec, 1, lq, lk, "bottom_right" if spec.causal else None, None)
-    _shadow.check(qs, ks, vs, None, scale, os_, dense, "flash", f"{spec.describe()}: sequence {i} (flash varlen op)",
+    name = p.varlen_backend
+    _shadow.check(qs, ks, vs, None, scale, os_, dense, name, f"{spec.describe()}: sequence {i} ({name} varlen op)",
                   pol.shadow_action, seed=seed)
 
 

@@ -37,6 +37,8 @@ class Capabilities:
         backends: the SDPA backends this build has for this device (``"flash"``, ``"cudnn"``, ...).
         flash_impl: the flash implementation registered with PyTorch (torch >= 2.10), e.g. ``"FA3"``;
             ``None`` means PyTorch's built-in FlashAttention-2 (or no flash kernel at all).
+        fa4_version: the installed ``flash-attn-4`` (FlashAttention-4, the optional ``fa4`` backend), e.g.
+            ``"4.0.0b36"``, read from package metadata without importing it; ``None`` when absent.
         probed: ``True`` when read from a real device of this process, ``False`` for a constructed profile.
     """
 
@@ -52,6 +54,7 @@ class Capabilities:
     cudnn_version: int | None = None
     backends: frozenset[str] = frozenset()
     flash_impl: str | None = None
+    fa4_version: str | None = None
     probed: bool = False
 
     @property
@@ -85,6 +88,8 @@ class Capabilities:
             cudnn_version = None
         if backends is None:
             backends = frozenset(BACKEND_NAMES if device_type == "cuda" else ("flash", "math", "chunked"))
+            if device_type == "cuda" and extra.get("fa4_version"):
+                backends |= {"fa4"}
         return cls(
             device_type=device_type,
             device_index=0 if device_type == "cuda" else None,
@@ -147,6 +152,11 @@ def _probe(device_type: str, index: int | None) -> Capabilities:
     cudnn_version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     if cudnn_version is not None and not common["hip_version"]:
         backends.add("cudnn")
+    from .backends.fa4 import installed_version
+
+    fa4_version = installed_version()
+    if fa4_version is not None:
+        backends.add("fa4")
     return Capabilities(
         device_type="cuda",
         device_index=index,
@@ -157,6 +167,7 @@ def _probe(device_type: str, index: int | None) -> Capabilities:
         cudnn_version=cudnn_version,
         backends=frozenset(backends),
         flash_impl=_flash_impl(),
+        fa4_version=fa4_version,
         **common,
     )
 

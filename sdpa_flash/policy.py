@@ -311,7 +311,20 @@ def use_policy(
 # ---------------------------------------------------------------------------------------------- ranking
 @dataclasses.dataclass(frozen=True)
 class RankingRule:
-    """The preferred backend order for a range of devices, with the evidence it rests on."""
+    """The preferred backend order for a range of devices — and optionally a class of calls — with its evidence.
+
+    Rules are tried in order; the first that matches the device and the call decides. A rule without a shape
+    class (``head_dim``, ``seqlen_q``, ``seqlen_k``, ``training`` all ``None``) is the device's general rule;
+    a rule with one carries the measurement that made it differ from the general rule.
+
+    Attributes:
+        device_type, min_cc, below_cc, rocm: the devices it applies to.
+        order: the backends, fastest first.
+        evidence: the measurement it rests on.
+        head_dim: inclusive range of ``max(D, Dv)``.
+        seqlen_q / seqlen_k: inclusive ranges of the query / key length.
+        training: ``True``: calls that need a backward; ``False``: forward-only calls.
+    """
 
     device_type: str
     order: tuple[str, ...]
@@ -319,41 +332,58 @@ class RankingRule:
     min_cc: tuple[int, int] | None = None
     below_cc: tuple[int, int] | None = None
     rocm: bool = False
+    head_dim: tuple[int, int] | None = None
+    seqlen_q: tuple[int, int] | None = None
+    seqlen_k: tuple[int, int] | None = None
+    training: bool | None = None
 
-    def matches(self, caps: Capabilities) -> bool:
+    @property
+    def shape_class(self) -> bool:
+        """Whether the rule applies to a class of calls rather than to every call on its devices."""
+        return (self.head_dim, self.seqlen_q, self.seqlen_k, self.training) != (None, None, None, None)
+
+    def matches(self, caps: Capabilities, spec: AttentionSpec | None = None) -> bool:
         if caps.device_type != self.device_type or self.rocm != bool(caps.hip_version):
             return False
         cc = caps.compute_capability
         if self.min_cc is not None and (cc is None or cc < self.min_cc):
             return False
-        return not (self.below_cc is not None and (cc is None or cc >= self.below_cc))
+        if self.below_cc is not None and (cc is None or cc >= self.below_cc):
+            return False
+        if not self.shape_class:
+            return True
+        if spec is None:
+            return False
+
+        def within(value: int, bounds: tuple[int, int] | None) -> bool:
+            return bounds is None or bounds[0] <= value <= bounds[1]
+
+        return (within(max(spec.head_dim, spec.head_dim_v), self.head_dim) and within(spec.seqlen_q, self.seqlen_q)
+                and within(spec.seqlen_k, self.seqlen_k)
+                and (self.training is None or self.training == spec.needs_grad))
+
+    def describe(self) -> str:
+        """The shape class in words (empty for a device-wide rule)."""
+        bits = []
+        if self.head_dim is not None:
+            bits.append(f"head dim {self.head_dim[0]}-{self.head_dim[1]}")
+        if self.seqlen_q is not None:
+            bits.append(f"Sq {self.seqlen_q[0]}-{self.seqlen_q[1]}")
+        if self.seqlen_k is not None:
+            bits.append(f"Sk {self.seqlen_k[0]}-{self.seqlen_k[1]}")
+        if self.training is not None:
+            bits.append("training" if self.training else "forward only")
+        return ", ".join(bits)
 
 
-RANKING: tuple[RankingRule, ...] = (
-    RankingRule(
-        "cuda", ("cudnn", "flash", "efficient", "math", "chunked"), min_cc=(9, 0),
-        evidence="measured on an H200 (sm90), torch 2.11 + cuDNN 9.19: cuDNN ran 1.5-1.8x FLASH and FLASH "
-                 "1.7-2.2x EFFICIENT at every shape of benchmarks/RESULTS.md (2026-11-21)",
-    ),
-    RankingRule(
-        "cuda", ("flash", "efficient", "cudnn", "math", "chunked"), min_cc=(8, 0), below_cc=(9, 0),
-        evidence="PyTorch's own default priority for Ampere/Ada (flash, then efficient); not yet measured here",
-    ),
-    RankingRule(
-        "cuda", ("efficient", "flash", "cudnn", "math", "chunked"), below_cc=(8, 0),
-        evidence="only the efficient kernel supports compute capability < 8.0",
-    ),
-    RankingRule("cuda", ("flash", "efficient", "math", "chunked"), rocm=True,
-                evidence="ROCm builds ship flash and efficient through AOTriton; not measured here"),
-    RankingRule("cpu", ("flash", "math", "chunked"),
-                evidence="PyTorch's CPU flash kernel is O(N) memory; math is O(N^2)"),
-)
+from ._ranking import RANKING  # noqa: E402  (data module; needs RankingRule)
 
 
-def ranking(caps: Capabilities) -> RankingRule:
-    """The ranking rule for ``caps`` (the fallback rule for unknown devices prefers math)."""
+def ranking(caps: Capabilities, spec: AttentionSpec | None = None) -> RankingRule:
+    """The ranking rule for ``caps`` — for the call ``spec`` when given (shape-class rules apply), else the
+    device's general rule. Unknown devices get a rule that prefers math."""
     for rule in RANKING:
-        if rule.matches(caps):
+        if rule.matches(caps, spec):
             return rule
     return RankingRule(caps.device_type, ("math", "chunked"),
                        evidence=f"no fused kernels are modelled for {caps.device_type}")
@@ -521,7 +551,8 @@ class Plan:
 
     def __str__(self) -> str:
         why = "; ".join(f"{name}: {r[0]}" for name, r in self.reasons.items() if r)
-        head = f"{self.backend} via {'direct aten op' if self.route == 'direct' else 'F.scaled_dot_product_attention'}"
+        how = BACKENDS[self.backend].DIRECT_LABEL if self.route == "direct" else "F.scaled_dot_product_attention"
+        head = f"{self.backend} via {how}"
         if self.fallback:
             head += " [fallback]"
         return f"{head}  ({why})" if why else head
@@ -554,12 +585,14 @@ def _math_bytes(spec: AttentionSpec) -> int:
     return copies * spec.batch * spec.heads_q * spec.seqlen_q * spec.seqlen_k * item
 
 
-def _candidates(policy: Policy, caps: Capabilities) -> tuple[tuple[str, ...], str]:
-    rule = ranking(caps)
+def _candidates(policy: Policy, caps: Capabilities, spec: AttentionSpec | None = None
+                ) -> tuple[tuple[str, ...], str]:
+    rule = ranking(caps, spec)
+    evidence = f"{rule.describe()}: {rule.evidence}" if rule.shape_class else rule.evidence
     if policy.name == "auto":
-        return rule.order, rule.evidence
+        return rule.order, evidence
     if policy.name == "fused":
-        return tuple(b for b in rule.order if BACKENDS[b].fused), rule.evidence
+        return tuple(b for b in rule.order if BACKENDS[b].fused), evidence
     return policy.backends, ""
 
 
@@ -619,7 +652,7 @@ def _nondeterministic(name: str, caps: Capabilities) -> str | None:
 
 @functools.lru_cache(maxsize=4096)
 def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic: str) -> Plan:
-    order, evidence = _candidates(policy, caps)
+    order, evidence = _candidates(policy, caps, spec)
     if spec.batch == 0 or spec.heads_q == 0 or spec.seqlen_q == 0 or spec.seqlen_k == 0:
         note = "zero-size problem: the result is empty (or zeros when there are no keys); nothing to choose"
         prep = BACKENDS["math"].prep(spec, caps.device_type if caps.device_type in BACKENDS["math"].REQUIREMENTS
@@ -682,8 +715,8 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
     if deterministic == "warn" and _nondeterministic(chosen, caps):
         notes += (f"{_nondeterministic(chosen, caps)}, and torch.use_deterministic_algorithms(True, warn_only=True) "
                   "is set: it runs anyway, with a warning",)
-    return Plan(chosen, spec, caps, policy, order, reasons, fallback=fallback,
-                notes=notes, evidence=evidence, prep=prep, deterministic=deterministic)
+    return Plan(chosen, spec, caps, policy, order, reasons, fallback=fallback, notes=notes,
+                route_reason=BACKENDS[chosen].ROUTE_REASON, evidence=evidence, prep=prep, deterministic=deterministic)
 
 
 plan.cache_clear = _plan.cache_clear  # type: ignore[attr-defined]

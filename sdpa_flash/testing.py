@@ -879,6 +879,9 @@ PROPERTY_PROFILES: dict[str, PropertyProfile] = {
         PropertyProfile("gpu", "cuda", 1000, True,
                         "CUDA: >= 1,000 cases per fused backend and half-precision dtype, forward and backward",
                         0.05),
+        PropertyProfile("gpu-quick", "cuda", 400, True,
+                        "CUDA: 400 cases per fused backend and half-precision dtype, for kernels that compile per "
+                        "configuration (FlashAttention-4) or a short GPU session", 0.05),
         PropertyProfile("dev", "cpu", 40, False,
                         "CPU, random seeds and a local example database: quick runs while developing", 0.5),
     )

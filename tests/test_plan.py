@@ -17,6 +17,7 @@ from sdpa_flash import (
     plan,
     remove_denylist_entry,
 )
+from sdpa_flash.backends import BACKENDS
 from sdpa_flash.policy import resolve_policy
 
 PROFILES = {
@@ -60,8 +61,13 @@ def test_auto_picks_the_ranked_kernel(profile: str, expected: str) -> None:
     p = plan(typical(profile), PROFILES[profile], AUTO)
     assert p.backend == expected
     assert not p.fallback
-    assert p.order[0] == expected  # the first-ranked backend can run the typical call on every profile
-    assert set(p.reasons) | {p.backend} == {"cudnn", "flash", "efficient", "math", "chunked"}
+    # the first-ranked backend that is installed can run the typical call on every profile (FA4 is not installed
+    # in these profiles, and says so)
+    assert next(b for b in p.order if b != "fa4") == expected
+    assert "fa4" not in p.order[p.order.index(expected):] or profile == "sm100"
+    if "fa4" in p.order[: p.order.index(expected)]:
+        assert p.reasons["fa4"] == ("flash-attn-4 is not installed (pip install 'sdpa_flash[fa4]')",)
+    assert set(p.reasons) | {p.backend} == set(BACKENDS)
     assert p.evidence
 
 
@@ -87,9 +93,10 @@ def test_bf16_on_volta_falls_back_to_math_and_says_why() -> None:
 def test_lower_ranked_backends_get_a_ranking_reason() -> None:
     p = plan(typical("sm90"), PROFILES["sm90"], AUTO)
     assert p.reasons["flash"] == ("ranked below cudnn for sm90 by the policy",)
-    assert str(p).startswith("cudnn via direct aten op  (flash: ranked below cudnn")
+    assert str(p).startswith("cudnn via direct aten op  (fa4: flash-attn-4 is not installed (pip install "
+                             "'sdpa_flash[fa4]'); flash: ranked below cudnn")
     text = p.explain()
-    assert "backend: cudnn" in text and "ranking: cudnn > flash > efficient > math > chunked" in text
+    assert "backend: cudnn" in text and "ranking: fa4 > cudnn > flash > efficient > math > chunked" in text
 
 
 def test_cpu_reasons_for_cuda_only_backends() -> None:

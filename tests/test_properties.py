@@ -96,6 +96,12 @@ _SHAPE_POOLS: dict[tuple[str, str], tuple[tuple[int, int, int, int, int, int, in
     ("cuda", "cudnn"): ((2, 4, 4, 64, 64, 64, 64), (1, 4, 2, 65, 129, 128, 128), (2, 2, 1, 127, 63, 80, 80),
                         (1, 4, 4, 128, 128, 256, 256), (2, 2, 2, 257, 255, 32, 32), (1, 4, 1, 300, 300, 60, 60),
                         (2, 4, 2, 17, 256, 128, 128), (2, 2, 2, 1, 129, 64, 64)),
+    # FlashAttention-4 JIT-compiles every (dtype, head dims, GQA ratio, causal, training) it meets, and a query
+    # that fits one tile gets its own kernel: 3-7 s each on the H200. Its pool keeps that set small — head dims
+    # 64/128 (60 zero-padded to 64), GQA 1 and 2, multi-tile queries and one single-tile (decode-like) shape —
+    # while lengths cross its 128-row tiles, Sq != Sk both ways.
+    ("cuda", "fa4"): ((2, 4, 4, 200, 200, 64, 64), (1, 4, 2, 129, 257, 128, 128), (2, 2, 2, 300, 256, 128, 128),
+                      (1, 4, 4, 256, 255, 60, 60), (2, 4, 2, 255, 129, 128, 128), (2, 4, 4, 40, 300, 128, 128)),
 }
 _HALF = (torch.float16, torch.bfloat16)
 _STRICT_SELECTION = frozenset(n for n, b in BACKENDS.items() if b.fused)  # mask by selecting, not adding -inf

@@ -1,4 +1,7 @@
-"""The SDPA backends, one module each; ``BACKENDS`` maps a backend's name to its instance."""
+"""The backends — SDPA's kernels and optional ones such as FlashAttention-4 — one module each.
+
+``BACKENDS`` maps a backend's name to its instance.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,15 @@ from ._base import Backend, Requirements
 from .chunked import ChunkedBackend
 from .cudnn import CudnnBackend
 from .efficient import EfficientBackend
+from .fa4 import FA4Backend
 from .flash import FlashBackend
 from .math import MathBackend
 
 __all__ = ["BACKENDS", "Backend", "Requirements", "get_backend"]
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (CudnnBackend(), FlashBackend(), EfficientBackend(), MathBackend(), ChunkedBackend())
+    b.name: b
+    for b in (FA4Backend(), CudnnBackend(), FlashBackend(), EfficientBackend(), MathBackend(), ChunkedBackend())
 }
 
 

@@ -167,6 +167,11 @@ class Backend:
     fused: ClassVar[bool] = True
     memory: ClassVar[str] = "O(N)"
     REQUIREMENTS: ClassVar[dict[str, Requirements]]
+    DIRECT_LABEL: ClassVar[str] = "direct aten op"
+    ROUTE_REASON: ClassVar[str] = "the chosen kernel's aten op is called directly: exact, and no global flags change"
+    """How the direct route reaches the kernel (``explain()``'s ``route:`` line)."""
+    MISSING_REASON: ClassVar[str | None] = None
+    """Why the backend is absent when ``caps.backends`` lacks it (default: not built into this PyTorch)."""
     TORCH_CHECK: ClassVar[str | None] = None
     """Name of ``torch.backends.cuda.can_use_*_attention`` consulted on a real CUDA device."""
     MASKED_VALUE: ClassVar[float] = float("-inf")
@@ -187,7 +192,7 @@ class Backend:
             return [f"not available on device type {caps.device_type!r} (has kernels for: {have})"]
         reasons: list[str] = []
         if self.name not in caps.backends:
-            reasons.append(f"not built into this PyTorch ({caps.torch_version}) for {caps.arch}")
+            reasons.append(self.MISSING_REASON or f"not built into this PyTorch ({caps.torch_version}) for {caps.arch}")
         cc = caps.compute_capability
         if cc is not None:
             if req.min_cc is not None and cc < req.min_cc:
@@ -318,6 +323,20 @@ class Backend:
             if not msgs:
                 return []
         return [f"PyTorch: {m}" for m in dict.fromkeys(msgs)] or ["PyTorch's can_use check declined these inputs"]
+
+    # --------------------------------------------------------------------------------------------- varlen
+    VARLEN: ClassVar[bool] = False
+    """The backend has a packed (``cu_seqlens``) entry point: :meth:`varlen_reasons` and :meth:`varlen`."""
+
+    def varlen_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+        """Why one packed call cannot run a ragged batch whose longest query and key give ``spec`` (causal, if
+        any, bottom-right)."""
+        return ["has no packed (cu_seqlens) kernel"]
+
+    def varlen(self) -> Callable[..., torch.Tensor]:
+        """``run(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale) -> out``, packed (T, H, D) in and
+        out, ``cu_*`` int32 on the device, causal aligned bottom-right per sequence."""
+        raise NotImplementedError(f"{self.name} has no packed (cu_seqlens) kernel")
 
     # ------------------------------------------------------------------------------------------- doing
     def _call(

@@ -55,6 +55,20 @@ class FlashBackend(Backend):
                 return [f"backward with head_dim={spec.head_dim} needs more shared memory than {caps.arch} has"]
         return []
 
+    VARLEN = True
+
+    def varlen_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+        if caps.device_type != "cuda":
+            return [f"the flash varlen kernel is CUDA only (this is {caps.device_type})"]
+        reasons = [r for r in self.not_supported_reasons(spec, caps) if "causal" not in r]
+        if spec.head_dim % 8 or spec.head_dim != spec.head_dim_v:
+            reasons.append(f"head dims {spec.head_dim}/{spec.head_dim_v}: the varlen kernel needs equal head dims that "
+                           "are multiples of 8")
+        return reasons
+
+    def varlen(self):  # type: ignore[no-untyped-def]
+        return _flash_varlen
+
     def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
         if device_type == "cpu":
             return _CPU_TRACED if traced else _CPU
@@ -90,6 +104,11 @@ def _cpu_kernel(op):  # type: ignore[no-untyped-def]
         return run
 
     return with_plain(call, plain)
+
+
+def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale):  # type: ignore[no-untyped-def]
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, False,
+                                                   scale=scale)[0]
 
 
 _CUDA = _cuda_kernel(torch._scaled_dot_product_flash_attention)

@@ -1,0 +1,398 @@
+"""FlashAttention-4 (the ``flash-attn-4`` package, CuTe DSL kernels for Hopper and Blackwell): an optional backend.
+
+Installed with ``pip install "sdpa_flash[fa4]"``; without it nothing changes and every plan says why
+(``"flash-attn-4 is not installed (pip install 'sdpa_flash[fa4]')"``). Nothing here imports the package when
+``sdpa_flash`` is imported: :func:`load` does, the first time a plan on a real GPU considers this backend (it
+takes seconds: ``sdpa_flash.warmup`` moves that cost to start-up).
+
+What the kernel is, as data (flash-attn-4 4.0.0b36, read from its ``flash_attn/cute/interface.py``):
+
+* layout (B, S, H, D); (B, H, S, D) tensors are passed as ``transpose(1, 2)`` views, which it reads in place
+  (strides stay multiples of 16 bytes), so neither layout costs a copy;
+* float16 / bfloat16 only; head dims 8..256 in multiples of 8 on sm90, ``<= 128`` (or (192, 128), (256, 256))
+  on sm100; value head dim may differ from the query's;
+* causal masking aligned to the bottom-right corner when ``Sq != Sk`` (flash-attn's convention); GQA read in
+  place; no dropout, no arbitrary ``attn_mask``; a deterministic backward when asked (passed through when
+  ``torch.use_deterministic_algorithms(True)`` is on);
+* no device guard: it launches on the *current* CUDA device (flash-attention#1782), so calls on another
+  device run under ``torch.cuda.device``;
+* not a torch custom op: eager calls go through its own ``autograd.Function``; under ``torch.compile`` the
+  call is the ``sdpa_flash::fa4_fwd`` / ``sdpa_flash::fa4_bwd`` custom ops defined here, so graphs have no
+  break;
+* each new configuration (dtype, head dims, causal, GQA ratio, window, training or not) JIT-compiles for
+  seconds. Its on-disk compile cache (``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED``, read when the package is
+  imported) is turned on here before the import, in ``~/.cache/sdpa_flash/fa4`` (``SDPA_FLASH_FA4_CACHE``:
+  ``1`` (default), ``0`` to leave FA4's own default (off), or a directory); a setting of FA4's own variables is
+  left as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..capability import Capabilities
+from ..errors import AttentionInputError
+from ..spec import AttentionSpec
+from ._base import Backend, Prep, Requirements, Runner, make_runner, with_plain
+
+__all__ = ["DISTRIBUTION", "INSTALL_HINT", "CacheInfo", "FA4Backend", "cache_info", "installed_version", "load"]
+
+DISTRIBUTION = "flash-attn-4"
+"""The distribution name on the package index (its module is ``flash_attn.cute``)."""
+INSTALL_HINT = "pip install 'sdpa_flash[fa4]'"
+_MODULE = "flash_attn.cute.interface"
+_CACHE_ENV = "SDPA_FLASH_FA4_CACHE"
+_FA4_CACHE_ON = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+_FA4_CACHE_DIR = "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"
+
+
+# ------------------------------------------------------------------------------------------- the package
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_import_error: str | None = None
+import_seconds: float | None = None
+"""How long importing the package took in this process (``None`` before it was imported)."""
+
+
+def installed_version() -> str | None:
+    """The installed ``flash-attn-4`` version (``"4.0.0b36"``), or ``None``; reads package metadata only.
+
+    (``flash_attn.cute.__version__`` is always ``"0.0.0"`` in 4.0.0b36: it asks for a distribution named
+    ``fa4``.)
+    """
+    try:
+        version = importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    try:
+        found = importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):  # a ``flash_attn`` without a ``cute`` sub-package (flash-attn 2), or a stub
+        found = False
+    return version if found else None
+
+
+def _cache_setting() -> tuple[bool, Path | None]:
+    """``SDPA_FLASH_FA4_CACHE`` parsed: (turn FA4's disk cache on, directory or ``None`` for ours)."""
+    raw = os.environ.get(_CACHE_ENV, "1").strip()
+    if raw.lower() in ("1", "on", "true", "yes", ""):
+        return True, None
+    if raw.lower() in ("0", "off", "false", "no"):
+        return False, None
+    if raw.startswith(("/", "~", ".")):
+        return True, Path(raw).expanduser()
+    raise AttentionInputError(f"Expected {_CACHE_ENV} to be 1 (on, the default), 0 (off) or a directory path, but "
+                              f"got {raw!r} instead.")
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/sdpa_flash/fa4`` (``~/.cache/sdpa_flash/fa4``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sdpa_flash" / "fa4"
+
+
+def _configure_cache() -> None:
+    """Turn FA4's persistent compile cache on before its import (it reads the variables then), unless the user
+    set FA4's own variables or ``SDPA_FLASH_FA4_CACHE=0``."""
+    on, where = _cache_setting()
+    if not on or _FA4_CACHE_ON in os.environ:
+        return
+    os.environ[_FA4_CACHE_ON] = "1"
+    if _FA4_CACHE_DIR not in os.environ:
+        os.environ[_FA4_CACHE_DIR] = str(where or default_cache_dir())
+
+
+def load() -> ModuleType:
+    """Import FA4's interface module (once; thread-safe) and return it.
+
+    Raises:
+        ImportError: the package is absent or fails to import (the message says which).
+    """
+    global _module, _import_error, import_seconds
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is not None:
+            return _module
+        if _import_error is not None:
+            raise ImportError(_import_error)
+        if installed_version() is None:
+            raise ImportError(f"{DISTRIBUTION} is not installed ({INSTALL_HINT})")
+        _configure_cache()
+        start = time.perf_counter()
+        try:
+            mod = importlib.import_module(_MODULE)
+            for name in ("flash_attn_func", "flash_attn_varlen_func", "_flash_attn_fwd", "_flash_attn_bwd"):
+                if not hasattr(mod, name):
+                    raise ImportError(f"{_MODULE} has no {name} (an unsupported flash-attn-4 release)")
+        except Exception as exc:  # any failure at import is "cannot be used here", with the reason
+            _import_error = f"{DISTRIBUTION} {installed_version()} failed to import: {type(exc).__name__}: {exc}"
+            raise ImportError(_import_error) from exc
+        import_seconds = time.perf_counter() - start
+        _module = mod
+        return mod
+
+
+def import_error() -> str | None:
+    """Why FA4 cannot be imported here, trying the import once if it has not been tried (``None``: it imports)."""
+    if _module is not None:
+        return None
+    try:
+        load()
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheInfo:
+    """FA4's compile cache as this process sees it.
+
+    Attributes:
+        enabled: the persistent (on-disk) cache is on (FA4 reads this when it is imported).
+        directory: where compiled kernels are kept (``None`` when the cache is off).
+        entries: compiled kernels on disk (all FA4 source fingerprints).
+        bytes: their size.
+        in_memory: kernels compiled or loaded in this process, by entry point (``{"fwd": 3, "bwd": 2}``);
+            empty until FA4 is imported.
+    """
+
+    enabled: bool
+    directory: str | None
+    entries: int
+    bytes: int
+    in_memory: dict[str, int]
+
+
+def cache_info() -> CacheInfo:
+    """What FA4's compile cache holds (does not import FA4)."""
+    if _module is not None:
+        cu = importlib.import_module("flash_attn.cute.cache_utils")
+        enabled = bool(cu.CUTE_DSL_CACHE_ENABLED)
+        directory = str(cu.get_cache_path()) if enabled else None
+    else:
+        on, where = _cache_setting()
+        enabled = os.environ.get(_FA4_CACHE_ON, "1" if on else "0") == "1"
+        directory = os.environ.get(_FA4_CACHE_DIR) or (str(where or default_cache_dir()) if enabled else None)
+    entries = size = 0
+    if directory and os.path.isdir(directory):
+        for p in Path(directory).rglob("*.o"):
+            entries += 1
+            size += p.stat().st_size
+    in_memory: dict[str, int] = {}
+    if _module is not None:
+        for name in ("_flash_attn_fwd", "_flash_attn_bwd"):
+            cache = getattr(getattr(_module, name, None), "compile_cache", None)
+            try:
+                in_memory[name.rsplit("_", 1)[1]] = len(cache)  # type: ignore[arg-type]
+            except TypeError:
+                pass
+    return CacheInfo(enabled, directory, entries, size, in_memory)
+
+
+# ------------------------------------------------------------------------------------------ the backend
+_SM90 = Requirements(
+    dtypes=frozenset((torch.float16, torch.bfloat16)),
+    min_cc=(9, 0),
+    max_cc=(10, 3),
+    max_head_dim=256,
+    head_dim_multiple=8,
+    native_gqa=True,
+    kernel_causal="bottom_right",
+    dropout=False,
+    mask=False,
+    contiguous_last_dim=True,
+    # FA4's backward takes deterministic=True (an ordered dQ accumulation; SM90: flash-attention b664ea0c, GQA fix
+    # #2510); the runner passes it whenever torch.use_deterministic_algorithms(True) is on.
+    deterministic_backward=True,
+)
+
+
+class FA4Backend(Backend):
+    name = "fa4"
+    sdp_backend = ""  # not one of SDPA's backends: sdpa_kernel cannot force it
+    MISSING_REASON = f"{DISTRIBUTION} is not installed ({INSTALL_HINT})"
+    DIRECT_LABEL = "flash_attn.cute"
+    ROUTE_REASON = ("FlashAttention-4's own function is called directly (no global flags change); (B, H, S, D) "
+                    "inputs reach it as (B, S, H, D) views, without a copy")
+    REQUIREMENTS: ClassVar[dict[str, Requirements]] = {"cuda": _SM90}
+
+    def not_supported_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+        reasons = super().not_supported_reasons(spec, caps)
+        if not reasons and caps.probed and caps.device_type == "cuda":
+            why = import_error()  # the first plan that would run this backend imports the package
+            if why:
+                reasons.append(why)
+        return reasons
+
+    def extra_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+        reasons = []
+        cc = caps.compute_capability
+        if caps.hip_version:
+            reasons.append("FlashAttention-4's kernels are CUDA (NVIDIA) only")
+        if cc is not None and cc[0] == 10:
+            d, dv = spec.head_dim, spec.head_dim_v
+            if not (max(d, dv) <= 128 or (d, dv) in ((192, 128), (256, 256))):
+                reasons.append(f"head dims ({d}, {dv}) on {caps.arch} (supported: <= 128, (192, 128) or (256, 256))")
+        return reasons
+
+    def runner(self, spec: AttentionSpec, prep: Prep) -> Runner:
+        call = _eager_kernel(load(), torch.are_deterministic_algorithms_enabled() and spec.needs_grad,
+                             torch.cuda.is_available() and torch.cuda.device_count() > 1)
+        return make_runner(call, spec.needs_grad, self.MASKED_VALUE, self.ZERO_MASKED_ROWS, spec.head_dim,
+                           spec.head_dim_v, spec.seqlen_q, *dataclasses.astuple(prep))
+
+    def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
+        return _TRACED
+
+    def _call(self, q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+        return _eager_kernel(load(), torch.are_deterministic_algorithms_enabled(), True)(
+            q, k, v, bias, dropout_p, is_causal, scale, needs_lse)
+
+    # -------------------------------------------------------------------------------------------- varlen
+    VARLEN = True
+
+    def varlen_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+        return [r for r in self.not_supported_reasons(spec, caps) if "causal" not in r]
+
+    def varlen(self) -> Any:
+        fn = load().flash_attn_varlen_func
+        guard = torch.cuda.is_available() and torch.cuda.device_count() > 1
+        det = torch.are_deterministic_algorithms_enabled
+
+        def run(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale):  # type: ignore[no-untyped-def]
+            with _on_device(q) if guard else _NULL:
+                return fn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(max_q),
+                          max_seqlen_k=int(max_k), softmax_scale=scale, causal=bool(causal),
+                          deterministic=det() and q.requires_grad)[0]
+
+        return run
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NULL = _Null()
+
+
+def _on_device(t: Tensor) -> Any:
+    """``torch.cuda.device(t.device)`` when that is not the current device (FA4 has no device guard)."""
+    if t.device.index is None or t.device.index == torch.cuda.current_device():
+        return _NULL
+    return torch.cuda.device(t.device)
+
+
+def _eager_kernel(mod: ModuleType, deterministic: bool, guard: bool):  # type: ignore[no-untyped-def]
+    """The eager kernel (signature of ``Backend._call``), through FA4's own autograd.Function."""
+    fn = mod.flash_attn_func
+
+    def call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+        with _on_device(q) if guard else _NULL:
+            out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                     causal=bool(is_causal), deterministic=deterministic)[0]
+        return out.transpose(1, 2)
+
+    def plain(is_causal, needs_lse):  # type: ignore[no-untyped-def]
+        causal = bool(is_causal)
+        if guard:
+            def run_guarded(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+                with _on_device(q):
+                    return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                              causal=causal, deterministic=deterministic)[0].transpose(1, 2)
+
+            return run_guarded
+
+        def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+            return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal,
+                      deterministic=deterministic)[0].transpose(1, 2)
+
+        return run
+
+    return with_plain(call, plain)
+
+
+# ------------------------------------------------------------------------------ torch.compile: custom ops
+def window_arg(left: int | None, right: int | None) -> tuple[int | None, int | None]:
+    """flash-attn 2's window (``-1`` = unbounded on that side) as FA4 takes it: ``None`` per side.
+
+    FA4 4.0.0b36 resets a side to unbounded only when *both* are negative, so ``(-1, 0)`` would become an empty
+    band (all-zero output); each negative side is mapped to ``None`` on its own, as torch's FA4 adapter does.
+    """
+    return (None if left is None or left < 0 else int(left), None if right is None or right < 0 else int(right))
+
+
+@torch.library.custom_op("sdpa_flash::fa4_fwd", mutates_args=())
+def fa4_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool, window_left: int,
+            window_right: int, softcap: float) -> tuple[Tensor, Tensor]:
+    """FA4's forward on (B, S, H, D) inputs -> ``(out (B, Sq, H, Dv), lse (B, H, Sq) float32)``; a negative window
+    side is unbounded."""
+    wl, wr = window_arg(window_left, window_right)
+    with _on_device(q):
+        res = load()._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=causal, softcap=softcap,
+                                     window_size_left=wl, window_size_right=wr, return_lse=True)
+    return res[0], res[1]
+
+
+@fa4_fwd.register_fake
+def _fa4_fwd_fake(q, k, v, scale, causal, window_left, window_right, softcap):  # type: ignore[no-untyped-def]
+    b, sq, h, _ = q.shape
+    return (q.new_empty(b, sq, h, v.shape[-1]), q.new_empty(b, h, sq, dtype=torch.float32))
+
+
+@torch.library.custom_op("sdpa_flash::fa4_bwd", mutates_args=())
+def fa4_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float | None,
+            causal: bool, window_left: int, window_right: int, softcap: float, deterministic: bool
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """FA4's backward: ``(dq, dk, dv)`` in the inputs' shapes."""
+    wl, wr = window_arg(window_left, window_right)
+    with _on_device(q):
+        dq, dk, dv = load()._flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, softmax_scale=scale, causal=causal,
+                                            softcap=softcap, window_size_left=wl, window_size_right=wr,
+                                            deterministic=deterministic)[:3]
+    return dq, dk, dv
+
+
+@fa4_bwd.register_fake
+def _fa4_bwd_fake(dout, q, k, v, out, lse, scale, causal, window_left, window_right, softcap, deterministic):  # type: ignore[no-untyped-def]
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    q, k, v, scale, causal, wl, wr, softcap = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (scale, causal, wl, wr, softcap)
+    ctx.deterministic = torch.are_deterministic_algorithms_enabled()
+
+
+def _backward(ctx, dout, dlse):  # type: ignore[no-untyped-def]
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = fa4_bwd(dout, q, k, v, out, lse, *ctx.args, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None
+
+
+fa4_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _traced_call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+    out = fa4_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, bool(is_causal), -1, -1, 0.0)[0]
+    return out.transpose(1, 2)
+
+
+_TRACED = _traced_call
