@@ -79,8 +79,8 @@ def _dense_key(q: Any, k: Any, v: Any, dropout_p: Any, softmax_scale: Any, causa
                softcap: Any, alibi_slopes: Any, deterministic: Any, return_attn_probs: Any) -> Any:
     """Everything a dense decision depends on, or ``None`` (not cacheable: autocast, unhashable arguments)."""
     try:
-        if _any_autocast() or type(window_size) is not tuple:
-            return None
+        if _any_autocast() or type(window_size) is not tuple or not all(type(w) is int for w in window_size):
+            return None  # a window of tensors / NumPy integers: validated (and converted) on every call
         alibi = None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.dtype, alibi_slopes.device)
         key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, dropout_p,
                softmax_scale, causal, window_size, softcap, alibi, deterministic, return_attn_probs,
