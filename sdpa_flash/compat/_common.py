@@ -261,6 +261,18 @@ def check_lengths(name: str, cu: list[int], total: int, max_seqlen: Any, max_nam
     return int(max_seqlen)
 
 
+def index_values_readable(device: torch.device) -> bool:
+    """Whether index tensors' values (cache_seqlens, block_table, ...) can be read on the host before a call.
+
+    Not while ``torch.compile`` traces (the values do not exist yet), not while a CUDA graph is being captured (a
+    host sync is forbidden there), and not on the meta device. Where this is False the range checks are skipped and
+    out-of-range indices are the caller's responsibility, as in flash-attn.
+    """
+    if device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
