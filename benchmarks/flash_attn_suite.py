@@ -140,6 +140,7 @@ def _dropout(item):
     return float(params.get("dropout_p", 0.0) or 0.0) > 0
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected theirs: the sample is drawn from what is left
 def pytest_collection_modifyitems(config, items):
     n = int(os.environ.get("FA_SUITE_SAMPLE", "0"))
     rng = random.Random(int(os.environ.get("FA_SUITE_SEED", "0")))
