@@ -3,8 +3,10 @@ and attention over the updated cache against the float64 reference of flash-attn
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -190,6 +192,35 @@ def test_paged_cache_matches_the_contiguous_one() -> None:
     assert torch.equal(pool_v[table.long()].flatten(1, 2), flat_v)
 
 
+PAGE, BLOCKS = 4, 8
+
+
+def _pool(seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(BLOCKS, PAGE, HK, D, generator=g), torch.randn(BLOCKS, PAGE, HK, D, generator=g)
+
+
+def _paged(table: list[list[int]], lens: int | Sequence[int] | None = (3, 9), append: bool = True,
+           pool: tuple[torch.Tensor, ...] | None = None, device: str = "cpu") -> torch.Tensor:
+    """A decode step against a paged pool of 8 blocks of 4 (3 blocks per row: capacity 12)."""
+    pk, pv = pool if pool is not None else _pool()
+    q, k, v = (t.to(device) for t in new(2, 1, 1, torch.float32))
+    seqlens: Any = lens if lens is None or isinstance(lens, int) else torch.tensor(list(lens), dtype=torch.int32,
+                                                                                   device=device)
+    return C.flash_attn_with_kvcache(q, pk.to(device) if pool is None else pk, pv.to(device) if pool is None else pv,
+                                     k if append else None, v if append else None, cache_seqlens=seqlens,
+                                     block_table=torch.tensor(table, dtype=torch.int32, device=device))
+
+
+def _paged_varlen(table: list[list[int]], cu: list[int]) -> torch.Tensor:
+    pk, pv = _pool()
+    q = torch.randn(cu[-1], HQ, D, generator=torch.Generator().manual_seed(3))
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    longest = max(b - a for a, b in itertools.pairwise(cu))
+    return C.flash_attn_varlen_func(q, pk, pv, cu_t, cu_t, longest, longest,
+                                    block_table=torch.tensor(table, dtype=torch.int32))
+
+
 def _kv() -> tuple[torch.Tensor, ...]:
     kc, vc = cache(torch.float32)
     return (new(2, 1, 1, torch.float32)[0], kc, vc)
@@ -225,6 +256,34 @@ BAD: dict[str, tuple[Any, type[Exception], str]] = {
         _kv()[0], torch.zeros(4, 4, HK, D), torch.zeros(4, 4, HK, D), cache_seqlens=1,
         block_table=torch.zeros(2, 2, dtype=torch.int32), cache_batch_idx=torch.tensor([0, 1], dtype=torch.int32)),
         C.UnsupportedArgumentError, r"cache_batch_idx cannot be combined with block_table"),
+    "seqlens-negative": (lambda: C.flash_attn_with_kvcache(*_kv(),
+                                                           cache_seqlens=torch.tensor([3, -1], dtype=torch.int32)),
+                         AttentionInputError, r"0 <= cache_seqlens .* cache_seqlens=\[3, -1\] \(min -1, max 3\)"),
+    "seqlens-past-capacity-no-append": (lambda: C.flash_attn_with_kvcache(
+        *_kv(), cache_seqlens=torch.tensor([3, S_CACHE + 1], dtype=torch.int32)), AttentionInputError,
+        r"cache capacity 24, but got cache_seqlens=\[3, 25\]"),
+    "seqlens-int-negative": (lambda: C.flash_attn_with_kvcache(*_kv(), cache_seqlens=-2), AttentionInputError,
+                             r"0 <= cache_seqlens .* cache_seqlens=-2"),
+    "batch-idx-negative": (lambda: C.flash_attn_with_kvcache(
+        *_kv(), cache_seqlens=1, cache_batch_idx=torch.tensor([-1, 2], dtype=torch.int32)), AttentionInputError,
+        r"cache_batch_idx in \[0, 4\) \(rows of k_cache\), but got \[-1, 2\]"),
+    "paged-past-the-pool": (lambda: _paged(table=[[5, 0, 2], [7, 3, 8]]), AttentionInputError,
+                            r"block_table entries that hold keys .* \[0, 8\), but got block_table\[1, 2\] = 8"),
+    "paged-negative": (lambda: _paged(table=[[-1, 0, 2], [7, 3, 6]]), AttentionInputError,
+                       r"block_table.* but got block_table\[0, 0\] = -1 \(min -1, max 7\)"),
+    "paged-far-past-int-seqlens": (lambda: _paged(table=[[5, 0, 2], [7, 1000, 6]], lens=9), AttentionInputError,
+                                   r"block_table\[1, 1\] = 1000"),
+    "paged-whole-table-no-seqlens": (lambda: _paged(table=[[5, 0, 2], [7, 3, 99]], lens=None, append=False),
+                                     AttentionInputError, r"block_table\[1, 2\] = 99"),
+    "paged-seqlens-past-capacity": (lambda: _paged(table=[[5, 0, 2], [7, 3, 6]], lens=[3, 12]), AttentionInputError,
+                                    r"cache capacity 12, but got cache_seqlens=\[3, 12\]"),
+    "paged-no-blocks": (lambda: C.flash_attn_with_kvcache(
+        _kv()[0], torch.zeros(0, 4, HK, D), torch.zeros(0, 4, HK, D), cache_seqlens=1,
+        block_table=torch.zeros(2, 2, dtype=torch.int32)), AttentionInputError, r"at least one block"),
+    "varlen-paged-past-the-pool": (lambda: _paged_varlen([[5, 0, 2], [7, 3, 8]], [0, 3, 12]), AttentionInputError,
+                                   r"block_table entries that hold keys .* block_table\[1, 2\] = 8"),
+    "varlen-paged-negative": (lambda: _paged_varlen([[5, 0, 2], [-7, 3, 6]], [0, 3, 9]), AttentionInputError,
+                              r"block_table\[1, 0\] = -7"),
     "num-splits": (lambda: C.flash_attn_with_kvcache(*_kv(), num_splits=-1), AttentionInputError, r"num_splits"),
     "cache-dtype": (lambda: C.flash_attn_with_kvcache(_kv()[0], _kv()[1].double(), _kv()[2].double()),
                     AttentionInputError, r"one dtype"),
@@ -236,6 +295,99 @@ def test_bad_input(case: str) -> None:
     call, exc, pattern = BAD[case]
     with pytest.raises(exc, match=pattern):
         call()
+
+
+@pytest.mark.parametrize("lens", [[3, 12], [-1, 3]], ids=["past-capacity", "negative"])
+@pytest.mark.parametrize("table", [[[5, 0, 2], [7, 3, 6]], [[5, 0, 2], [7, 3, 8]]], ids=["good-table", "bad-table"])
+def test_bad_paged_indices_raise_before_anything_is_written(table: list[list[int]], lens: list[int]) -> None:
+    pool = _pool()
+    before = tuple(t.clone() for t in pool)
+    with pytest.raises(AttentionInputError, match="cache_seqlens"):  # cache_seqlens is checked first
+        _paged(table, lens, pool=pool)
+    assert all(torch.equal(a, b) for a, b in zip(pool, before, strict=True)), "the error came after a write"
+
+
+def test_block_table_entries_past_the_keys_are_never_read() -> None:
+    """flash-attn reads only the blocks that hold keys: a table padded with -1 (or stale numbers) is valid."""
+    pool = _pool()
+    padded = _paged([[5, -1, -1], [7, 3, 1000]], [3, 7], pool=tuple(t.clone() for t in pool))
+    tidy = _paged([[5, 0, 0], [7, 3, 0]], [3, 7], pool=tuple(t.clone() for t in pool))
+    assert torch.equal(padded, tidy)
+    one_len = _paged([[5, 0, -1], [7, 3, -1]], 7, pool=tuple(t.clone() for t in pool))
+    assert one_len.shape == padded.shape and torch.isfinite(one_len).all()
+    q = torch.randn(10, HQ, D, generator=torch.Generator().manual_seed(3))
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    a = C.flash_attn_varlen_func(q, *pool, cu, cu, 7, 7, block_table=torch.tensor([[5, -1, -1], [7, 3, -9]],
+                                                                                   dtype=torch.int32))
+    b = C.flash_attn_varlen_func(q, *pool, cu, cu, 7, 7, block_table=torch.tensor([[5, 0, 0], [7, 3, 0]],
+                                                                                   dtype=torch.int32))
+    assert torch.equal(a, b)
+
+
+def test_range_checks_are_skipped_while_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No host sync is possible while torch.compile traces or a CUDA graph is captured: the values are then the
+    caller's responsibility (as in flash-attn). Shown here by pretending to trace: the bad index reaches the gather."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(IndexError):
+        _paged([[5, 0, 2], [7, 3, 8]])
+    monkeypatch.undo()
+    with pytest.raises(AttentionInputError, match="block_table"):
+        _paged([[5, 0, 2], [7, 3, 8]])
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+def _cuda_still_works() -> None:
+    x = torch.arange(1000, device="cuda", dtype=torch.float32)
+    assert float((x * 2).sum().item()) == 999000.0  # a kernel and a sync after the error: the context is healthy
+    torch.cuda.synchronize()
+
+
+CUDA_BAD = {
+    "block-table-past-the-pool": lambda: _paged([[5, 0, 2], [7, 3, 8]], device="cuda"),
+    "block-table-negative": lambda: _paged([[-1, 0, 2], [7, 3, 6]], device="cuda"),
+    "block-table-huge": lambda: _paged([[5, 0, 2], [7, 2**30, 6]], device="cuda"),
+    "seqlens-past-capacity": lambda: _paged([[5, 0, 2], [7, 3, 6]], [3, 12], device="cuda"),
+    "seqlens-negative": lambda: _paged([[5, 0, 2], [7, 3, 6]], [-4, 3], device="cuda"),
+    "batch-idx": lambda: C.flash_attn_with_kvcache(*(t.cuda() for t in _kv()), cache_seqlens=1,
+                                                   cache_batch_idx=torch.tensor([0, 4], dtype=torch.int32,
+                                                                                device="cuda")),
+    "varlen-block-table": lambda: C.flash_attn_varlen_func(
+        torch.randn(12, HQ, D, device="cuda"), *(t.cuda() for t in _pool()),
+        torch.tensor([0, 3, 12], dtype=torch.int32, device="cuda"),
+        torch.tensor([0, 3, 12], dtype=torch.int32, device="cuda"), 9, 9,
+        block_table=torch.tensor([[5, 0, 2], [7, 3, 8]], dtype=torch.int32, device="cuda")),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", list(CUDA_BAD), ids=list(CUDA_BAD))
+def test_bad_indices_on_cuda_raise_typed_errors_and_no_device_assert(case: str) -> None:
+    with pytest.raises(AttentionInputError):
+        CUDA_BAD[case]()
+    _cuda_still_works()
+    out = _paged([[5, 0, 2], [7, 3, 6]], device="cuda")  # and a valid call right after gives the CPU's answer
+    torch.testing.assert_close(out.cpu(), _paged([[5, 0, 2], [7, 3, 6]]), rtol=1e-5, atol=1e-5)
+    _cuda_still_works()
+
+
+@pytest.mark.cuda
+def test_paged_decode_captures_in_a_cuda_graph_without_the_check() -> None:
+    pk, pv = (t.cuda() for t in _pool())
+    q, k, v = (t.cuda() for t in new(2, 1, 1, torch.float32))
+    lens = torch.tensor([3, 9], dtype=torch.int32, device="cuda")
+    table = torch.tensor([[5, 0, 2], [7, 3, 6]], dtype=torch.int32, device="cuda")
+    want = C.flash_attn_with_kvcache(q, pk.clone(), pv.clone(), k, v, cache_seqlens=lens, block_table=table)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (plans, caches)
+        C.flash_attn_with_kvcache(q, pk.clone(), pv.clone(), k, v, cache_seqlens=lens, block_table=table)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # a host sync here would raise: the range check must be skipped
+        out = C.flash_attn_with_kvcache(q, pk, pv, k, v, cache_seqlens=lens, block_table=table)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, want)
 
 
 def test_num_splits_does_not_change_the_result() -> None:

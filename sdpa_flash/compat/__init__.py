@@ -28,13 +28,17 @@ Contract decisions (where flash-attn leaves room, or where its kernel and its do
 * arguments this layer cannot compute exactly raise :class:`UnsupportedArgumentError` naming them;
   invalid ones raise :class:`~sdpa_flash.AttentionInputError`.
 
-``install()`` makes ``import flash_attn`` resolve here when the real package is absent.
+``install()`` makes ``import flash_attn`` resolve here when the real package is absent: ``flash_attn``,
+``flash_attn.flash_attn_interface`` and ``flash_attn.bert_padding``, with the public names above. flash-attn's private
+kernel entry points (``flash_attn_gpu``, ``_flash_attn_forward``, ``_flash_attn_varlen_forward``, their backwards,
+``_get_block_size_n``) are deliberately not provided: importing one raises :class:`NotProvidedError` (an
+``ImportError``) saying so.
 """
 
 from __future__ import annotations
 
 from ._common import Features, UnsupportedArgumentError
-from ._install import FLASH_ATTN_VERSION, install, installed, uninstall
+from ._install import FLASH_ATTN_VERSION, NotProvidedError, install, installed, uninstall
 from ._interface import (
     explain_flash_attn,
     flash_attn_func,
@@ -53,6 +57,7 @@ __all__ = [
     "CompatPlan",
     "CompatSpec",
     "Features",
+    "NotProvidedError",
     "UnsupportedArgumentError",
     "apply_rotary",
     "explain_flash_attn",

@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import math
 import numbers
+import operator
 from typing import Any
 
 import torch
@@ -150,14 +151,38 @@ def check_softcap(softcap: Any) -> float:
     return float(softcap)
 
 
+def _window_side(w: Any) -> int | None:
+    """One side of a window: a Python or NumPy integer or a 0-d integer tensor (not a bool), else None."""
+    if isinstance(w, torch.Tensor):
+        ok = w.dim() == 0 and not (w.is_floating_point() or w.is_complex() or w.dtype == torch.bool)
+        return int(w.item()) if ok else None
+    if isinstance(w, numbers.Integral) and not isinstance(w, bool):
+        return operator.index(w)
+    return None
+
+
 def check_window(window_size: Any) -> tuple[int, int]:
-    """``(left, right)`` as ints; a negative side means unbounded (flash-attn writes -1)."""
-    ok = isinstance(window_size, (tuple, list)) and len(window_size) == 2 and all(
-        isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)
-    if not ok:
-        raise fail("Expected window_size to be a pair of ints (left, right), -1 meaning unbounded, but got "
-                   f"{window_size!r} instead.")
-    left, right = (int(w) for w in window_size)
+    """``(left, right)`` as ints; a negative side means unbounded (flash-attn writes -1).
+
+    Accepted, as flash-attn accepts them: a tuple or list of two integers, each a Python int, a NumPy integer or a
+    0-d integer tensor, or a 1-D integer tensor of two elements (flash-attn's own tests pass
+    ``torch.randint(0, seqlen_k, (2,))``). A tensor's values are read on the host (one sync for a GPU tensor).
+    Refused: bools, floats, and anything not of length 2.
+    """
+    sides: Any = None
+    if isinstance(window_size, torch.Tensor):
+        if window_size.dim() == 1 and window_size.numel() == 2 and not (
+                window_size.is_floating_point() or window_size.is_complex() or window_size.dtype == torch.bool):
+            sides = window_size.tolist()
+    elif isinstance(window_size, (tuple, list)) and len(window_size) == 2:
+        sides = [_window_side(w) for w in window_size]
+    if sides is None or any(w is None for w in sides):
+        shown = (f"a {window_size.dim()}-D {dtype_name(window_size.dtype)} tensor of shape "
+                 f"{tuple(window_size.shape)}" if isinstance(window_size, torch.Tensor) else repr(window_size))
+        raise fail("Expected window_size to be a pair of ints (left, right), -1 meaning unbounded (a tuple or list "
+                   "of ints, NumPy integers or 0-d integer tensors, or a 1-D integer tensor of 2 elements), but got "
+                   f"{shown} instead.")
+    left, right = (int(w) for w in sides)
     return (left if left >= 0 else -1), (right if right >= 0 else -1)
 
 
@@ -234,6 +259,18 @@ def check_lengths(name: str, cu: list[int], total: int, max_seqlen: Any, max_nam
         raise fail(f"Expected {max_name} >= the longest sequence in {name} ({longest}), but got {max_seqlen} "
                    "instead; flash-attn would silently skip the rows past it.")
     return int(max_seqlen)
+
+
+def index_values_readable(device: torch.device) -> bool:
+    """Whether index tensors' values (cache_seqlens, block_table, ...) can be read on the host before a call.
+
+    Not while ``torch.compile`` traces (the values do not exist yet), not while a CUDA graph is being captured (a
+    host sync is forbidden there), and not on the meta device. Where this is False the range checks are skipped and
+    out-of-range indices are the caller's responsibility, as in flash-attn.
+    """
+    if device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:

@@ -10,13 +10,49 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["FLASH_ATTN_VERSION", "install", "installed", "uninstall"]
+from ..errors import SdpaFlashError
+
+__all__ = ["FLASH_ATTN_VERSION", "NotProvidedError", "install", "installed", "uninstall"]
 
 FLASH_ATTN_VERSION = "2.8.3"
 """The flash-attn release whose public contract this layer implements (``flash_attn.__version__`` when installed)."""
 
 _NAMES = ("flash_attn", "flash_attn.flash_attn_interface", "flash_attn.bert_padding")
 _MARK = "__sdpa_flash_compat__"
+
+# flash-attn's private names that code is known to import, deliberately not provided: each is a kernel-level entry
+# point whose arguments and returns changed between flash-attn releases (window_size split into two ints, softcap
+# inserted positionally, caller-allocated dq/dk/dv, an RNG state), so an imitation would drift silently.
+_PRIVATE = {
+    "flash_attn_gpu": "flash-attn's compiled CUDA extension module (flash_attn_2_cuda)",
+    "_flash_attn_forward": "a private kernel entry point returning (out, softmax_lse, S_dmask, rng_state)",
+    "_flash_attn_varlen_forward": "a private kernel entry point returning (out, softmax_lse, S_dmask, rng_state)",
+    "_flash_attn_backward": "a private kernel entry point writing into caller-allocated dq, dk, dv",
+    "_flash_attn_varlen_backward": "a private kernel entry point writing into caller-allocated dq, dk, dv",
+    "_wrapped_flash_attn_forward": "a private torch.library wrapper of the kernel",
+    "_wrapped_flash_attn_varlen_forward": "a private torch.library wrapper of the kernel",
+    "_wrapped_flash_attn_backward": "a private torch.library wrapper of the kernel",
+    "_wrapped_flash_attn_varlen_backward": "a private torch.library wrapper of the kernel",
+    "_get_block_size_n": "a tile size of flash-attn's CUDA kernels (only meaningful for its S_dmask layout)",
+}
+
+
+class NotProvidedError(SdpaFlashError, ImportError):
+    """A private flash-attn name that :func:`install` deliberately does not provide (raised on import/access)."""
+
+
+def _missing(module: str) -> Any:
+    def __getattr__(name: str) -> Any:
+        if name in _PRIVATE:
+            raise NotProvidedError(
+                f"{module}.{name} is {_PRIVATE[name]}; sdpa_flash.compat provides flash-attn 2.8's public API only "
+                "(flash_attn_func, the packed and varlen variants, flash_attn_with_kvcache, bert_padding). For "
+                "(out, softmax_lse) call the public function with return_attn_probs=True (return_softmax_lse=True "
+                "for flash_attn_with_kvcache); code that needs the kernel's private entry points needs the real "
+                "flash-attn package.", name=module)
+        raise AttributeError(f"module {module!r} (sdpa_flash.compat) has no attribute {name!r}")
+
+    return __getattr__
 
 
 def _build(name: str) -> types.ModuleType:
@@ -35,6 +71,7 @@ def _build(name: str) -> types.ModuleType:
         return mod
     for f, fn in funcs.items():
         setattr(mod, f, fn)
+    mod.__getattr__ = _missing(name)  # type: ignore[method-assign]
     mod.__all__ = sorted(funcs)  # type: ignore[attr-defined]
     if name == "flash_attn":
         mod.__version__ = FLASH_ATTN_VERSION  # type: ignore[attr-defined]

@@ -79,8 +79,8 @@ def _dense_key(q: Any, k: Any, v: Any, dropout_p: Any, softmax_scale: Any, causa
                softcap: Any, alibi_slopes: Any, deterministic: Any, return_attn_probs: Any) -> Any:
     """Everything a dense decision depends on, or ``None`` (not cacheable: autocast, unhashable arguments)."""
     try:
-        if _any_autocast() or type(window_size) is not tuple:
-            return None
+        if _any_autocast() or type(window_size) is not tuple or not all(type(w) is int for w in window_size):
+            return None  # a window of tensors / NumPy integers: validated (and converted) on every call
         alibi = None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.dtype, alibi_slopes.device)
         key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, dropout_p,
                softmax_scale, causal, window_size, softcap, alibi, deterministic, return_attn_probs,
@@ -282,25 +282,47 @@ def flash_attn_kvpacked_func(
 
 
 # ------------------------------------------------------------------------------------------------- varlen
-def _paged_keys(k: torch.Tensor, v: torch.Tensor, block_table: Any, lk: list[int], nseq: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather paged keys ``(num_blocks, page, Hkv, D)`` into packed ``(total_k, Hkv, D)`` (exact, a copy)."""
+def _check_block_table(k: torch.Tensor, block_table: Any, lk: list[int], nseq: int) -> torch.Tensor:
+    """Validate a varlen call's ``block_table`` and return the table to gather with (int64; entries past each
+    sequence's keys, which flash-attn never reads, replaced by block 0). The used entries are range-checked against
+    the number of blocks (one reduction, one host sync) unless the values cannot be read now
+    (:func:`~sdpa_flash.compat._common.index_values_readable`)."""
     if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
         raise c.fail("Expected block_table to be an int32 tensor (batch_size, max_num_blocks_per_seq), but got "
                      f"{_describe(block_table)} instead.")
     if block_table.shape[0] != nseq or block_table.device != k.device:
         raise c.fail(f"Expected block_table of shape ({nseq}, max_num_blocks_per_seq) on {k.device}, but got shape "
                      f"{tuple(block_table.shape)} on {block_table.device} instead.")
-    page = k.shape[1]
+    page, blocks = k.shape[1], k.shape[0]
     capacity = block_table.shape[1] * page
-    index = []
+    need = []
     for b in range(nseq):
         n = lk[b + 1] - lk[b]
         if n > capacity:
             raise c.fail(f"Expected sequence {b} to fit its block_table row ({capacity} keys), but cu_seqlens_k "
                          f"gives it {n} keys instead.")
-        pos = torch.arange(n, device=k.device)
-        index.append(block_table[b].long()[pos // page] * page + pos % page)
+        need.append(-(-n // page))
+    used = torch.arange(block_table.shape[1], device=k.device) < torch.tensor(need, device=k.device)[:, None]
+    table = torch.where(used, block_table.long(), 0)
+    if table.numel() and any(need) and c.index_values_readable(k.device):
+        lo, hi = torch.stack(torch.aminmax(table)).tolist() if blocks else (0, 0)  # no blocks: every entry is bad
+        if lo < 0 or hi >= blocks:
+            row, col = ((table < 0) | (table >= blocks)).nonzero()[0].tolist()
+            raise c.fail(f"Expected the block_table entries that hold keys (the first ceil(seqlen_k / "
+                         f"page_block_size) of each row, page_block_size = {page}) to be block indices in "
+                         f"[0, num_blocks) = [0, {blocks}), but got block_table[{row}, {col}] = "
+                         f"{int(block_table[row, col])} (min {lo}, max {hi}) instead.")
+    return table
+
+
+def _paged_keys(k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, lk: list[int], nseq: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather paged keys ``(num_blocks, page, Hkv, D)`` into packed ``(total_k, Hkv, D)`` (exact, a copy)."""
+    page = k.shape[1]
+    index = []
+    for b in range(nseq):
+        pos = torch.arange(lk[b + 1] - lk[b], device=k.device)
+        index.append(table[b][pos // page] * page + pos % page)
     flat = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=k.device)
     return k.flatten(0, 1)[flat], v.flatten(0, 1)[flat]
 
@@ -341,6 +363,7 @@ def _prepare_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any
     max_q = c.check_lengths("cu_seqlens_q", lq, tq, max_seqlen_q, "max_seqlen_q")
     tk = k.shape[0] * k.shape[1] if paged else k.shape[0]
     max_k = c.check_lengths("cu_seqlens_k", lk, 2**62 if paged else tk, max_seqlen_k, "max_seqlen_k")
+    table = _check_block_table(k, block_table, lk, nseq) if paged else None
     feats = c.features(causal, window, cap, alibi, max_k)
     q, k, v = c.autocast_inputs(q, k, v)
     grad = c.needs_grad(q, k, v)
@@ -350,7 +373,7 @@ def _prepare_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any
     slopes = c.slopes_2d(alibi_slopes, nseq)
 
     def run() -> Any:
-        kk, vv = (_paged_keys(k, v, block_table, lk, nseq) if paged else (k, v))
+        kk, vv = (_paged_keys(k, v, table, lk, nseq) if table is not None else (k, v))
         out, lse, pr = run_varlen(plan, q, kk, vv, cu_q, cu_k, lq, lk, max_q, max_k, feats, scale, softmax_scale,
                                   slopes, p, probs, probs)
         if not probs:

@@ -49,6 +49,65 @@ def _int_tensor(name: str, t: Any, batch: int, device: torch.device) -> torch.Te
     return t
 
 
+def _used_blocks(block_table: torch.Tensor, lens: torch.Tensor | None, keys: int | None, snew: int,
+                 page: int) -> torch.Tensor:
+    """The block table to gather with, int64: only the entries that hold keys are kept.
+
+    With one length for every row (``keys`` = cache_seqlens + seqlen_new, or None for the whole capacity) that is
+    the first ``ceil(keys / page)`` columns; with per-row lengths (``lens``, ``(B,)``) the entries past
+    ``ceil((lens[b] + snew) / page)`` in row ``b`` are replaced by block 0. flash-attn never reads those entries
+    either, so tables padded with -1 or stale block numbers are accepted. No host sync.
+    """
+    if lens is None:
+        n = block_table.shape[1] if keys is None else min(block_table.shape[1], -(-keys // page))
+        return block_table[:, :n].long()
+    need = (lens.long() + (snew + page - 1)) // page
+    used = torch.arange(block_table.shape[1], device=block_table.device) < need[:, None]
+    return torch.where(used, block_table.long(), 0)
+
+
+def _check_index_ranges(b: int, snew: int, capacity: int, lens: torch.Tensor | None, batch_idx: torch.Tensor | None,
+                        cache_rows: int, block_table: torch.Tensor | None, table: torch.Tensor | None,
+                        page: int) -> None:
+    """Raise :class:`~sdpa_flash.AttentionInputError` for index tensors that would read or write outside the cache.
+
+    ``lens`` (per-row cache_seqlens) must satisfy ``0 <= lens`` and ``lens + snew <= capacity``; ``batch_idx`` must
+    lie in ``[0, cache_rows)``; the used entries of ``block_table`` (``table``) in ``[0, cache_rows)`` (the
+    number of blocks). One small reduction per tensor (``aminmax``), gathered into one vector and read with one
+    host sync; the slow, detailed message is built only when something is wrong.
+    """
+    checks: list[tuple[str, torch.Tensor]] = []
+    if lens is not None and b:
+        checks.append(("cache_seqlens", lens))
+    if batch_idx is not None and b:
+        checks.append(("cache_batch_idx", batch_idx))
+    if table is not None and table.numel():
+        checks.append(("block_table", table))
+    if not checks:
+        return
+    bounds = torch.cat([torch.stack(torch.aminmax(t)).long() for _, t in checks]).tolist()  # the one host sync
+    for i, (name, t) in enumerate(checks):
+        lo, hi = bounds[2 * i], bounds[2 * i + 1]
+        if name == "cache_seqlens" and (lo < 0 or hi + snew > capacity):
+            raise c.fail(f"Expected 0 <= cache_seqlens and cache_seqlens + seqlen_new <= the cache capacity "
+                         f"{capacity}, but got cache_seqlens={_values(t)} (min {lo}, max {hi}) with seqlen_new={snew} "
+                         "instead.")
+        if name == "cache_batch_idx" and (lo < 0 or hi >= cache_rows):
+            raise c.fail(f"Expected cache_batch_idx in [0, {cache_rows}) (rows of k_cache), but got "
+                         f"{_values(t)} (min {lo}, max {hi}) instead.")
+        if name == "block_table" and (lo < 0 or hi >= cache_rows):
+            assert block_table is not None
+            bad = ((t < 0) | (t >= cache_rows)).nonzero()[0].tolist()
+            raise c.fail(f"Expected the block_table entries that hold keys (the first ceil((cache_seqlens + "
+                         f"seqlen_new) / page_block_size) of each row, page_block_size = {page}) to be block indices "
+                         f"in [0, num_blocks) = [0, {cache_rows}), but got block_table[{bad[0]}, {bad[1]}] = "
+                         f"{int(block_table[bad[0], bad[1]])} (min {lo}, max {hi}) instead.")
+
+
+def _values(t: torch.Tensor) -> str:
+    return str(t.tolist()) if t.numel() <= 16 else f"a tensor of {t.numel()} values"
+
+
 def _prepare_kvcache(
     q: Any,
     k_cache: Any,
@@ -97,6 +156,9 @@ def _prepare_kvcache(
         if cache_leftpad is not None:
             raise c.UnsupportedArgumentError("cache_leftpad", "cache_leftpad cannot be combined with block_table "
                                              "(a paged KV cache), as in flash-attn.")
+        if k_cache.shape[0] == 0 and block_table.numel():
+            raise c.fail("Expected k_cache to hold at least one block (num_blocks >= 1) when block_table is given, "
+                         f"but got shape {tuple(k_cache.shape)} instead.")
         capacity = block_table.shape[1] * k_cache.shape[1]
     else:
         capacity = k_cache.shape[1]
@@ -128,19 +190,18 @@ def _prepare_kvcache(
                          f"{capacity}, but got cache_seqlens={uniform} with seqlen_new={snew} instead.")
     else:
         _int_tensor("cache_seqlens", cache_seqlens, b, dev)
-        if cache_seqlens.device.type == "cpu" and b and (
-                int(cache_seqlens.min()) < 0 or int(cache_seqlens.max()) + snew > capacity):
-            raise c.fail(f"Expected 0 <= cache_seqlens and cache_seqlens + seqlen_new <= the cache capacity "
-                         f"{capacity}, but got cache_seqlens={cache_seqlens.tolist()} with seqlen_new={snew} instead.")
     if cache_batch_idx is not None:
         _int_tensor("cache_batch_idx", cache_batch_idx, b, dev)
-        if cache_batch_idx.device.type == "cpu" and b and (
-                int(cache_batch_idx.min()) < 0 or int(cache_batch_idx.max()) >= k_cache.shape[0]):
-            raise c.fail(f"Expected cache_batch_idx in [0, {k_cache.shape[0]}), but got {cache_batch_idx.tolist()} "
-                         "instead.")
     if cache_leftpad is not None:
         _int_tensor("cache_leftpad", cache_leftpad, b, dev)
         uniform = None
+    table = None
+    if paged:  # the entries that hold keys; the others (flash-attn never reads them) become block 0
+        table = _used_blocks(block_table, cache_seqlens if uniform is None else None,
+                             None if uniform is None else uniform + snew, snew, k_cache.shape[1])
+    if c.index_values_readable(dev):
+        _check_index_ranges(b, snew, capacity, cache_seqlens if uniform is None else None, cache_batch_idx,
+                            k_cache.shape[0], block_table, table, k_cache.shape[1])
     if (rotary_cos is None) != (rotary_sin is None):
         raise c.fail("Expected rotary_cos and rotary_sin to be given together, but got only one of them.")
     interleaved = c.check_bool("rotary_interleaved", rotary_interleaved)
@@ -212,18 +273,18 @@ def _prepare_kvcache(
                 v_cache[:b, first:first + snew] = v
             else:
                 pos = lens[:, None] + torch.arange(snew, device=dev)
-                if paged:
+                if table is not None:
                     page = k_cache.shape[1]
-                    blk = block_table.long().gather(1, pos // page)
+                    blk = table.gather(1, pos // page)
                     index: tuple[torch.Tensor, ...] = (blk, pos % page)
                 else:
                     r = torch.arange(b, device=dev) if rows is None else rows
                     index = (r[:, None].expand(b, snew), pos)
                 k_cache.index_put_(index, kn)
                 v_cache.index_put_(index, v)
-        if paged:
-            kk = k_cache[block_table.long()].flatten(1, 2)
-            vv = v_cache[block_table.long()].flatten(1, 2)
+        if table is not None:
+            kk = k_cache[table].flatten(1, 2)
+            vv = v_cache[table].flatten(1, 2)
         elif rows is not None:
             kk, vv = k_cache[rows], v_cache[rows]
         else:
@@ -287,9 +348,15 @@ def flash_attn_with_kvcache(
     Returns:
         ``out (B, Sq, Hq, Dv)``, or ``(out, softmax_lse)``.
 
-    Out-of-range positions (``cache_seqlens + seqlen_new`` past the capacity, ``cache_batch_idx`` past
-    ``B_cache``) are checked when those values are Python ints or CPU tensors; on a GPU they are the caller's
-    responsibility, as in flash-attn (checking would synchronise every decode step).
+    Index tensors are range-checked before anything runs, on every device: ``cache_seqlens`` (``>= 0``, and
+    ``cache_seqlens + seqlen_new`` within the cache capacity), ``cache_batch_idx`` (rows of ``k_cache``) and the
+    entries of ``block_table`` that hold keys (blocks of ``k_cache``); a bad value raises
+    :class:`~sdpa_flash.AttentionInputError` naming the argument, instead of an out-of-bounds gather (a device-side
+    assert on CUDA, which ends the process's use of the GPU). The check costs one small reduction per index tensor
+    and one host sync per call (see ``docs/flash_attn_compat.md`` for the measured cost). It is skipped while
+    ``torch.compile`` traces and while a CUDA graph is being captured (no host sync is possible there); such calls
+    must be given valid indices, as flash-attn's are. ``block_table`` entries past a row's keys are never read
+    (flash-attn's rule too), so a table padded with ``-1`` is accepted.
     """
     return _execute(_prepare_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                      cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, window_size,

@@ -1,0 +1,85 @@
+"""benchmarks/flash_attn_suite.py: its failure classes and counts from a JUnit file, and a whole run on a small test
+file written in flash-attn's style (``from flash_attn import ...``), so the harness is exercised without a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+from types import ModuleType
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def suite() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("flash_attn_suite", ROOT / "benchmarks" / "flash_attn_suite.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="t" name="test_a[1]"/>
+<testcase classname="t" name="test_b[local]"><failure message="sdpa_flash.errors.AttentionInputError: Expected
+ window_size to be a pair of ints">E   sdpa_flash.errors.AttentionInputError: Expected window_size to be ...</failure>
+</testcase>
+<testcase classname="t" name="test_c"><failure message="assert 0.5 &lt;= 0.1">E   assert 0.5 &lt;= 0.1</failure>
+</testcase>
+<testcase classname="t" name="test_d"><error message="RuntimeError: CUDA error: device-side assert triggered">E
+ RuntimeError: CUDA error: device-side assert triggered</error></testcase>
+<testcase classname="t" name="test_e"><skipped message="needs sm80"/></testcase>
+</testsuite></testsuites>"""
+
+
+def test_summary_counts_and_classes(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "junit.xml"
+    path.write_text(JUNIT)
+    s = suite().summarize(path)
+    assert s["counts"] == {"passed": 1, "failed": 2, "errors": 1, "skipped": 1}
+    assert s["failures_by_class"] == {"AssertionError (numerics or shape)": ["test_c"],
+                                      "AttentionInputError: window_size": ["test_b[local]"],
+                                      "RuntimeError: CUDA error": ["test_d"]}
+    assert s["skip_reasons"] == {"needs sm80": 1}
+
+
+FAKE_SUITE = '''
+import pytest
+import torch
+from flash_attn import flash_attn_func
+from flash_attn.flash_attn_interface import _get_block_size_n  # noqa: F401  (the harness provides it)
+from flash_attn.layers.rotary import apply_rotary_emb
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.17])
+@pytest.mark.parametrize("local", [False, True])
+def test_output(dropout_p, local):
+    q = torch.randn(1, 8, 2, 16, device="cuda")
+    window = torch.randint(0, 8, (2,)) if local else (-1, -1)
+    out = flash_attn_func(q, q, q, dropout_p=dropout_p, window_size=window)
+    assert out.shape == q.shape
+
+
+def test_rotary_reference():
+    x = torch.randn(1, 3, 2, 8, device="cuda")
+    cos, sin = torch.ones(4, 2, device="cuda"), torch.zeros(4, 2, device="cuda")
+    assert torch.equal(apply_rotary_emb(x, cos, sin, seqlen_offsets=1), x)  # angle 0: unchanged
+
+
+def test_numerics_fail():
+    assert 1 == 2
+'''
+
+
+@pytest.mark.skipif(importlib.util.find_spec("einops") is None, reason="the harness needs einops")
+def test_a_whole_run_on_a_small_suite(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    test_file = tmp_path / "test_fake.py"
+    test_file.write_text(FAKE_SUITE)
+    rc = suite().main([str(test_file), "--out", str(tmp_path / "out"), "--sample", "0", "--cpu-emulation",
+                       "--label", "fake"])
+    text = capsys.readouterr().out
+    assert rc == 1, text  # one case fails on purpose
+    assert "fake: 3 passed, 1 failed, 0 errors, 0 skipped (2 deselected" in text  # the dropout cases
+    assert "1  AssertionError (numerics or shape)   e.g. test_numerics_fail" in text
+    assert (tmp_path / "out" / "summary.json").is_file() and (tmp_path / "out" / "junit.xml").is_file()
