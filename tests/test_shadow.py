@@ -177,7 +177,7 @@ def test_catches_a_kernel_that_misreads_strides(monkeypatch: pytest.MonkeyPatch)
 
 def test_catches_a_kernel_that_masks_a_nan_away(monkeypatch: pytest.MonkeyPatch) -> None:
     """A kernel that answers 0 for a query row with a NaN (what PyTorch's CPU flash kernel does for short key
-    blocks, pytorch/pytorch#141128, which the denylist now routes around), injected into the chunked backend: the
+    blocks, pytorch/pytorch#141128), injected into the chunked backend: the
     reference row is NaN, so the check reports an infinite error at that row. Every row is sampled here (1 batch,
     1 head, 4 rows)."""
     backend = BACKENDS["chunked"]
