@@ -19,7 +19,7 @@ import torch
 from . import __version__
 from .attention import attention
 from .backends import BACKENDS
-from .capability import Capabilities, capabilities
+from .capability import TORCH_FEATURE_APIS, Capabilities, capabilities, torch_features
 from .errors import BackendUnavailableError, SdpaFlashError
 from .policy import denylist, get_policy, ranking, resolve_policy
 from .require import parse_device, require
@@ -126,6 +126,8 @@ def report(device: str | None = None, *, check: bool = True) -> dict[str, Any]:
         "backends": backends,
         "denylist_entries_here": [e.describe() for e in denylist() if e.device_type == caps.device_type],
         "fa4": fa4_report(caps),
+        "torch_features": torch_features().as_dict(),
+        "torch_features_missing": list(torch_features().missing),
     }
     if check:
         out["self_check"] = self_check(dev, dtype)
@@ -190,6 +192,7 @@ def _print(rep: dict[str, Any]) -> None:
         print(f"  compile cache: {where}")
     if rep["denylist_entries_here"]:
         print(f"denylist: {len(rep['denylist_entries_here'])} entries for {d['type']} (see sdpa_flash.denylist())")
+    _print_torch_features(rep)
     if "self_check" in rep:
         print("self-check against float64 math, forward + backward (tolerance: 2x same-dtype math error):")
         for r in rep["self_check"]:
@@ -198,6 +201,16 @@ def _print(rep: dict[str, Any]) -> None:
             else:
                 errs = "  ".join(f"{n} {e['error']:.2g} (x{e['ratio']:.2f})" for n, e in r["errors"].items())
                 print(f"  {r['backend']:<10} {r['case']:<32} {r['status']}  {r['dtype']}  {errs}")
+
+
+def _print_torch_features(rep: dict[str, Any]) -> None:
+    """The "torch APIs" section: each optional API found or not (:func:`sdpa_flash.capability.torch_features`)."""
+    print("torch APIs (optional; found by looking, not by version):")
+    missing = set(rep["torch_features_missing"])
+    for name, found in rep["torch_features"].items():
+        apis = TORCH_FEATURE_APIS[name]
+        detail = "" if found else f"  (missing: {', '.join(a for a in apis if a in missing)})"
+        print(f"  {name:<20} {'found' if found else 'not found'}  {' / '.join(apis)}{detail}")
 
 
 def main(argv: list[str] | None = None) -> int:

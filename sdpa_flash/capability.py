@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import types
 from typing import Any
 
 import torch
@@ -193,3 +194,81 @@ def _flash_impl() -> str | None:
     except Exception:  # a registry that cannot answer is the same as no registration
         return None
     return None if value is None else str(value)
+
+
+# ------------------------------------------------------------------------------------- optional torch APIs
+TORCH_FEATURE_APIS: dict[str, tuple[str, ...]] = {
+    "flash_impl_registry": ("torch.nn.attention.register_flash_attention_impl",
+                            "torch.nn.attention.activate_flash_attention_impl",
+                            "torch.nn.attention.current_flash_attention_impl"),
+    "varlen_attn": ("torch.nn.attention.varlen.varlen_attn",),
+    "cudnn_attention": ("torch.backends.cuda.can_use_cudnn_attention", "torch._scaled_dot_product_cudnn_attention"),
+    "flex_attention": ("torch.nn.attention.flex_attention",),
+}
+"""Each optional feature and the public names it needs, all of which must be present for it to count as found."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchFeatures:
+    """Which optional PyTorch attention APIs this torch build has, found by looking for them (never by version).
+
+    Attributes:
+        flash_impl_registry: ``torch.nn.attention.register_flash_attention_impl`` / ``activate_...`` /
+            ``current_flash_attention_impl`` (a swappable CUDA flash implementation, such as FA3 or FA4).
+        varlen_attn: ``torch.nn.attention.varlen.varlen_attn`` (flash varlen with ``cu_seqlens``).
+        cudnn_attention: ``torch.backends.cuda.can_use_cudnn_attention`` and
+            ``torch._scaled_dot_product_cudnn_attention``.
+        flex_attention: the ``torch.nn.attention.flex_attention`` module (located, not imported).
+        missing: every name looked for and not found, dotted.
+    """
+
+    flash_impl_registry: bool
+    varlen_attn: bool
+    cudnn_attention: bool
+    flex_attention: bool
+    missing: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, bool]:
+        """``{feature: found}`` for each feature of :data:`TORCH_FEATURE_APIS`."""
+        return {name: bool(getattr(self, name)) for name in TORCH_FEATURE_APIS}
+
+
+def _has_api(dotted: str) -> bool:
+    """Whether ``dotted`` (``"torch.a.b"``) names an attribute or module, importing at most a not-yet-imported
+    submodule on the way to an attribute (a final module is located with ``find_spec``, not imported)."""
+    import importlib
+    import importlib.util
+
+    parts = dotted.split(".")
+    obj: Any = importlib.import_module(parts[0])
+    for i, part in enumerate(parts[1:], start=2):
+        if hasattr(obj, part):
+            obj = getattr(obj, part)
+            continue
+        name = ".".join(parts[:i])
+        if not isinstance(obj, types.ModuleType):
+            return False
+        try:
+            if importlib.util.find_spec(name) is None:
+                return False
+            if i == len(parts):
+                return True
+            obj = importlib.import_module(name)
+        except Exception:  # a submodule that fails to import is a feature this build does not have
+            return False
+    return True
+
+
+@functools.cache
+def torch_features() -> TorchFeatures:
+    """Probe (once, then cached) which optional attention APIs this torch has; touches no GPU.
+
+    Returns:
+        A :class:`TorchFeatures`. ``python -m sdpa_flash`` prints it under "torch APIs".
+    """
+    found = {api: _has_api(api) for apis in TORCH_FEATURE_APIS.values() for api in apis}
+    return TorchFeatures(**{name: all(found[a] for a in apis) for name, apis in TORCH_FEATURE_APIS.items()},
+                         missing=tuple(a for a, ok in found.items() if not ok))
+
+
+__all__ += ["TORCH_FEATURE_APIS", "TorchFeatures", "torch_features"]

@@ -149,3 +149,50 @@ def test_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "self-check" in out and "PASS" in out and "FAIL" not in out
+
+
+# ------------------------------------------------------------------------------------- optional torch APIs
+def test_report_lists_the_optional_torch_apis_it_found() -> None:
+    from sdpa_flash.capability import TORCH_FEATURE_APIS, torch_features
+
+    r = run_cli("--no-check")
+    assert r.returncode == 0, r.stderr
+    assert "torch APIs (optional; found by looking, not by version):" in r.stdout
+    found = torch_features()
+    for name, apis in TORCH_FEATURE_APIS.items():
+        line = next(ln for ln in r.stdout.splitlines() if ln.split()[:1] == [name])
+        assert (" found " in line) is getattr(found, name) and all(a in line for a in apis), line
+    rep = json.loads(run_cli("--no-check", "--json").stdout)
+    assert rep["torch_features"] == found.as_dict()
+    assert rep["torch_features_missing"] == list(found.missing)
+    assert set(rep["torch_features"]) == {"flash_impl_registry", "varlen_attn", "cudnn_attention", "flex_attention"}
+
+
+def test_torch_features_are_found_by_looking_not_by_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdpa_flash import capability
+
+    monkeypatch.setattr(torch, "__version__", "99.0.0")  # a version says nothing
+    capability.torch_features.cache_clear()
+    try:
+        truth = {api: capability._has_api(api) for apis in capability.TORCH_FEATURE_APIS.values() for api in apis}
+        assert capability.torch_features().as_dict() == {
+            name: all(truth[a] for a in apis) for name, apis in capability.TORCH_FEATURE_APIS.items()}
+        if truth["torch.backends.cuda.can_use_cudnn_attention"]:
+            monkeypatch.delattr(torch.backends.cuda, "can_use_cudnn_attention")
+            capability.torch_features.cache_clear()
+            feats = capability.torch_features()
+            assert not feats.cudnn_attention and "torch.backends.cuda.can_use_cudnn_attention" in feats.missing
+        assert not capability._has_api("torch.nn.attention.no_such_module.fn")
+        assert not capability._has_api("torch.no_such_attribute")
+    finally:
+        capability.torch_features.cache_clear()
+
+
+def test_import_touches_no_gpu_and_imports_no_optional_module() -> None:
+    code = ("import sys, torch; before = set(sys.modules); import sdpa_flash; "  # what torch imports is torch's
+            "heavy = [m for m in ('torch.nn.attention.flex_attention', 'transformers', 'flash_attn', "
+            "'torch.nn.attention.varlen', 'triton') if m in set(sys.modules) - before]; "
+            "print(heavy, torch.cuda.is_initialized())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+                          check=True)
+    assert proc.stdout.split("\n")[0] == "[] False", proc.stdout + proc.stderr

@@ -141,27 +141,65 @@ def test_raise_and_record_actions() -> None:
     assert sum(m.count for m in sdpa_flash.stats().shadow.mismatches) == 2
 
 
+def _misread(t: torch.Tensor) -> torch.Tensor:
+    """``t`` read as a kernel that assumes a contiguous layout reads it: the same storage walked with the strides of a
+    contiguous tensor of ``t``'s shape (wrong whenever ``t`` is not contiguous)."""
+    return t.as_strided(t.shape, torch.empty(t.shape).stride(), t.storage_offset())
+
+
 def test_catches_a_kernel_that_misreads_strides(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Undo the library's copy of a head dim with stride != 1, and the shadow check sees the CPU flash kernel
-    misread it (the class of bug the check exists for)."""
+    """A flash kernel that ignores the key's strides (the class of bug the check exists for), injected: the library's
+    copy of a head dim with stride != 1 is undone, and the kernel reads the key as if it were contiguous. Whether
+    the installed torch's own kernel still has such a bug does not matter."""
     monkeypatch.setattr(_attention_module, "_needs_copy", lambda backend, device_type, *t: (False,) * len(t))
+    backend = BACKENDS["flash"]
+    runner = type(backend).runner
+
+    def misreading_runner(self, spec, prep):  # type: ignore[no-untyped-def]
+        good = runner(self, spec, prep)
+        return lambda q, k, v, m, p, s: good(q, _misread(k), v, m, p, s)
+
+    monkeypatch.setattr(type(backend), "runner", misreading_runner)
     _attention_module._cache.clear()
     q, _, v = qkv(hkv=4)
     k = torch.randn(2, 4, 8, 16).transpose(-1, -2)  # (2, 4, 16, 8), head dim at stride 16
+    assert not k.is_contiguous()
     sdpa_flash.attention(q, k, v, policy=resolve_policy("flash", shadow=1, shadow_action="record"))
     (m,) = sdpa_flash.stats().shadow.mismatches
     assert m.backend == "flash" and m.worst_error > 100 * m.bound
     _attention_module._cache.clear()
+    monkeypatch.undo()
+    sdpa_flash.reset_stats()
+    sdpa_flash.attention(q, k, v, policy=resolve_policy("flash", shadow=1, shadow_action="raise"))  # the real one
+    assert sdpa_flash.stats().shadow.checks == 1 and not sdpa_flash.stats().shadow.mismatches
+    _attention_module._cache.clear()
 
 
-def test_catches_a_nan_the_cpu_flash_kernel_masks_away() -> None:
-    """A query row with a NaN: PyTorch's CPU flash kernel gives 0 there (tests/test_numerics.py), the
-    reference NaN. Every row is sampled here (1 batch, 1 head, 4 rows)."""
+def test_catches_a_kernel_that_masks_a_nan_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that answers 0 for a query row with a NaN (what PyTorch's CPU flash kernel does for short key
+    blocks, pytorch/pytorch#141128), injected into the chunked backend: the
+    reference row is NaN, so the check reports an infinite error at that row. Every row is sampled here (1 batch,
+    1 head, 4 rows)."""
+    backend = BACKENDS["chunked"]
+    runner = type(backend).runner
+
+    def zeroing_runner(self, spec, prep):  # type: ignore[no-untyped-def]
+        good = runner(self, spec, prep)
+
+        def run(q, k, v, m, p, s):  # type: ignore[no-untyped-def]
+            out = good(q, k, v, m, p, s)
+            return out.masked_fill(out.isnan().any(-1, keepdim=True), 0.0)
+
+        return run
+
+    monkeypatch.setattr(type(backend), "runner", zeroing_runner)
+    _attention_module._cache.clear()
     q, k, v = qkv(b=1, hq=1, hkv=1, sq=4, sk=4)
     q[0, 0, 2, 0] = float("nan")
-    sdpa_flash.attention(q, k, v, policy=resolve_policy("flash", shadow=1, shadow_action="record"))
+    sdpa_flash.attention(q, k, v, policy=resolve_policy("chunked", shadow=1, shadow_action="record"))
     (m,) = sdpa_flash.stats().shadow.mismatches
-    assert m.worst_error == float("inf") and m.worst_index[:3] == (0, 0, 2)
+    assert m.backend == "chunked" and m.worst_error == float("inf") and m.worst_index[:3] == (0, 0, 2)
+    _attention_module._cache.clear()
 
 
 def test_works_with_autograd_and_leaves_gradients_alone() -> None:

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from packaging.version import Version
 
 from ..capability import Capabilities
 from ..spec import dtype_name
@@ -33,31 +32,23 @@ from ._common import Features
 __all__ = ["REQUIREMENTS", "flex_run", "not_supported_reasons"]
 
 REQUIREMENTS: dict[str, Any] = {
-    "min_torch": "2.5",
     "min_cc": (8, 0),
     "dtypes": (torch.float16, torch.bfloat16, torch.float32),
     "min_head_dim": 16,
     "max_head_dim": 256,
-    "pow2_head_dim_below_torch": "2.6",
 }
 _BLOCK_MASK_CACHE_SIZE = 64
-
-
-def _torch_version() -> Version:
-    return Version(torch.__version__.split("+")[0])
 
 
 @functools.cache
 def environment_reasons(device_type: str, cc: tuple[int, int] | None) -> tuple[str, ...]:
     """What about this PyTorch and device rules FlexAttention out, whatever the call (probed once)."""
     reasons = []
-    if _torch_version() < Version(REQUIREMENTS["min_torch"]):
-        return (f"requires torch >= {REQUIREMENTS['min_torch']} (torch.nn.attention.flex_attention), this is "
-                f"{torch.__version__}",)
-    try:
+    try:  # the feature itself, not a version number, decides
         from torch.nn.attention import flex_attention as _  # noqa: F401
     except Exception as exc:  # pragma: no cover - depends on the build
-        return (f"torch.nn.attention.flex_attention cannot be imported ({type(exc).__name__}: {exc})",)
+        return (f"torch.nn.attention.flex_attention cannot be imported in torch {torch.__version__} "
+                f"({type(exc).__name__}: {exc})",)
     if device_type == "cuda":
         if torch.version.hip:
             reasons.append("not validated on ROCm builds")
@@ -82,19 +73,15 @@ def environment_reasons(device_type: str, cc: tuple[int, int] | None) -> tuple[s
 def not_supported_reasons(spec: Any, caps: Capabilities) -> list[str]:
     """Every reason the flex path cannot run ``spec`` (a :class:`~sdpa_flash.compat.CompatSpec`) on ``caps``."""
     reasons = list(environment_reasons(caps.device_type, caps.compute_capability))
-    if reasons and reasons[0].startswith("requires torch"):
+    if reasons and reasons[0].startswith("torch.nn.attention.flex_attention cannot be imported"):
         return reasons
     if spec.dtype not in REQUIREMENTS["dtypes"]:
         names = ", ".join(dtype_name(d) for d in REQUIREMENTS["dtypes"])
         reasons.append(f"dtype={dtype_name(spec.dtype)} (supported: {names})")
     lo, hi = REQUIREMENTS["min_head_dim"], REQUIREMENTS["max_head_dim"]
-    pow2 = _torch_version() < Version(REQUIREMENTS["pow2_head_dim_below_torch"])
     for name, d in (("head_dim", spec.head_dim), ("value head_dim", spec.head_dim_v)):
         if not lo <= d <= hi:
             reasons.append(f"{name}={d} (supported: {lo}..{hi})")
-        elif pow2 and d & (d - 1):
-            reasons.append(f"{name}={d} is not a power of two (needed before torch "
-                           f"{REQUIREMENTS['pow2_head_dim_below_torch']})")
     if spec.dropout:
         reasons.append("dropout_p > 0 is not supported by FlexAttention")
     if spec.deterministic and caps.device_type == "cuda":
