@@ -324,6 +324,7 @@ class RankingRule:
         head_dim: inclusive range of ``max(D, Dv)``.
         seqlen_q / seqlen_k: inclusive ranges of the query / key length.
         training: ``True``: calls that need a backward; ``False``: forward-only calls.
+        gqa: ``True``: fewer key/value heads than query heads; ``False``: as many.
     """
 
     device_type: str
@@ -336,11 +337,12 @@ class RankingRule:
     seqlen_q: tuple[int, int] | None = None
     seqlen_k: tuple[int, int] | None = None
     training: bool | None = None
+    gqa: bool | None = None
 
     @property
     def shape_class(self) -> bool:
         """Whether the rule applies to a class of calls rather than to every call on its devices."""
-        return (self.head_dim, self.seqlen_q, self.seqlen_k, self.training) != (None, None, None, None)
+        return (self.head_dim, self.seqlen_q, self.seqlen_k, self.training, self.gqa) != (None,) * 5
 
     def matches(self, caps: Capabilities, spec: AttentionSpec | None = None) -> bool:
         if caps.device_type != self.device_type or self.rocm != bool(caps.hip_version):
@@ -360,7 +362,8 @@ class RankingRule:
 
         return (within(max(spec.head_dim, spec.head_dim_v), self.head_dim) and within(spec.seqlen_q, self.seqlen_q)
                 and within(spec.seqlen_k, self.seqlen_k)
-                and (self.training is None or self.training == spec.needs_grad))
+                and (self.training is None or self.training == spec.needs_grad)
+                and (self.gqa is None or self.gqa == spec.gqa))
 
     def describe(self) -> str:
         """The shape class in words (empty for a device-wide rule)."""
@@ -373,6 +376,8 @@ class RankingRule:
             bits.append(f"Sk {self.seqlen_k[0]}-{self.seqlen_k[1]}")
         if self.training is not None:
             bits.append("training" if self.training else "forward only")
+        if self.gqa is not None:
+            bits.append("GQA" if self.gqa else "no GQA")
         return ", ".join(bits)
 
 

@@ -91,7 +91,8 @@ def test_deterministic_mode_avoids_cudnn_and_backwards_repeat_bitwise() -> None:
         assert any("backward is not deterministic" in r for r in p.reasons["cudnn"]), p.reasons["cudnn"]
         x = q.detach()  # forward only: unaffected (PyTorch's own "not deterministic" refusal is for the backward)
         assert sdpa_flash.explain(x, x, x, causal=True).backend == "cudnn"
-    for backend in ("flash", "efficient", "chunked"):
+    # FA4 (when installed) takes deterministic=True for its backward: it must repeat bitwise too
+    for backend in ("fa4", "flash", "efficient", "chunked"):
         if not _available(backend, q, causal=True):
             continue
         g = torch.randn(B, H, 1024, D, device="cuda", dtype=torch.bfloat16)

@@ -401,43 +401,57 @@ def test_cuda_paths_equal_per_sequence_attention(path: str, causal: bool | str) 
 
 
 @pytest.mark.sm80
-@pytest.mark.parametrize("path", ["flash varlen"])
-def test_cuda_varlen_kernel_calls_are_counted_and_shadow_checked(path: str) -> None:
-    """The flash varlen op does not go through attention(): the engine counts it in stats() and shadow-checks
-    one of its sequences 1 call in N, like every other kernel call."""
+@pytest.mark.parametrize("kernel", ["flash", "fa4"])
+def test_cuda_varlen_kernel_calls_are_counted_and_shadow_checked(kernel: str) -> None:
+    """The packed varlen call does not go through attention(): the engine counts it in stats() and shadow-checks
+    one of its sequences 1 call in N, like every other kernel call — for each backend's packed kernel."""
+    if kernel == "fa4" and not sdpa_flash.capabilities("cuda").fa4_version:
+        pytest.skip("flash-attn-4 is not installed")
     base = engine.COST_MODELS["cuda"]
-    forced = {"flash varlen": dataclasses.replace(base, varlen_call_us=0, varlen_call_us_bwd=0, varlen_rate=1e9,
-                                                  varlen_rate_bwd=1e9),
-              "hybrid": dataclasses.replace(base, varlen_rate=1e4, varlen_rate_bwd=1e4)}[path]
+    forced = dataclasses.replace(base, varlen_call_us=0, varlen_call_us_bwd=0, varlen_rate=1e9, varlen_rate_bwd=1e9,
+                                 varlen_kernels=((kernel, 0.0, 0.0, 1e9, 1e9),))
     lens = [300, 1, 129, 129, 64, 17, 512, 200]
     g = torch.Generator().manual_seed(0)
     q, k, v = (varlen.pack([torch.randn(n, 4, 64, generator=g).to("cuda", torch.bfloat16) for n in lens])
                for _ in range(3))
-    pol = sdpa_flash.policy.resolve_policy("auto", shadow=2, shadow_action="raise")
+    pol = sdpa_flash.policy.resolve_policy(kernel, shadow=2, shadow_action="raise")
+    route = f"{kernel} varlen op"
     with cost_model("cuda", forced):
         p = varlen.explain_varlen(q, k, v, causal=True, policy=pol)
-        assert p.path == path.replace(" ", "_") and p.varlen_members, p.explain()
+        assert p.path == "flash_varlen" and p.varlen_backend == kernel and p.varlen_members, p.explain()
         sdpa_flash.reset_stats()
         for _ in range(4):
             varlen.varlen_attention(q, k, v, causal=True, policy=pol)
     st = sdpa_flash.stats()
-    assert st.plans[("flash", "flash varlen op", p.spec.describe())] == 4
-    assert st.shadow.checks >= 2 and not st.shadow.mismatches, st  # flash checked 1 call in 2, the first included
+    assert st.plans[(kernel, route, p.spec.describe())] == 4
+    assert st.shadow.checks >= 2 and not st.shadow.mismatches, st  # checked 1 call in 2, the first included
     with cost_model("cuda", forced):  # a fresh plan: built by the first call, counted again after the reset
         varlen.varlen_attention(q, k, v, causal=True, policy=pol)
         sdpa_flash.reset_stats()
         varlen.varlen_attention(q, k, v, causal=True, policy=pol)
-    assert sdpa_flash.stats().plans[("flash", "flash varlen op", p.spec.describe())] == 1
+    assert sdpa_flash.stats().plans[(kernel, route, p.spec.describe())] == 1
     bad = dataclasses.replace(pol, shadow=1)
-    with cost_model("cuda", forced):  # a wrong output is caught: corrupt the op's result
-        real = engine._flash_varlen
-        engine._flash_varlen = lambda *a, **kw: real(*a, **kw) * 1.5  # type: ignore[assignment]
-        try:
-            with pytest.raises(sdpa_flash.ShadowMismatchError, match="flash varlen op"):
-                for _ in range(len(lens)):  # each check samples one sequence, drawn afresh
-                    varlen.varlen_attention(q, k, v, causal=True, policy=bad)
-        finally:
-            engine._flash_varlen = real  # type: ignore[assignment]
+    backend_type = type(engine_backends()[kernel])
+    real = backend_type.varlen
+
+    def corrupted(self):  # type: ignore[no-untyped-def]
+        run = real(self)
+        return lambda *a, **kw: run(*a, **kw) * 1.5
+
+    backend_type.varlen = corrupted  # type: ignore[method-assign]
+    try:
+        with cost_model("cuda", forced), pytest.raises(sdpa_flash.ShadowMismatchError, match=route):
+            for _ in range(len(lens)):  # each check samples one sequence, drawn afresh
+                varlen.varlen_attention(q, k, v, causal=True, policy=bad)
+    finally:
+        backend_type.varlen = real  # type: ignore[method-assign]
+        engine.clear_caches()
+
+
+def engine_backends():  # type: ignore[no-untyped-def]
+    from sdpa_flash.backends import BACKENDS
+
+    return BACKENDS
 
 
 def test_grouped_calls_are_counted_per_dense_call() -> None:
@@ -539,8 +553,10 @@ def test_cuda_direct_group_execution_equals_per_group_attention(model: str, case
     lq, lk, causal = case
     lq = [n * 9 for n in lq]  # lengths the fused kernels take (cuDNN refuses a key length of 1)
     lk = [n * 9 for n in lk] if lk else lq
-    no_varlen = dataclasses.replace(models("cuda")[model], varlen_call_us=1e9, varlen_call_us_bwd=1e9)
-    with cost_model("cuda", no_varlen):
+    no_varlen = dataclasses.replace(models("cuda")[model], varlen_call_us=1e9, varlen_call_us_bwd=1e9,
+                                    varlen_kernels=())
+    # the direct path exists for the SDPA kernels' aten ops (cuDNN, flash): keep FA4 (when installed) out of it
+    with cost_model("cuda", no_varlen), sdpa_flash.use_policy("cudnn,flash,efficient,math"):
         for dtype in (torch.bfloat16, torch.float16):
             out, grads, ex = _run_varlen(lq, lk, causal, "cuda", dtype, d=64)
             assert ex.direct is not None
