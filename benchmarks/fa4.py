@@ -146,6 +146,8 @@ def layout(settings: Settings) -> None:
     }
     time_case("layout", f"hd{d} B{b} H{h} S{s} causal", b, h, h, s, s, d, True, ("fwd", "fwdbwd"), settings,
               paths)
+    time_case("layout", f"hd{d} B{b} H32/8 S2048 causal", b, 32, 8, 2048, 2048, d, True, ("fwd", "fwdbwd"),
+              settings, paths)
 
 
 def lengths(kind: str) -> list[int]:
@@ -266,7 +268,9 @@ def overhead(settings: Settings) -> None:
         "F.sdpa (default)": lambda: F.scaled_dot_product_attention(q, k, v),
         "attention(cudnn)": lambda: sdpa_flash.attention(q, k, v, policy="cudnn"),
         "fa4 direct": lambda: fn(qs, ks, vs)[0],
+        "fa4 direct, bhsd views": lambda: fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))[0],
         "attention(fa4)": lambda: sdpa_flash.attention(q, k, v, policy="fa4"),
+        "attention(fa4, bshd)": lambda: sdpa_flash.attention(qs, ks, vs, policy="fa4", layout="bshd"),
     }
     per: dict[str, list[float]] = {n: [] for n in calls}
     with torch.no_grad():

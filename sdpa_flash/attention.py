@@ -218,10 +218,16 @@ def _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, p
                       f"{spec.describe()}. With warn_only=False sdpa_flash picks a backend whose backward is "
                       "deterministic.", UserWarning, stacklevel=3)
     if layout == "bshd":
-        inner = run
+        # A kernel that reads (B, S, H, D) itself (FA4) takes the tensors as they are when nothing is adapted.
+        native = (BACKENDS[p.backend].bshd_runner(spec, p.prep)
+                  if not any(copied) and not (pol.shadow and p.backend != "math") else None)
+        if native is not None:
+            run = native
+        else:
+            inner = run
 
-        def run(q, k, v, m, p_, s):  # type: ignore[no-untyped-def]
-            return inner(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, p_, s).transpose(1, 2)
+            def run(q, k, v, m, p_, s):  # type: ignore[no-untyped-def]
+                return inner(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, p_, s).transpose(1, 2)
 
     fallback = None
     if p.fallback:

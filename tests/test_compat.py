@@ -494,7 +494,7 @@ def test_a_failing_flex_falls_back_once_with_a_warning(monkeypatch: pytest.Monke
         calls.append(1)
         raise RuntimeError("simulated compile failure")
 
-    monkeypatch.setattr(_plan, "_order", lambda spec: ("flex", "masked", "exact") if spec.features.extra
+    monkeypatch.setattr(_plan, "_order", lambda spec, caps: ("flex", "masked", "exact") if spec.features.extra
                         else ("sdpa", "exact"))
     monkeypatch.setattr(_flex, "not_supported_reasons", lambda spec, caps: [])
     monkeypatch.setattr(_flex, "flex_run", broken)

@@ -82,11 +82,29 @@ def _kw(kw: dict[str, Any], b: int, hq: int) -> dict[str, Any]:
 def test_flex_path_bf16_forward_backward(case: str, shape: tuple[int, ...]) -> None:
     q, k, v, grad = make(*shape, seed=len(case))
     kw = _kw(FLEX[case], shape[0], shape[3])
+    with C.use_path("flex"):  # FlexAttention itself, also where FA4 (installed) would take the call
+        plan = C.explain_flash_attn(C.flash_attn_func, q, k, v, **kw)
+        assert plan.path == "flex", plan.explain()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="sdpa_flash.compat")  # no fallback: flex must have run
+            outs, lse, g = fwd_bwd(C.flash_attn_func, q, k, v, grad, **kw)
+    assert_flash_close(outs, q, k, v, grad_out=g, lse=lse, **kw)
+    auto = C.explain_flash_attn(C.flash_attn_func, q, k, v, **kw).path
+    assert auto == ("fa4" if "alibi" not in FLEX[case] and sdpa_flash.capabilities(DEV).fa4_version
+                    and torch.cuda.get_device_capability() >= (9, 0) else "flex")
+
+
+@pytest.mark.sm90
+@pytest.mark.skipif(not (torch.cuda.is_available() and sdpa_flash.capabilities("cuda").fa4_version),
+                    reason="needs flash-attn-4 (pip install 'sdpa_flash[fa4]')")
+@pytest.mark.parametrize("case", [c for c in FLEX if "alibi" not in FLEX[c]])
+def test_fa4_path_bf16_forward_backward(case: str) -> None:
+    shape = SHAPES[0]
+    q, k, v, grad = make(*shape, seed=len(case))
+    kw = _kw(FLEX[case], shape[0], shape[3])
     plan = C.explain_flash_attn(C.flash_attn_func, q, k, v, **kw)
-    assert plan.path == "flex", plan.explain()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="sdpa_flash.compat")  # no fallback: flex must have run
-        outs, lse, g = fwd_bwd(C.flash_attn_func, q, k, v, grad, **kw)
+    assert plan.path == "fa4", plan.explain()
+    outs, lse, g = fwd_bwd(C.flash_attn_func, q, k, v, grad, **kw)
     assert_flash_close(outs, q, k, v, grad_out=g, lse=lse, **kw)
 
 

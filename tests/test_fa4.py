@@ -484,3 +484,88 @@ def test_cuda_torch_registry_works_or_restores_fa2() -> None:
     assert not torch_fa4.active()
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # FA2 is back and works
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+
+# ------------------------------------------------------------------------------------- flash-attn compat
+@pytest.fixture
+def compat_on_fa4(fake_fa4, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """compat planning as on an H200 with FA4 installed; the FA4 calls go to the CPU stand-in."""
+    from sdpa_flash.compat import _plan, _run
+
+    monkeypatch.setattr(_run, "capabilities", lambda device: SM90_FA4)
+    _plan.plan_call.cache_clear()
+    yield fake_fa4
+    _plan.plan_call.cache_clear()
+
+
+@pytest.mark.parametrize(("window", "softcap", "causal"), [((16, 0), 0.0, False), ((-1, 0), 0.0, False),
+                                                           ((8, 4), 30.0, False), ((-1, -1), 20.0, True),
+                                                           ((5, -1), 0.0, True)])
+def test_compat_windows_and_softcap_run_on_fa4(compat_on_fa4, window, softcap, causal) -> None:  # type: ignore[no-untyped-def]
+    from sdpa_flash.compat import explain_flash_attn, flash_attn_func, use_path
+
+    torch.manual_seed(4)
+    q = torch.randn(2, 20, 4, 16, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 28, 2, 16, dtype=torch.bfloat16) for _ in range(2))
+    kw = {"window_size": window, "softcap": softcap, "causal": causal}
+    p = explain_flash_attn(flash_attn_func, q, k, v, **kw)
+    if window[0] < 0 and not softcap:  # (-1, -1) is no window, (-1, 0) is plain causal: SDPA's kernels take those
+        assert p.path == "sdpa"
+    else:
+        assert p.path == "fa4", p.explain()
+    with use_path("fa4"):
+        out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, **kw)
+    with use_path("exact"):
+        ref, ref_lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, **kw)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse)) and (lse[~finite] == float("inf")).all()
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-3, rtol=1e-3)
+    call = [c for c in compat_on_fa4.CALLS if c[0] == "flash_attn_func"][-1][1]
+    assert call["window_size"] == fa4_mod.window_arg(*window) or causal  # -1 became None per side
+
+
+def test_compat_varlen_window_runs_one_fa4_call(compat_on_fa4) -> None:  # type: ignore[no-untyped-def]
+    from sdpa_flash.compat import flash_attn_varlen_func, use_path
+
+    torch.manual_seed(5)
+    lens = [7, 13, 1, 9]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lens), 4, 16, dtype=torch.bfloat16) for _ in range(3))
+    args = (q, k, v, cu, cu, max(lens), max(lens))
+    out = flash_attn_varlen_func(*args, causal=True, window_size=(3, 0), softcap=10.0)
+    assert [c[0] for c in compat_on_fa4.CALLS].count("flash_attn_varlen_func") == 1
+    with use_path("exact"):
+        ref = flash_attn_varlen_func(*args, causal=True, window_size=(3, 0), softcap=10.0)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_compat_fa4_path_reasons(compat_on_fa4) -> None:  # type: ignore[no-untyped-def]
+    from sdpa_flash.compat import explain_flash_attn, flash_attn_func
+
+    q = torch.randn(1, 8, 2, 16)
+    p = explain_flash_attn(flash_attn_func, q, q, q, window_size=(2, 2))
+    assert p.path != "fa4" and any("dtype=float32" in r for r in p.reasons["fa4"])
+    qb = q.bfloat16()
+    p = explain_flash_attn(flash_attn_func, qb, qb, qb, window_size=(2, 2), alibi_slopes=torch.ones(2))
+    assert "FlashAttention-4 has no ALiBi" in p.reasons["fa4"]
+    with sdpa_flash.use_policy("cudnn,flash"):
+        p = explain_flash_attn(flash_attn_func, qb, qb, qb, window_size=(2, 2))
+    assert p.path != "fa4" and "does not allow the fa4 backend" in p.reasons["fa4"][0]
+
+
+def test_bshd_runner_takes_the_tensors_as_they_are(fake_fa4) -> None:  # type: ignore[no-untyped-def]
+    s = spec(batch=2, heads_q=4, heads_kv=2, seqlen_q=12, seqlen_k=12, head_dim=16, head_dim_v=16,
+             causal="top_left", needs_grad=False)
+    p = plan(s, SM90_FA4, resolve_policy("fa4"))
+    q = torch.randn(2, 12, 4, 16, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 12, 2, 16, dtype=torch.bfloat16) for _ in range(2))
+    native = BACKENDS["fa4"].bshd_runner(s, p.prep)
+    assert native is not None
+    out = native(q, k, v, None, 0.0, None)
+    assert fake_fa4.CALLS[-1][1]["q_stride"] == q.stride()  # no transposes on the way in
+    via_bhsd = BACKENDS["fa4"].runner(s, p.prep)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 0.0,
+                                                 None)
+    assert torch.equal(out, via_bhsd.transpose(1, 2))
+    padded = spec(batch=2, heads_q=4, heads_kv=2, seqlen_q=12, seqlen_k=12, head_dim=12, head_dim_v=12)
+    assert BACKENDS["fa4"].bshd_runner(padded, plan(padded, SM90_FA4, resolve_policy("fa4")).prep) is None

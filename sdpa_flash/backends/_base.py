@@ -360,6 +360,11 @@ class Backend:
         """
         return self._call
 
+    def bshd_runner(self, spec: AttentionSpec, prep: Prep) -> Runner | None:
+        """A runner taking (B, S, H, D) tensors directly, for kernels whose own layout that is (``None``: wrap the
+        (B, H, S, D) runner in transposes)."""
+        return None
+
     def runner(self, spec: AttentionSpec, prep: Prep) -> Runner:
         """A closure that runs this kernel on (B, H, S, D) inputs with ``prep`` applied."""
         return make_runner(self.kernel(spec.device_type), spec.needs_grad, self.MASKED_VALUE, self.ZERO_MASKED_ROWS,

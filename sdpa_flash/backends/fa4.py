@@ -253,6 +253,24 @@ class FA4Backend(Backend):
         return make_runner(call, spec.needs_grad, self.MASKED_VALUE, self.ZERO_MASKED_ROWS, spec.head_dim,
                            spec.head_dim_v, spec.seqlen_q, *dataclasses.astuple(prep))
 
+    def bshd_runner(self, spec: AttentionSpec, prep: Prep) -> Runner | None:
+        if prep != Prep(kernel_causal=prep.kernel_causal):
+            return None  # padding, truncation or a mask: the (B, H, S, D) runner does those
+        fn = load().flash_attn_func
+        causal = bool(prep.kernel_causal)
+        det = torch.are_deterministic_algorithms_enabled() and spec.needs_grad
+        if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+            def run_guarded(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+                with _on_device(q):
+                    return fn(q, k, v, softmax_scale=scale, causal=causal, deterministic=det)[0]
+
+            return run_guarded
+
+        def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+            return fn(q, k, v, softmax_scale=scale, causal=causal, deterministic=det)[0]
+
+        return run
+
     def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
         return _TRACED
 

@@ -1,9 +1,12 @@
 """Which path a flash-attn call takes, and why the others were not taken.
 
-Four paths, each exact:
+Five paths, each exact:
 
 * ``sdpa``: :func:`sdpa_flash.attention` (``layout="bshd"``, bottom-right causal) or the varlen entry point — the
   policy layer's fused kernels, for calls with no window, softcap or ALiBi;
+* ``fa4``: FlashAttention-4's own ``flash_attn_func`` / ``flash_attn_varlen_func`` for windows and softcap on
+  Hopper/Blackwell, when it is installed and the sdpa_flash policy allows the ``fa4`` backend (FA4 defines
+  windows, softcap and bottom-right causal as flash-attn 2 does; ``-1`` window sides become FA4's ``None``);
 * ``flex``: FlexAttention (:mod:`sdpa_flash.compat._flex`) for windows, softcap and ALiBi on CUDA;
 * ``masked``: :func:`sdpa_flash.attention` with the window as a boolean mask and ALiBi as an additive float bias
   built from flash-attn's definitions (no softcap: it is not additive);
@@ -30,7 +33,7 @@ from ._common import Features
 
 __all__ = ["PATHS", "CompatPlan", "CompatSpec", "plan_call", "use_path"]
 
-PATHS = ("sdpa", "flex", "masked", "exact")
+PATHS = ("sdpa", "fa4", "flex", "masked", "exact")
 _CPU_MASK_BUDGET = 4 * 2**30
 
 
@@ -98,7 +101,7 @@ class CompatPlan:
     """What runs for one kind of flash-attn call, and why.
 
     Attributes:
-        path: ``"sdpa"``, ``"flex"``, ``"masked"`` or ``"exact"``.
+        path: ``"sdpa"``, ``"fa4"``, ``"flex"``, ``"masked"`` or ``"exact"``.
         spec: the call's summary.
         order: the paths considered, in order.
         reasons: for every other path, why it was not taken.
@@ -134,7 +137,7 @@ _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("sdpa_flash
 
 @contextlib.contextmanager
 def use_path(path: str | None) -> Iterator[None]:
-    """Force one path (``"sdpa"``, ``"flex"``, ``"masked"``, ``"exact"``) for flash-attn calls in this block.
+    """Force one path (``"sdpa"``, ``"fa4"``, ``"flex"``, ``"masked"``, ``"exact"``) for flash-attn calls here.
 
     A forced path that cannot run the call raises :class:`~sdpa_flash.BackendUnavailableError` with its reasons.
     ``None`` restores automatic choice. Scoped to this thread / asyncio task (a ``contextvars`` variable).
@@ -170,12 +173,37 @@ def _shared_reasons(spec: CompatSpec) -> list[str]:
     return reasons
 
 
-def _reasons(path: str, spec: CompatSpec, caps: Capabilities, budget: int | None) -> list[str]:
+def _fa4_reasons(spec: CompatSpec, caps: Capabilities, fa4_allowed: bool) -> list[str]:
+    from ..backends import BACKENDS
+    from ..spec import AttentionSpec
+
+    f = spec.features
+    if not fa4_allowed:
+        return ["the sdpa_flash policy in force does not allow the fa4 backend"]
+    reasons = []
+    if spec.api == "kvcache":
+        reasons.append("flash_attn_with_kvcache (cache append, rotary, cache_batch_idx) has no FA4 entry point")
+    if f.alibi:
+        reasons.append("FlashAttention-4 has no ALiBi")
+    if spec.probs:
+        reasons.append("return_attn_probs=True with dropout_p > 0 returns the dropout pattern, which only the exact "
+                       "path exposes")
+    dense = AttentionSpec(spec.device_type, spec.dtype, max(spec.batch, 1), spec.heads_q, spec.heads_kv,
+                          max(spec.seqlen_q, 1), max(spec.seqlen_k, 1), spec.head_dim, spec.head_dim_v,
+                          "bottom_right" if f.causal else None, None, spec.dropout, spec.needs_grad)
+    reasons += BACKENDS["fa4"].not_supported_reasons(dense, caps)
+    return reasons
+
+
+def _reasons(path: str, spec: CompatSpec, caps: Capabilities, budget: int | None, fa4_allowed: bool = True
+             ) -> list[str]:
     f = spec.features
     if path == "exact":
         return []
     if path == "flex":
         return _flex.not_supported_reasons(spec, caps)
+    if path == "fa4":
+        return _fa4_reasons(spec, caps, fa4_allowed)
     reasons = _shared_reasons(spec)
     if path == "sdpa":
         if f.extra:
@@ -195,17 +223,17 @@ def _reasons(path: str, spec: CompatSpec, caps: Capabilities, budget: int | None
     return reasons
 
 
-def _order(spec: CompatSpec) -> tuple[str, ...]:
+def _order(spec: CompatSpec, caps: Capabilities) -> tuple[str, ...]:
     if not spec.features.extra:
         return ("sdpa", "exact")
-    if spec.device_type == "cuda":
-        return ("flex", "masked", "exact")
+    if caps.device_type == "cuda":  # (the device the call's tensors are on)
+        return ("fa4", "flex", "masked", "exact")
     return ("masked", "exact", "flex")
 
 
 @functools.lru_cache(maxsize=4096)
 def plan_call(spec: CompatSpec, caps: Capabilities, forced: str | None = None, fallback_mode: str = "warn_once",
-              budget: int | None = None, flex_failed: bool = False) -> CompatPlan:
+              budget: int | None = None, flex_failed: bool = False, fa4_allowed: bool = True) -> CompatPlan:
     """Choose the path for ``spec`` on ``caps``.
 
     Args:
@@ -216,6 +244,8 @@ def plan_call(spec: CompatSpec, caps: Capabilities, forced: str | None = None, f
             FlexAttention to a slower path on CUDA.
         budget: bytes the masked path may materialise (``None``: half the device memory; 4 GiB on the CPU).
         flex_failed: FlexAttention raised for this call before (it is then not tried again).
+        fa4_allowed: the sdpa_flash policy in force allows the ``fa4`` backend (``auto``, ``fused`` or a list
+            naming it).
 
     Raises:
         BackendUnavailableError: the forced path cannot run the call, or (``fallback_mode="error"``) only a
@@ -223,11 +253,11 @@ def plan_call(spec: CompatSpec, caps: Capabilities, forced: str | None = None, f
     """
     if budget is None:
         budget = caps.total_memory // 2 if caps.total_memory else _CPU_MASK_BUDGET
-    order = (forced,) if forced else _order(spec)
+    order = (forced,) if forced else _order(spec, caps)
     blocked: dict[str, tuple[str, ...]] = {}
     chosen = None
     for path in order:
-        why = _reasons(path, spec, caps, budget)
+        why = _reasons(path, spec, caps, budget, fa4_allowed)
         if path == "flex" and flex_failed and not forced:
             why = ["FlexAttention raised for this call earlier in this process (see the warning it gave)"]
         if why:
@@ -239,7 +269,10 @@ def plan_call(spec: CompatSpec, caps: Capabilities, forced: str | None = None, f
         raise BackendUnavailableError(f"The {order[0]} path cannot run this flash-attn call."
                                       if forced else "No path can run this flash-attn call.",
                                       inputs=spec.describe(), reasons=blocked)
-    fallback = forced is None and chosen != order[0] and spec.device_type == "cuda"
+    # FA4 is optional and covers only part of the calls: not running it is never a fallback; leaving FlexAttention
+    # (the first choice without FA4) for a slower path is
+    first = next((p for p in order if p != "fa4"), order[0])
+    fallback = forced is None and chosen not in (first, "fa4") and spec.device_type == "cuda"
     if fallback and fallback_mode == "error":
         raise BackendUnavailableError(f"This flash-attn call would fall back to the {chosen} path, and the policy's "
                                       "fallback mode is 'error'.", inputs=spec.describe(), reasons=blocked)
@@ -247,7 +280,7 @@ def plan_call(spec: CompatSpec, caps: Capabilities, forced: str | None = None, f
     for path in PATHS:
         if path in reasons or path == chosen:
             continue
-        why = _reasons(path, spec, caps, budget)
+        why = _reasons(path, spec, caps, budget, fa4_allowed)
         if forced:
             reasons[path] = (f"not used: the {forced} path was forced (sdpa_flash.compat.use_path)",)
         elif path in order:
@@ -276,6 +309,10 @@ def _notes(path: str, spec: CompatSpec) -> tuple[str, ...]:
             what.append("ALiBi as an additive float bias (-inf where masked)")
         notes.append("sdpa_flash.attention() with " + " and ".join(what or ["no mask"])
                      + (", one sequence at a time" if spec.api == "varlen" else ""))
+    elif path == "fa4":
+        notes.append("FlashAttention-4's flash_attn_" + ("varlen_func over the packed sequences" if spec.api == "varlen"
+                                                         else "func on the (B, S, H, D) tensors")
+                     + " with the window and softcap in the kernel")
     elif path == "flex":
         how = {"dense": "block mask cached per shape and window", "varlen": "a document block mask over the packed "
                "sequences", "kvcache": "per-row key ranges masked in the score function"}[spec.api]
