@@ -2,14 +2,34 @@
 
 Each entry is data (see :class:`sdpa_flash.DenylistEntry`) and cites the PyTorch issue it comes from; users add
 their own with :func:`sdpa_flash.add_denylist_entry`. An entry only vetoes a backend: the policy then picks the
-next one, and ``explain()`` shows the entry as the reason.
+next one, and ``explain()`` shows the entry as the reason. Under ``"auto"`` that counts as a fallback (with its
+warning) unless the entry has ``reroute=True``: known-bad kernel behaviour on calls the next backend runs exactly and
+at negligible cost.
 """
 
 from __future__ import annotations
 
+import torch
+
 from .policy import DenylistEntry
+from .spec import AttentionSpec
 
 __all__ = ["BUILTIN_DENYLIST"]
+
+
+def _cpu_flash_zeroes_nan_rows(s: AttentionSpec) -> bool:
+    """pytorch/pytorch#141128, as measured by ``benchmarks/cpu_flash_nan_probe.py`` on torch 2.11.0, 2.13.0 and
+    2.14.1 (AVX-512): without an ``attn_mask`` the CPU flash kernel reduces a key block shorter than one SIMD vector
+    in a scalar loop that skips NaN, so a query row all of whose visible scores are NaN gives 0 instead of NaN.
+    Affected: no mask; causal off or top-left (bottom-right with ``Sq != Sk`` reaches the kernel as a mask); fewer
+    keys than one AVX-512 vector holds: 16 in float32, bfloat16 and float16 (they reduce in float32), 8 in float64.
+    AVX2 vectors are half as wide (8 and 4), so this range covers AVX2 CPUs too. Head dim, query length and batch
+    make no difference. (torch 2.5.1 zeroed such rows at every key length; it is below the supported floor.)
+    ``test_cpu_flash_nan_canary`` in ``tests/test_numerics.py`` checks on every run that the installed torch's
+    kernel misbehaves only where this holds, and says so when a release no longer does."""
+    limit = 8 if s.dtype == torch.float64 else 16
+    return s.mask is None and s.effective_causal != "bottom_right" and s.seqlen_k < limit
+
 
 BUILTIN_DENYLIST: tuple[DenylistEntry, ...] = (
     DenylistEntry(
@@ -63,5 +83,16 @@ BUILTIN_DENYLIST: tuple[DenylistEntry, ...] = (
         max_cc=(10, 0),
         torch=">=2.11",
         when=lambda s: s.gqa and s.heads_kv < 8,
+    ),
+    DenylistEntry(
+        "flash",
+        "PyTorch's CPU flash kernel gives 0 instead of NaN for a query row whose visible scores are all NaN when "
+        "there is no attn_mask and fewer keys than one SIMD vector (16; 8 in float64): the NaN would vanish "
+        "silently. These calls are tiny, and math keeps the NaN",
+        source="pytorch/pytorch#141128",
+        device_type="cpu",
+        torch=">=2.11",  # every supported release (the floor); measured still there in 2.14.1
+        when=_cpu_flash_zeroes_nan_rows,
+        reroute=True,  # math is exact here and the calls are tiny: not a fallback, no warning
     ),
 )

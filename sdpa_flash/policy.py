@@ -64,7 +64,8 @@ class Policy:
         fallback: what happens when the call lands on a fallback — under ``"auto"`` the O(S^2) math backend,
             under a custom list any backend after the first: ``"warn_once"`` (one warning per call site and
             reason), ``"error"`` (raise :class:`BackendUnavailableError`) or ``"silent"``. Single-backend
-            policies and ``"fused"`` never fall back: they raise.
+            policies and ``"fused"`` never fall back: they raise. A call moved on only by denylist entries with
+            ``reroute=True`` (see :class:`DenylistEntry`) is not a fallback.
         memory_budget: bytes the O(S^2) math backend may materialise before a non-strict policy prefers the
             exact, memory-bounded ``chunked`` backend; ``None`` means half the device's memory.
         shadow: ``N > 0`` checks 1 in N calls of each backend against the float32 math reference on a sample of
@@ -410,6 +411,10 @@ class DenylistEntry:
         torch: a PEP 440 specifier of affected torch versions (``"<2.5.1"``), ``None`` for any.
         cudnn: a specifier of affected cuDNN versions as ``major.minor.patch`` (``">=9.1,<9.3"``).
         when: an extra condition on the call, e.g. ``lambda s: s.needs_grad and s.head_dim > 128``.
+        reroute: the entry moves calls to the next backend without it counting as a fallback (no warning, and no
+            error under ``fallback="error"``): for known-bad kernel behaviour on shapes where the next backend is
+            exact and the cost is negligible. A policy that names only the vetoed backend still refuses the call,
+            with the entry as the reason.
     """
 
     backend: str
@@ -421,6 +426,7 @@ class DenylistEntry:
     torch: str | None = None
     cudnn: str | None = None
     when: Callable[[AttentionSpec], bool] | None = None
+    reroute: bool = False
 
     def __post_init__(self) -> None:  # checked here, so a bad entry fails where it is written, not in plan()
         def fail(field: str, expected: str, value: object) -> AttentionInputError:
@@ -446,6 +452,8 @@ class DenylistEntry:
                     raise fail(field, "None or a PEP 440 version specifier such as '>=2.5,<2.6'", text) from None
         if self.when is not None and not callable(self.when):
             raise fail("when", "None or a callable taking an AttentionSpec", self.when)
+        if not isinstance(self.reroute, bool):
+            raise fail("reroute", "a bool", self.reroute)
 
     def matches(self, spec: AttentionSpec, caps: Capabilities) -> bool:
         if caps.device_type != self.device_type:
@@ -529,7 +537,8 @@ class Plan:
         order: the candidates in the order they were considered.
         reasons: for every other backend, why it was not used (unsupported reasons, a denylist entry, or its
             place in the ranking).
-        fallback: ``True`` when the call landed on a fallback (see :class:`Policy`).
+        fallback: ``True`` when the call landed on a fallback (see :class:`Policy`); not when it got there only
+            because denylist entries with ``reroute=True`` moved it on.
         notes: exact adaptations made for the chosen kernel (padding, K/V repetition, mask materialisation).
         route: ``"direct"`` (the kernel's own aten op, no dispatcher, no global flags) or ``"sdpa"``
             (``torch.nn.functional.scaled_dot_product_attention``, so another PyTorch layer can intercept).
@@ -665,6 +674,7 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
         return Plan("math", spec, caps, policy, order, {}, notes=(note,), evidence=evidence, prep=prep,
                     deterministic=deterministic)
     blocked: dict[str, tuple[str, ...]] = {}
+    rerouted: set[str] = set()  # blocked by reroute=True denylist entries and nothing else
     chosen: str | None = None
     device = None
     if caps.probed and caps.device_type == "cuda":
@@ -686,7 +696,10 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
             why_not = _nondeterministic(name, caps)
             if why_not:
                 reasons.append(f"{why_not}; torch.use_deterministic_algorithms(True) is set")
-        reasons += [e.describe() for e in entries if e.backend == name and e.matches(spec, caps)]
+        vetoes = [e for e in entries if e.backend == name and e.matches(spec, caps)]
+        if vetoes and not reasons and all(e.reroute for e in vetoes):
+            rerouted.add(name)
+        reasons += [e.describe() for e in vetoes]
         if not reasons and device is not None and backend.TORCH_CHECK:
             reasons = backend.torch_reasons(spec, backend.prep(spec, caps.device_type), device)
         if reasons:
@@ -699,15 +712,22 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
             f"No backend allowed by policy {policy} can run this call on {caps.name or caps.device_type} "
             f"({caps.arch}).", inputs=spec.describe(), reasons=blocked,
         )
-    fallback = (policy.name == "auto" and not BACKENDS[chosen].fused) or (
+    # Reached only because every backend ranked above it was rerouted by denylist entries (reroute=True): known-bad
+    # kernel behaviour on calls the next backend runs exactly and cheaply, so not a fallback.
+    above = order[:order.index(chosen)]
+    was_rerouted = bool(above) and all(name in rerouted for name in above)
+    fallback = not was_rerouted and ((policy.name == "auto" and not BACKENDS[chosen].fused) or (
         policy.name == "custom" and chosen != order[0]
-    )
+    ))
     if fallback and policy.fallback == "error":
         raise BackendUnavailableError(
             f"Policy {policy} would fall back to {chosen!r}, and its fallback mode is 'error'.",
             inputs=spec.describe(), reasons=blocked,
         )
     reasons = dict(blocked)
+    if was_rerouted:
+        for name in above:
+            reasons[name] += (f"the entry has reroute=True: {chosen} runs instead, and that is not a fallback",)
     for name in order[order.index(chosen) + 1:]:
         why = BACKENDS[name].not_supported_reasons(spec, caps)
         reasons[name] = tuple(why) if why else (f"ranked below {chosen} for {caps.arch} by the policy",)

@@ -158,7 +158,7 @@ def test_dropout_only_in_training() -> None:
 
 def test_policy_is_configurable() -> None:
     layer = Attention(E, H, policy="math").eval()
-    x = x_of()
+    x = x_of(s=16)  # 16 tokens: fewer, unmasked, are not for CPU flash (pytorch/pytorch#141128, the denylist)
     assert sdpa_flash.testing.ran_backends(layer, x) == {"math"}
     layer.policy = "flash"
     assert sdpa_flash.testing.ran_backends(layer, x) == {"flash"}

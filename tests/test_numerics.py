@@ -9,15 +9,13 @@ What is guaranteed (and what these tests check):
   from the keys that row can see (within the tolerance rule of ``sdpa_flash.testing``);
 * it never leaves its (batch, key/value head): other batch elements and heads are untouched.
 
-One exception, in PyTorch's CPU flash kernel (torch 2.13), for calls without an ``attn_mask`` whose key block is
-shorter than one SIMD vector (fewer than 8 keys in float32/bfloat16/float16, 4 in float64, on an AVX2 CPU; twice
-that with AVX-512): a query row *all* of whose visible scores are NaN (a NaN anywhere in that query, or in
-the only key it sees) is taken for a row that sees no key — the scalar tail of its fused scale-and-max
-reduction skips NaN — and gives 0 in the forward.
-The NaN is masked away there (its backward still gives NaN in dQ; with a mask the kernel takes another
-reduction, and the row is NaN). ``tests/test_properties.py`` keeps the same case as an xfail. sdpa_flash
-cannot see it without reading the data on every call; a shadow check (``SDPA_FLASH_SHADOW``) flags it.
-``test_cpu_flash_zeroes_rows_whose_visible_scores_are_all_nan`` pins exactly that case down.
+PyTorch's CPU flash kernel has one exception (pytorch/pytorch#141128; torch 2.11.0, 2.13.0 and 2.14.1 measured by
+``benchmarks/cpu_flash_nan_probe.py``): without an ``attn_mask`` and with a key block shorter than one SIMD vector
+(fewer than 16 keys in float32/bfloat16/float16, 8 in float64, on AVX-512; half that on AVX2), a query row *all* of
+whose visible scores are NaN gives 0 in the forward: the scalar tail of its fused max reduction skips NaN. sdpa_flash
+cannot see that without reading the data, so the built-in denylist routes exactly those calls (tiny ones) to math.
+``test_cpu_flash_nan_canary`` checks on every run, against the installed torch's own kernel, that the entry covers
+every call the kernel gets wrong, and says so when a torch release fixes it.
 
 Whether a NaN/inf also reaches rows of the same (batch, head) that cannot see it depends on the kernel: PyTorch's
 math backend spreads it (it adds the mask to a NaN score, and multiplies a NaN value by a probability of 0),
@@ -28,16 +26,20 @@ flag hides (it overwrites those scores with -inf). That part is not guaranteed.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sdpa_flash
+from sdpa_flash.policy import DenylistEntry
 from sdpa_flash.testing import assert_close_to_reference, compare_to_reference, reference_attention
 
 BACKENDS = ("flash", "math", "chunked")
 DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64}
-B, HQ, HKV, S, D = 2, 4, 2, 6, 8
+B, HQ, HKV, S, D = 2, 4, 2, 16, 8  # 16 keys: CPU flash runs (fewer are denylisted, module docstring)
 
 
 def _allowed(sq: int, sk: int, causal: bool | str, mask: torch.Tensor | None) -> torch.Tensor:
@@ -106,10 +108,6 @@ def test_non_finite_inputs_propagate_and_stay_contained(backend: str, poison: fl
     out = sdpa_flash.attention(q, k, v, causal=causal, attn_mask=mask, policy=backend)
     ideal = visible_only(q, k, v, causal, mask)
     cand_bad, ideal_bad = torch.isfinite(out).logical_not(), torch.isfinite(ideal).logical_not()
-    if backend == "flash" and mask is None:  # the CPU kernel's one exception (module docstring; own test)
-        exempt = all_nan_rows(q, k, causal, mask)[..., None].expand_as(out)
-        assert ((out[exempt] == 0) | out[exempt].isnan()).all()
-        ideal_bad = ideal_bad & ~exempt
     # never masked away
     assert not (ideal_bad & ~cand_bad).any(), f"{backend} gave finite outputs where the visible inputs are not"
     # contained in (batch 0, the query heads of key/value head 0)
@@ -123,31 +121,66 @@ def test_non_finite_inputs_propagate_and_stay_contained(backend: str, poison: fl
     assert cmp.passed, str(cmp)
 
 
-def _simd_lanes(dtype: torch.dtype) -> int:
-    """Keys per SIMD vector of the CPU flash kernel's reduction (it accumulates half precision in float32)."""
-    width = 64 if "AVX512" in torch.backends.cpu.get_cpu_capability() else 32
-    return width // (8 if dtype == torch.float64 else 4)
+_NAN_ENTRY = next(e for e in sdpa_flash.denylist() if e.source == "pytorch/pytorch#141128")
+
+
+def _kernel_zeroes_the_nan_row(dtype: torch.dtype, sk: int, causal: bool, mask: bool) -> bool:
+    """Whether the installed torch's CPU flash kernel itself (no sdpa_flash in between) answers 0 for a query row
+    whose every visible score is NaN."""
+    sq = min(sk, 4)
+    g = torch.Generator().manual_seed(sk)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g).to(dtype) for n in (sq, sk, sk))
+    q[0, 0, 0, 3] = float("nan")
+    attn_mask = torch.ones(sq, sk, dtype=torch.bool) if mask else None
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+    return bool((out[0, 0, 0] == 0).all())
+
+
+def _spec(dtype: torch.dtype, sk: int, causal: bool, mask: bool) -> sdpa_flash.AttentionSpec:
+    return sdpa_flash.AttentionSpec("cpu", dtype, 1, 2, 2, min(sk, 4), sk, 8, 8, causal="top_left" if causal else None,
+                                    mask="bool" if mask else None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_cpu_flash_zeroes_rows_whose_visible_scores_are_all_nan(dtype: torch.dtype) -> None:
-    """The CPU flash kernel's exception, exactly: without a mask and with fewer keys than SIMD lanes, a row all of
-    whose scores are NaN gives 0 (its dQ stays NaN); with a mask, more keys, and on math and chunked, NaN."""
-    q, k, v = (t.to(dtype) for t in _inputs(seed=8))
-    q[0, 0, 1, 3] = float("nan")  # every score of (0, 0, row 1) is NaN
-    k[1, 0, 0, 2] = float("nan")  # under causal, (1, 0 and 1, row 0) sees only that key
-    everything = torch.ones(S, S, dtype=torch.bool)
-    for causal, mask in ((False, None), (True, None), (False, everything), (True, everything)):
-        nan_rows = all_nan_rows(q, k, causal, mask)
-        for backend in BACKENDS:
-            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            out = sdpa_flash.attention(*leaves, causal=causal, attn_mask=mask, policy=backend)
-            zeroed = backend == "flash" and mask is None and S < _simd_lanes(dtype)
-            rows = out[nan_rows]
-            assert torch.equal(rows, torch.zeros_like(rows)) if zeroed else rows.isnan().all(), (backend, causal)
-            if zeroed:
-                dq, = torch.autograd.grad(out, leaves[0], torch.ones_like(out))
-                assert dq[nan_rows].isnan().all()
+def test_cpu_flash_nan_canary(dtype: torch.dtype, record_property: pytest.RecordProperty) -> None:
+    """Canary for pytorch/pytorch#141128, run against whatever torch is installed: every call its CPU flash kernel
+    answers with 0 for an all-NaN row must be one the denylist entry vetoes (otherwise the NaN would vanish); and
+    if the kernel no longer does it anywhere while the entry's torch range still includes this torch, the entry is
+    vetoing flash for nothing: the test says so (a warning and a recorded property) so the range can be narrowed."""
+    caps = sdpa_flash.capabilities("cpu")
+    cases = [(sk, causal, mask) for sk in range(1, 25) for causal in (False, True) for mask in (False, True)
+             if not (causal and mask)]
+    zeroed = [c for c in cases if _kernel_zeroes_the_nan_row(dtype, *c)]
+    vetoed = {c for c in cases if _NAN_ENTRY.matches(_spec(dtype, *c), caps)}
+    unguarded = [c for c in zeroed if c not in vetoed]
+    assert not unguarded, (f"torch {torch.__version__}'s CPU flash kernel zeroes a NaN row at (Sk, causal, mask) = "
+                           f"{unguarded}, which the denylist entry for {_NAN_ENTRY.source} does not cover: widen it")
+    finding = f"torch {torch.__version__}: kernel zeroes NaN rows at Sk={sorted({c[0] for c in zeroed})}"
+    record_property("pytorch_141128", finding)
+    if not zeroed and vetoed:
+        warnings.warn(f"{_NAN_ENTRY.source} looks fixed in torch {torch.__version__} ({dtype}): the denylist entry "
+                      f"(torch{_NAN_ENTRY.torch}) still vetoes CPU flash for {len(vetoed)} of these calls; narrow its "
+                      "range", UserWarning, stacklevel=1)
+    for sk, causal, mask in cases:  # what users get: the NaN is kept wherever the row sees it
+        q, k, v = (torch.randn(1, 2, n, 8).to(dtype) for n in (min(sk, 4), sk, sk))
+        q[0, 0, 0, 3] = float("nan")
+        out = sdpa_flash.attention(q, k, v, causal=causal, attn_mask=torch.ones(min(sk, 4), sk, dtype=torch.bool)
+                                   if mask else None)
+        assert out[0, 0, 0].isnan().all(), (sk, causal, mask)
+
+
+def test_the_nan_entry_is_the_reason_explain_gives() -> None:
+    """Under auto the entry reroutes tiny unmasked CPU calls to math quietly (``reroute=True``: not a fallback),
+    and ``explain()`` names it; 16 keys, or a mask, run on flash."""
+    assert isinstance(_NAN_ENTRY, DenylistEntry) and _NAN_ENTRY.device_type == "cpu" and _NAN_ENTRY.reroute
+    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
+    p = sdpa_flash.explain(q, k, v)
+    assert p.backend == "math" and not p.fallback
+    assert p.reasons["flash"][0] == _NAN_ENTRY.describe() and "pytorch/pytorch#141128" in p.reasons["flash"][0]
+    assert sdpa_flash.explain(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool)).backend == "flash"
+    q, k, v = (torch.randn(2, 4, 16, 16) for _ in range(3))
+    assert sdpa_flash.explain(q, k, v).backend == "flash"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -255,6 +255,68 @@ def test_user_denylist_entry_vetoes_and_is_removable() -> None:
     assert plan(s, PROFILES["sm80"], AUTO).backend == "flash"
 
 
+def _cpu_spec(**kw: object) -> AttentionSpec:
+    """A CPU call long enough (1024 keys) that no built-in CPU entry applies."""
+    return spec("cpu", torch.float32, needs_grad=False, **kw)
+
+
+@pytest.mark.parametrize("reroute", [True, False])
+def test_reroute_entry_moves_on_without_a_fallback(reroute: bool) -> None:
+    """An entry with ``reroute=True`` sends the call to the next backend quietly: under auto, a custom list and
+    ``fallback="error"`` the plan is not a fallback, and explain() names the entry. Without it, the same veto is a
+    fallback (and an error under ``fallback="error"``). A strict policy refuses either way, with the entry."""
+    entry = DenylistEntry("flash", "test: CPU flash misbehaves at head_dim 64", source="local", device_type="cpu",
+                          when=lambda s: s.head_dim == 64, reroute=reroute)
+    s, caps = _cpu_spec(head_dim=64, head_dim_v=64), PROFILES["cpu"]
+    assert plan(s, caps, AUTO).backend == "flash"
+    add_denylist_entry(entry)
+    try:
+        for pol in (AUTO, resolve_policy(["flash", "math"])):
+            p = plan(s, caps, pol)
+            assert p.backend == "math" and p.fallback is not reroute
+            assert p.reasons["flash"][0] == "denylisted: test: CPU flash misbehaves at head_dim 64 [local]"
+            assert ("reroute=True" in p.explain()) is reroute and ("[fallback]" in p.explain()) is not reroute
+        strict_fallback = resolve_policy("auto", fallback="error")
+        if reroute:
+            assert plan(s, caps, strict_fallback).backend == "math"
+        else:
+            with pytest.raises(BackendUnavailableError, match="fallback mode is 'error'"):
+                plan(s, caps, strict_fallback)
+        with pytest.raises(BackendUnavailableError, match="CPU flash misbehaves at head_dim 64") as info:
+            plan(s, caps, resolve_policy("flash"))
+        assert info.value.reasons == {"flash": (entry.describe(),)}
+        assert plan(_cpu_spec(), caps, AUTO).backend == "flash"  # head_dim 128: the entry does not apply
+    finally:
+        remove_denylist_entry(entry)
+
+
+def test_reroute_does_not_hide_other_reasons() -> None:
+    """A backend that a reroute entry vetoes but that is also unsupported (dropout), or also vetoed by an ordinary
+    entry, is a plain fallback: reroute only quiets moves that the reroute entries alone cause."""
+    quiet = DenylistEntry("flash", "test: quiet", device_type="cpu", when=lambda s: s.head_dim == 64, reroute=True)
+    loud = DenylistEntry("flash", "test: loud", device_type="cpu", when=lambda s: s.heads_q == 8)
+    caps = PROFILES["cpu"]
+    add_denylist_entry(quiet)
+    add_denylist_entry(loud)
+    try:
+        assert not plan(_cpu_spec(head_dim=64, head_dim_v=64), caps, AUTO).fallback
+        p = plan(_cpu_spec(head_dim=64, head_dim_v=64, dropout=True), caps, AUTO)
+        assert p.backend == "math" and p.fallback and "reroute=True" not in p.explain()
+        p = plan(_cpu_spec(head_dim=64, head_dim_v=64, heads_q=8, heads_kv=8), caps, AUTO)
+        assert p.backend == "math" and p.fallback
+        assert p.reasons["flash"] == ("denylisted: test: quiet", "denylisted: test: loud")
+    finally:
+        remove_denylist_entry(quiet)
+        remove_denylist_entry(loud)
+
+
+def test_denylist_entry_fields_are_checked_where_written() -> None:
+    from sdpa_flash import AttentionInputError
+
+    with pytest.raises(AttentionInputError, match=r"DenylistEntry\.reroute to be a bool, but got 'yes'"):
+        DenylistEntry("flash", "x", device_type="cpu", reroute="yes")  # type: ignore[arg-type]
+
+
 def test_denylist_rejects_unknown_backend() -> None:
     from sdpa_flash import AttentionInputError
 

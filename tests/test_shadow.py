@@ -72,7 +72,7 @@ def test_one_in_n_calls_is_checked() -> None:
 def test_one_in_n_calls_across_shapes() -> None:
     # Ragged batches make a new kind of call per step; the count is per backend, so they are not all checked.
     pol = resolve_policy("auto", shadow=4)
-    for sq in range(3, 11):
+    for sq in range(16, 24):  # 16+ keys: CPU flash runs (fewer, unmasked, go to math: pytorch/pytorch#141128)
         q, k, v = qkv(sq=sq, sk=sq)
         sdpa_flash.attention(q, k, v, policy=pol)
     assert sdpa_flash.stats().shadow.checks == 2

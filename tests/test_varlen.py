@@ -487,11 +487,14 @@ def _run_varlen(lq: list[int], lk: list[int], causal: bool | str, device: str, d
     return out.values, grads, list(engine._exec_cache.values())[-1]
 
 
-DIRECT_CASES = [  # (query lengths, key lengths, causal): causal right-padded groups, padded queries, singles
-    ([5, 9, 9, 30, 2, 17], None, True),
-    ([4, 8, 3, 8], [8, 8, 8, 8], False),
-    ([7, 0, 3, 12], None, "top_left"),
-    ([6, 6, 6], None, False),
+# (query lengths, key lengths, causal): causal right-padded groups, padded queries, singles. Every group has 16 keys
+# or more: CPU flash does not take fewer without a mask (the denylist, pytorch/pytorch#141128), so such a group
+# runs on math through attention(), not through the direct group execution.
+DIRECT_CASES = [
+    ([16, 20, 20, 41, 17, 28], None, True),
+    ([15, 19, 16, 19], [19, 19, 19, 19], False),
+    ([18, 0, 16, 23], None, "top_left"),
+    ([17, 17, 17], None, False),
 ]
 
 
@@ -511,24 +514,27 @@ def test_direct_group_execution_equals_per_group_attention(model: str, case: tup
 
 
 def test_direct_group_execution_is_skipped_where_it_would_differ() -> None:
-    """Groups that need a mask, shadow checking, non-contiguous inputs: the groups go through attention()."""
+    """Groups that need a mask, shadow checking, non-contiguous inputs, or that CPU flash does not take (fewer
+    than 16 keys without a mask: the denylist, pytorch/pytorch#141128): the groups go through attention()."""
     with cost_model("cpu", models("cpu")["one group, mask padding"]):
-        _, _, ex = _run_varlen([5, 9, 3], [5, 9, 3], False, "cpu", torch.float32)
+        _, _, ex = _run_varlen([16, 20, 17], [16, 20, 17], False, "cpu", torch.float32)
         assert ex.direct is None
     with cost_model("cpu", models("cpu")["per-sequence"]):
-        _, _, ex = _run_varlen([5, 9, 3], [5, 9, 3], True, "cpu", torch.float32)
+        _, _, ex = _run_varlen([16, 20, 17], [16, 20, 17], True, "cpu", torch.float32)
         assert ex.direct is not None
-        q = torch.randn(17, 2, 16)
+        q = torch.randn(16 + 20 + 17, 2, 16)
         assert ex.direct.usable(q, q, q, sdpa_flash.Policy())
         assert not ex.direct.usable(q, q, q, sdpa_flash.Policy(shadow=10))
         assert not ex.direct.usable(q.transpose(0, 1).contiguous().transpose(0, 1), q, q, sdpa_flash.Policy())
+        _, _, ex = _run_varlen([5, 9, 3], [5, 9, 3], True, "cpu", torch.float32)
+        assert ex.direct is None
 
 
 def test_direct_group_execution_autograd_semantics() -> None:
     """Like the kernels' own ops: backward twice with retain_graph gives the same gradients, twice without it is
     an error, and double backward is refused."""
     with cost_model("cpu", models("cpu")["per-sequence"]):
-        q = varlen.pack(seqs([5, 9, 3], h=2, d=16, dtype=torch.float32))
+        q = varlen.pack(seqs([16, 20, 17], h=2, d=16, dtype=torch.float32))
         leaf = q.values.clone().requires_grad_()
         b = q.with_values(leaf)
         out = varlen.varlen_attention(b, b, b, causal=True).values
