@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import stats as _stats
+from ._tolerance import FLOOR_UNITS, K
 from .errors import ShadowMismatchError
 from .spec import AttentionSpec
 
@@ -168,8 +169,6 @@ def _compare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch
     vabs = vs.abs().masked_fill(bad_v, 0.0)
     mag = p_abs @ vabs
     smag = (p_abs * (s_abs + (p_abs * s_abs).sum(-1, keepdim=True))) @ vabs
-    from .testing import FLOOR_UNITS, K
-
     eps, eps_ref = torch.finfo(out.dtype).eps, torch.finfo(acc).eps
     bound = (FLOOR_UNITS + K + 1) * (eps * mag + eps_ref * math.sqrt(max(sk, d, dv)) * smag)
     c_fin, r_fin = torch.isfinite(cand), torch.isfinite(ref)

@@ -770,7 +770,7 @@ def _place_outputs(p: VarlenPlan, ex: _Exec, n: int, og: torch.Tensor, outs: lis
 
 def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              dropout_p: float, scale: float | None, pol: Policy) -> torch.Tensor:
-    from .attention import attention
+    from ._dense import dense_attention as attention
 
     spec = p.spec
     n_seq = len(spec.seqlens_q)

@@ -95,11 +95,7 @@ __all__ = [
     "register_hypothesis_profiles",
 ]
 
-K = 2.0
-"""How many times the same-dtype math backend's error a candidate may have (see the module docstring)."""
-
-FLOOR_UNITS = 2.0
-"""The floor, in units of ``eps * M + eps_acc * Ms`` (see the module docstring)."""
+from ._tolerance import FLOOR_UNITS, K
 
 _LEGACY_FLOOR_ULPS = 8
 _NAMES = ("out", "dq", "dk", "dv")
