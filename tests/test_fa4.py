@@ -65,10 +65,17 @@ def test_missing_package_reads_like_an_install_hint() -> None:
         plan(spec(), SM90, resolve_policy("fa4"))
 
 
-def test_installed_version_is_read_from_metadata_not_by_import() -> None:
+def test_installed_version_is_read_from_metadata_not_by_import(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     v = fa4_mod.installed_version()
     assert v is None or v.startswith("4.")
-    assert "flash_attn.cute.interface" not in sys.modules or fa4_mod._module is not None
+    # a distribution's metadata and file list are enough; nothing of it is imported
+    info = tmp_path / "flash_attn_4-4.0.0b99.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flash-attn-4\nVersion: 4.0.0b99\n")
+    (info / "RECORD").write_text("flash_attn/cute/interface.py,,\nflash_attn_4-4.0.0b99.dist-info/METADATA,,\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert fa4_mod.installed_version() == "4.0.0b99"
+    assert not any(m.startswith("flash_attn") for m in sys.modules)
 
 
 # ---------------------------------------------------------------------------------------- the decision

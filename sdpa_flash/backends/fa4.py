@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
-import importlib.util
 import os
 import threading
 import time
@@ -73,14 +72,16 @@ def installed_version() -> str | None:
     ``fa4``.)
     """
     try:
-        version = importlib.metadata.version(DISTRIBUTION)
+        dist = importlib.metadata.distribution(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         return None
-    try:
-        found = importlib.util.find_spec("flash_attn.cute") is not None
-    except (ImportError, ValueError):  # a ``flash_attn`` without a ``cute`` sub-package (flash-attn 2), or a stub
-        found = False
-    return version if found else None
+    # Its file list, not importlib.util.find_spec("flash_attn.cute"): finding a sub-package imports the parent,
+    # and with flash-attn 2 also installed, flash_attn/__init__.py loads its CUDA extension.
+    files = dist.files
+    if files is not None and not any(str(f).replace("\\", "/").endswith("flash_attn/cute/interface.py")
+                                     for f in files):
+        return None
+    return dist.version
 
 
 def _cache_setting() -> tuple[bool, Path | None]:
