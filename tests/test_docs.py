@@ -52,7 +52,7 @@ def _needs(module: str) -> pytest.MarkDecorator:
     [("quickstart.py", ["--seq", "64"], None), ("startup_check.py", [], 0),
      ("startup_check.py", ["--require", "cudnn", "--device", "cpu"], 1),
      ("varlen_batching.py", [], None), ("varlen_batching.py", ["--causal", "--batch", "3"], None),
-     ("train_tiny_transformer.py", ["--steps", "3"], None),
+     ("train_tiny_transformer.py", ["--steps", "3"], None), ("fa4_warmup.py", ["--causal"], None),
      pytest.param("hf_transformers.py", [], None, marks=_needs("transformers")),
      pytest.param("flash_attn_dropin.py", [], None, marks=_needs("sdpa_flash.compat"))],
 )
