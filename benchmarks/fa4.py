@@ -44,6 +44,7 @@ import sdpa_flash
 from sdpa_flash import varlen
 from sdpa_flash.backends import fa4 as fa4_backend
 from sdpa_flash.bench._timing import Settings, Stats, Timed, interleave
+from sdpa_flash.bench._varlen import varlen_cases
 
 DEV = torch.device("cuda")
 ROWS: list[dict[str, Any]] = []
@@ -87,6 +88,22 @@ def dense_paths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool)
     }
 
 
+def timed_item(name: str, call: Any, ts: Any, mode: str, ctx: Any = None) -> Timed:
+    """``call(*ts)`` to time: forward under no_grad, or forward+backward (grad of fresh leaves against a fixed
+    random output gradient)."""
+    if mode == "fwd":
+        def fn(i):  # type: ignore[no-untyped-def]
+            with torch.no_grad():
+                return call(*ts)
+    else:
+        leaves = [t.clone().requires_grad_() for t in ts]
+        gout = torch.randn_like(call(*leaves))
+
+        def fn(i):  # type: ignore[no-untyped-def]
+            return torch.autograd.grad(call(*leaves), leaves, gout)
+    return Timed(name, fn, ctx or contextlib.nullcontext)
+
+
 def time_case(section: str, label: str, b: int, h: int, hkv: int, sq: int, sk: int, d: int, causal: bool,
               modes: tuple[str, ...], settings: Settings, paths: dict[str, Any] | None = None) -> None:
     g = torch.Generator(device="cuda").manual_seed(sq + d)
@@ -98,17 +115,7 @@ def time_case(section: str, label: str, b: int, h: int, hkv: int, sq: int, sk: i
         items = []
         for name, (call, ctx, layout) in paths.items():
             ts = base if layout == "bhsd" else [t.transpose(1, 2).contiguous() for t in base]
-            if mode == "fwd":
-                def fn(i, call=call, ts=ts):  # type: ignore[no-untyped-def]
-                    with torch.no_grad():
-                        return call(*ts)
-            else:
-                leaves = [t.clone().requires_grad_() for t in ts]
-                gout = torch.randn_like(call(*leaves))
-
-                def fn(i, call=call, leaves=leaves, gout=gout):  # type: ignore[no-untyped-def]
-                    return torch.autograd.grad(call(*leaves), leaves, gout)
-            items.append(Timed(name, fn, ctx or contextlib.nullcontext))
+            items.append(timed_item(name, call, ts, mode, ctx))
         res = interleave(items, DEV, settings, measure_peak=False)
         for name, r in res.items():
             backend = ""
@@ -150,19 +157,11 @@ def layout(settings: Settings) -> None:
               settings, paths)
 
 
-def lengths(kind: str) -> list[int]:
-    g = torch.Generator().manual_seed(0)
-    if kind == "lognormal":
-        return torch.exp(6.5 + 0.9 * torch.randn(64, generator=g)).clamp(16, 8192).long().tolist()
-    _ = torch.randn(64, generator=g)
-    return torch.randint(1, 4097, (64,), generator=g).tolist()
-
-
 def ragged(settings: Settings) -> None:
     h, d = 16, 128
     fn = fa4().flash_attn_varlen_func
-    for kind in ("lognormal", "uniform"):
-        lens = lengths(kind)
+    for case in varlen_cases("cuda"):  # BASELINE's two batches of 64 sequences
+        kind, lens = case.name, list(case.lengths)
         total = sum(lens)
         g = torch.Generator(device="cuda").manual_seed(1)
         q, k, v = (torch.randn(total, h, d, device=DEV, dtype=torch.bfloat16, generator=g) for _ in range(3))
@@ -202,18 +201,8 @@ def ragged(settings: Settings) -> None:
                     if name == "torch flash varlen op" and mode == "fwdbwd":
                         continue  # the aten op has no autograd formula of its own here
                     flops[name] = work * (3.5 if mode == "fwdbwd" else 1.0)
-                    if mode == "fwd":
-                        def f(i, call=call, ts=ts):  # type: ignore[no-untyped-def]
-                            with torch.no_grad():
-                                return call(*ts)
-                    else:
-                        leaves = [t.clone().requires_grad_() for t in ts]
-                        gout = torch.randn_like(call(*leaves))
-
-                        def f(i, call=call, leaves=leaves, gout=gout):  # type: ignore[no-untyped-def]
-                            return torch.autograd.grad(call(*leaves), leaves, gout)
                     ctx = (lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])) if name.startswith("dense") else None
-                    items.append(Timed(name, f, ctx or contextlib.nullcontext))
+                    items.append(timed_item(name, call, ts, mode, ctx))
                 res = interleave(items, DEV, settings, measure_peak=False)
                 for name, r in res.items():
                     record("varlen", f"{kind}{' causal' if causal else ''}", mode, str(name), r, flops[str(name)],

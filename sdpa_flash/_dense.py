@@ -76,7 +76,6 @@ def dense_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    *,
     attn_mask: torch.Tensor | None = None,
     causal: bool | str = False,
     dropout_p: float = 0.0,

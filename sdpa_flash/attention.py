@@ -76,8 +76,7 @@ def attention(
     """
     if key_padding_mask is not None:
         return _padded(query, key, value, key_padding_mask, attn_mask, causal, dropout_p, scale, layout, policy)
-    return dense_attention(query, key, value, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p, scale=scale,
-                           layout=layout, policy=policy)
+    return dense_attention(query, key, value, attn_mask, causal, dropout_p, scale, layout, policy)  # positional: fast
 
 
 def explain(

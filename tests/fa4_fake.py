@@ -35,6 +35,19 @@ def _resolve(causal: bool, left: int | None, right: int | None) -> tuple[int | N
     return left, right
 
 
+def _visible(sq: int, sk: int, causal: bool, left: int | None, right: int | None) -> torch.Tensor:
+    """(Sq, Sk) True where query i sees key j: the window around the bottom-right diagonal, as FA4 resolves it."""
+    left, right = _resolve(causal, left, right)
+    i = torch.arange(sq)[:, None] + (sk - sq)
+    j = torch.arange(sk)[None, :]
+    visible = torch.ones(sq, sk, dtype=torch.bool)
+    if left is not None:
+        visible &= j >= i - left
+    if right is not None:
+        visible &= j <= i + right
+    return visible
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool,
             left: int | None, right: int | None, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence batch in (B, S, H, D): (out in q's dtype, lse (B, H, Sq) float32)."""
@@ -47,15 +60,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
     s = qf @ kf.transpose(-1, -2) * scale
     if softcap:
         s = torch.tanh(s / softcap) * softcap
-    left, right = _resolve(causal, left, right)
-    i = torch.arange(sq)[:, None] + (sk - sq)
-    j = torch.arange(sk)[None, :]
-    visible = torch.ones(sq, sk, dtype=torch.bool)
-    if left is not None:
-        visible &= j >= i - left
-    if right is not None:
-        visible &= j <= i + right
-    s = s.masked_fill(~visible, float("-inf"))
+    s = s.masked_fill(~_visible(sq, sk, causal, left, right), float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
     out = (p @ vf).transpose(1, 2).to(q.dtype)
@@ -120,15 +125,7 @@ def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, s
     kf, vf = kf.repeat_interleave(rep, 1), vf.repeat_interleave(rep, 1)
     raw = qf @ kf.transpose(-1, -2) * scale
     s = torch.tanh(raw / softcap) * softcap if softcap else raw
-    left, right = _resolve(causal, window_size_left, window_size_right)
-    i = torch.arange(sq)[:, None] + (sk - sq)
-    j = torch.arange(sk)[None, :]
-    visible = torch.ones(sq, sk, dtype=torch.bool)
-    if left is not None:
-        visible &= j >= i - left
-    if right is not None:
-        visible &= j <= i + right
-    s = s.masked_fill(~visible, float("-inf"))
+    s = s.masked_fill(~_visible(sq, sk, causal, window_size_left, window_size_right), float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
     dv = p.transpose(-1, -2) @ gf
     dp = gf @ vf.transpose(-1, -2)

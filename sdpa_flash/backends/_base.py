@@ -330,8 +330,11 @@ class Backend:
 
     def varlen_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
         """Why one packed call cannot run a ragged batch whose longest query and key give ``spec`` (causal, if
-        any, bottom-right)."""
-        return ["has no packed (cu_seqlens) kernel"]
+        any, bottom-right): the dense reasons, less those about the causal corner (a packed kernel aligns causal
+        per sequence)."""
+        if not self.VARLEN:
+            return ["has no packed (cu_seqlens) kernel"]
+        return [r for r in self.not_supported_reasons(spec, caps) if "causal" not in r]
 
     def varlen(self) -> Callable[..., torch.Tensor]:
         """``run(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale) -> out``, packed (T, H, D) in and

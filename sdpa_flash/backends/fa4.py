@@ -28,6 +28,7 @@ What the kernel is, as data (flash-attn-4 4.0.0b36, read from its ``flash_attn/c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
@@ -249,45 +250,25 @@ class FA4Backend(Backend):
         return reasons
 
     def runner(self, spec: AttentionSpec, prep: Prep) -> Runner:
-        call = _eager_kernel(load(), torch.are_deterministic_algorithms_enabled() and spec.needs_grad,
-                             torch.cuda.is_available() and torch.cuda.device_count() > 1)
+        call = _eager_kernel(load(), _deterministic(spec), _multi_gpu())
         return make_runner(call, spec.needs_grad, self.MASKED_VALUE, self.ZERO_MASKED_ROWS, spec.head_dim,
                            spec.head_dim_v, spec.seqlen_q, *dataclasses.astuple(prep))
 
     def bshd_runner(self, spec: AttentionSpec, prep: Prep) -> Runner | None:
         if prep != Prep(kernel_causal=prep.kernel_causal):
             return None  # padding, truncation or a mask: the (B, H, S, D) runner does those
-        fn = load().flash_attn_func
-        causal = bool(prep.kernel_causal)
-        det = torch.are_deterministic_algorithms_enabled() and spec.needs_grad
-        if torch.cuda.is_available() and torch.cuda.device_count() > 1:
-            def run_guarded(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
-                with _on_device(q):
-                    return fn(q, k, v, softmax_scale=scale, causal=causal, deterministic=det)[0]
-
-            return run_guarded
-
-        def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
-            return fn(q, k, v, softmax_scale=scale, causal=causal, deterministic=det)[0]
-
-        return run
+        return _plain(load().flash_attn_func, bool(prep.kernel_causal), _deterministic(spec), _multi_gpu(),
+                      bhsd=False)
 
     def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
         return _TRACED
 
-    def _call(self, q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
-        return _eager_kernel(load(), torch.are_deterministic_algorithms_enabled(), True)(
-            q, k, v, bias, dropout_p, is_causal, scale, needs_lse)
-
     # -------------------------------------------------------------------------------------------- varlen
     VARLEN = True
 
-    def varlen_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
-        return [r for r in self.not_supported_reasons(spec, caps) if "causal" not in r]
-
     def varlen(self) -> Any:
         fn = load().flash_attn_varlen_func
-        guard = torch.cuda.is_available() and torch.cuda.device_count() > 1
+        guard = _multi_gpu()
         det = torch.are_deterministic_algorithms_enabled
 
         def run(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale):  # type: ignore[no-untyped-def]
@@ -299,15 +280,19 @@ class FA4Backend(Backend):
         return run
 
 
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+_NULL = contextlib.nullcontext()
 
 
-_NULL = _Null()
+def _multi_gpu() -> bool:
+    """More than one CUDA device: calls then need a device guard (decided when a runner is built)."""
+    return torch.cuda.is_available() and torch.cuda.device_count() > 1
+
+
+def _deterministic(spec: AttentionSpec) -> bool:
+    """Pass FA4 ``deterministic=True`` for a backward under ``torch.use_deterministic_algorithms(True)``; the
+    per-call cache of :func:`sdpa_flash.attention` keys on that mode, so reading it when a runner is built is
+    enough."""
+    return spec.needs_grad and torch.are_deterministic_algorithms_enabled()
 
 
 def _on_device(t: Tensor) -> Any:
@@ -317,31 +302,36 @@ def _on_device(t: Tensor) -> Any:
     return torch.cuda.device(t.device)
 
 
-def _eager_kernel(mod: ModuleType, deterministic: bool, guard: bool):  # type: ignore[no-untyped-def]
-    """The eager kernel (signature of ``Backend._call``), through FA4's own autograd.Function."""
-    fn = mod.flash_attn_func
-
-    def call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
-        with _on_device(q) if guard else _NULL:
-            out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
-                     causal=bool(is_causal), deterministic=deterministic)[0]
-        return out.transpose(1, 2)
-
-    def plain(is_causal, needs_lse):  # type: ignore[no-untyped-def]
-        causal = bool(is_causal)
-        if guard:
-            def run_guarded(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
-                with _on_device(q):
-                    return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
-                              causal=causal, deterministic=deterministic)[0].transpose(1, 2)
-
-            return run_guarded
-
+def _plain(fn: Any, causal: bool, deterministic: bool, guard: bool, *, bhsd: bool) -> Runner:
+    """One FA4 call with nothing to adapt: ``run(q, k, v, attn_mask, dropout_p, scale)`` on (B, H, S, D) tensors
+    (passed to FA4 as (B, S, H, D) views) or, with ``bhsd=False``, on (B, S, H, D) tensors as they are."""
+    if bhsd:
         def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
             return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal,
                       deterministic=deterministic)[0].transpose(1, 2)
-
+    else:
+        def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+            return fn(q, k, v, softmax_scale=scale, causal=causal, deterministic=deterministic)[0]
+    if not guard:
         return run
+
+    def run_guarded(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+        with _on_device(q):
+            return run(q, k, v, attn_mask, dropout_p, scale)
+
+    return run_guarded
+
+
+def _eager_kernel(mod: ModuleType, deterministic: bool, guard: bool):  # type: ignore[no-untyped-def]
+    """The eager kernel for :func:`make_runner` (signature of ``Backend._call``), through FA4's own
+    autograd.Function; calls with nothing to adapt get :func:`_plain`."""
+    fn = mod.flash_attn_func
+
+    def call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+        return _plain(fn, bool(is_causal), deterministic, guard, bhsd=True)(q, k, v, None, dropout_p, scale)
+
+    def plain(is_causal, needs_lse):  # type: ignore[no-untyped-def]
+        return _plain(fn, bool(is_causal), deterministic, guard, bhsd=True)
 
     return with_plain(call, plain)
 
