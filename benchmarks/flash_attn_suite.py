@@ -19,7 +19,9 @@ generated ``conftest.py`` and runs pytest there in a child process. The conftest
 
 Writes ``OUT/junit.xml``, ``OUT/summary.json`` and ``OUT/summary.txt``, and prints pass/fail counts with the
 failures grouped by class (the exception type and, for compat's typed errors, the argument named). Exit status 0
-when nothing failed, 1 otherwise, 2 for a usage problem.
+when nothing failed, 1 otherwise, 2 for a usage problem. With ``--timeout``, a run that reaches its limit is
+interrupted as Ctrl-C would, and the cases that ran to the end are still reported (the one cut off counts as
+unfinished, not as passed); ``--pytest-args "-n 8"`` spreads the cases over pytest-xdist workers.
 
     python benchmarks/flash_attn_suite.py .fa2tests/test_flash_attn.py --out /tmp/fa2 --sample 300 --seed 0
 
@@ -36,6 +38,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -141,6 +144,15 @@ def _dropout(item):
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m have deselected theirs: the sample is drawn from what is left
+def pytest_runtest_logfinish(nodeid, location):
+    """One line per finished case, so a run stopped at its time limit counts only the cases that ran to the end
+    (the JUnit file also lists the case the interrupt landed in, as if it had passed)."""
+    path = os.environ.get("FA_SUITE_FINISHED")
+    if path:
+        with open(path, "a") as f:
+            f.write(nodeid.rpartition("::")[2] + "\\n")
+
+
 def pytest_collection_modifyitems(config, items):
     n = int(os.environ.get("FA_SUITE_SAMPLE", "0"))
     rng = random.Random(int(os.environ.get("FA_SUITE_SEED", "0")))
@@ -190,25 +202,33 @@ def classify(kind: str, message: str, text: str) -> str:
     return exc
 
 
-def summarize(junit: pathlib.Path) -> dict[str, Any]:
-    """Counts by outcome and failures by class from a JUnit XML file."""
+def summarize(junit: pathlib.Path, finished: set[str] | None = None) -> dict[str, Any]:
+    """Counts by outcome, failures by class (with the end of one failure's traceback per class, to read why) and
+    skip reasons from a JUnit XML file; with ``finished`` (the names of the cases that ran to the end), the others
+    count as unfinished whatever the file says."""
     counts: collections.Counter[str] = collections.Counter()
     classes: dict[str, list[str]] = collections.defaultdict(list)
+    examples: dict[str, str] = {}
     skips: collections.Counter[str] = collections.Counter()
     for case in ET.parse(junit).getroot().iter("testcase"):
         name = case.get("name", "?")
+        if finished is not None and name not in finished:
+            counts["unfinished"] += 1
+            continue
         bad = case.find("failure") if case.find("failure") is not None else case.find("error")
         skipped = case.find("skipped")
         if bad is not None:
             counts["failed" if bad.tag == "failure" else "errors"] += 1
-            classes[classify(bad.tag, bad.get("message", ""), bad.text or "")].append(name)
+            cls = classify(bad.tag, bad.get("message", ""), bad.text or "")
+            classes[cls].append(name)
+            examples.setdefault(cls, f"{name}: {(bad.text or bad.get('message', ''))[-1500:]}")
         elif skipped is not None:
             counts["skipped"] += 1
             skips[(skipped.get("message") or "").strip()[:100]] += 1
         else:
             counts["passed"] += 1
     return {"counts": dict(counts), "failures_by_class": {k: sorted(v) for k, v in sorted(classes.items())},
-            "skip_reasons": dict(skips.most_common())}
+            "skip_reasons": dict(skips.most_common()), "examples": dict(sorted(examples.items()))}
 
 
 def report(summary: dict[str, Any]) -> str:
@@ -216,6 +236,10 @@ def report(summary: dict[str, Any]) -> str:
     lines = [f"{summary.get('label') or 'run'}: {c.get('passed', 0)} passed, {c.get('failed', 0)} failed, "
              f"{c.get('errors', 0)} errors, {c.get('skipped', 0)} skipped ({summary.get('deselected', '?')} "
              "deselected: dropout cases and the unsampled rest)"]
+    if summary.get("interrupted"):
+        ran = sum(n for k, n in c.items() if k != "unfinished")
+        lines.append(f"  interrupted at the time limit: {ran} cases ran to the end, {c.get('unfinished', 0)} "
+                     "were cut off")
     for cls, names in summary["failures_by_class"].items():
         lines.append(f"  {len(names):>5}  {cls}   e.g. {names[0]}")
     for why, n in list(summary["skip_reasons"].items())[:5]:
@@ -254,35 +278,50 @@ def main(argv: list[str] | None = None) -> int:
     (harness / "conftest.py").write_text(textwrap.dedent(CONFTEST).lstrip())
     (harness / "pytest.ini").write_text(PYTEST_INI)
     junit = out / "junit.xml"
+    finished_log = out / "finished.txt"
+    finished_log.unlink(missing_ok=True)
     env = dict(os.environ, FA_SUITE_SAMPLE=str(args.sample), FA_SUITE_SEED=str(args.seed),
-               FA_SUITE_CPU_EMULATION="1" if args.cpu_emulation else "0",
+               FA_SUITE_CPU_EMULATION="1" if args.cpu_emulation else "0", FA_SUITE_FINISHED=str(finished_log),
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     cmd = [sys.executable, "-m", "pytest", "test_flash_attn.py", "-q", "-rN", f"--junitxml={junit}",
            "-o", "junit_family=xunit2", *args.pytest_args.split()]
     if args.keyword:
         cmd += ["-k", args.keyword]
     print("running:", " ".join(cmd), f"(in {harness})", flush=True)
-    try:
-        proc = subprocess.run(cmd, cwd=harness, env=env, timeout=args.timeout, capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        print(f"flash_attn_suite: pytest did not finish within {args.timeout} s", file=sys.stderr)
-        return 1
-    (out / "pytest.log").write_text(proc.stdout + proc.stderr)
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+    log = out / "pytest.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, cwd=harness, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
+        interrupted = False
+        try:
+            proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            # Ctrl-C, as a person would: pytest stops, then still writes the JUnit file for the cases that ran
+            interrupted = True
+            print(f"flash_attn_suite: pytest did not finish within {args.timeout} s; interrupting it and "
+                  "reporting the cases that ran", file=sys.stderr)
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    stdout = log.read_text()
+    tail = stdout.strip().splitlines()[-3:]
     if not junit.is_file():
         print("flash_attn_suite: pytest wrote no JUnit file; its output ends:\n" + "\n".join(tail), file=sys.stderr)
         return 1
-    summary = summarize(junit)
-    deselected = re.search(r"(\d+) deselected", proc.stdout)
+    finished = set(finished_log.read_text().split()) if interrupted and finished_log.is_file() else None
+    summary = summarize(junit, set() if interrupted and finished is None else finished)
+    deselected = re.search(r"(\d+) deselected", stdout)
     summary.update(label=args.label, deselected=int(deselected.group(1)) if deselected else 0,
                    sample=args.sample, seed=args.seed, cpu_emulation=args.cpu_emulation,
-                   pytest_exit=proc.returncode, pytest_tail=tail)
+                   pytest_exit=proc.returncode, pytest_tail=tail, interrupted=interrupted)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     text = report(summary)
     (out / "summary.txt").write_text(text + "\n")
     print(text)
     failed = summary["counts"].get("failed", 0) + summary["counts"].get("errors", 0)
-    return 1 if failed or proc.returncode not in (0, 1, 5) else 0
+    return 1 if failed or interrupted or proc.returncode not in (0, 1, 5) else 0
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import pathlib
 import sys
 import types
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -374,8 +376,10 @@ def test_bad_input_raises_typed_errors_naming_the_argument(case: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- install
 def test_install_resolves_flash_attn_only_while_installed() -> None:
-    if importlib.util.find_spec("flash_attn") is not None and not C.installed():
-        pytest.skip("the real flash-attn is installed here")
+    spec = importlib.util.find_spec("flash_attn") if "flash_attn" not in sys.modules else None
+    if spec is not None and spec.origin not in (None, "namespace") and not C.installed():
+        pytest.skip("the real flash-attn is installed here")  # (FA4 alone is a namespace package: tested too)
+    fa4_here = spec is not None
     try:
         assert C.install() and C.install()  # idempotent
         import flash_attn
@@ -392,8 +396,47 @@ def test_install_resolves_flash_attn_only_while_installed() -> None:
         C.uninstall()
         C.uninstall()
     assert "flash_attn" not in sys.modules and not C.installed()
-    with pytest.raises(ImportError):
-        import flash_attn
+    if not fa4_here:
+        with pytest.raises(ImportError):
+            import flash_attn
+
+
+def _fake_fa4_tree(root: pathlib.Path) -> None:
+    """FlashAttention-4's layout: flash_attn/cute/ with no flash_attn/__init__.py (a namespace package)."""
+    (root / "flash_attn" / "cute").mkdir(parents=True)
+    (root / "flash_attn" / "cute" / "__init__.py").write_text("WHO = 'fa4'\n")
+
+
+@pytest.fixture
+def fa4_namespace(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    if importlib.util.find_spec("flash_attn") is not None or "flash_attn" in sys.modules:
+        pytest.skip("a flash_attn package is installed here")
+    _fake_fa4_tree(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    C.uninstall()
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize("cute_imported_first", [False, True], ids=["install_first", "fa4_first"])
+def test_install_alongside_flashattention4_keeps_flash_attn_cute(fa4_namespace: None,
+                                                                 cute_imported_first: bool) -> None:
+    # FA4 alone is not "the real flash-attn": installing must work, and must not hide flash_attn.cute (the fa4
+    # backend imports it), whichever was imported first
+    if cute_imported_first:
+        import flash_attn.cute
+    assert C.install() and C.installed()
+    import flash_attn
+    import flash_attn.cute
+    from flash_attn import flash_attn_func
+
+    assert flash_attn_func is C.flash_attn_func and flash_attn.__version__ == C.FLASH_ATTN_VERSION
+    assert flash_attn.cute.WHO == "fa4" and flash_attn.cute is sys.modules["flash_attn.cute"]
+    C.uninstall()
+    import flash_attn as after
+
+    assert not hasattr(after, "flash_attn_func") and getattr(after, "__file__", None) is None  # FA4's namespace
 
 
 def test_install_leaves_a_real_flash_attn_alone(monkeypatch: pytest.MonkeyPatch) -> None:

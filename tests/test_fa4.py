@@ -73,6 +73,9 @@ def test_installed_version_is_read_from_metadata_not_by_import(tmp_path, monkeyp
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flash-attn-4\nVersion: 4.0.0b99\n")
     (info / "RECORD").write_text("flash_attn/cute/interface.py,,\nflash_attn_4-4.0.0b99.dist-info/METADATA,,\n")
+    # Python >= 3.12 lists only the recorded files that exist; this one fails loudly if anything imports it
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "interface.py").write_text("raise AssertionError('imported')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert fa4_mod.installed_version() == "4.0.0b99"
     assert not any(m.startswith("flash_attn") for m in sys.modules)

@@ -42,6 +42,8 @@ def test_summary_counts_and_classes(tmp_path: pathlib.Path) -> None:
                                       "AttentionInputError: window_size": ["test_b[local]"],
                                       "RuntimeError: CUDA error": ["test_d"]}
     assert s["skip_reasons"] == {"needs sm80": 1}
+    assert s["examples"]["RuntimeError: CUDA error"].startswith("test_d: E")
+    assert "device-side assert" in s["examples"]["RuntimeError: CUDA error"]
 
 
 FAKE_SUITE = '''
@@ -83,3 +85,29 @@ def test_a_whole_run_on_a_small_suite(tmp_path: pathlib.Path, capsys: pytest.Cap
     assert "fake: 3 passed, 1 failed, 0 errors, 0 skipped (2 deselected" in text  # the dropout cases
     assert "1  AssertionError (numerics or shape)   e.g. test_numerics_fail" in text
     assert (tmp_path / "out" / "summary.json").is_file() and (tmp_path / "out" / "junit.xml").is_file()
+
+
+SLOW_SUITE = '''
+import time
+
+
+def test_quick():
+    assert True
+
+
+def test_stuck():
+    time.sleep(600)
+'''
+
+
+@pytest.mark.skipif(importlib.util.find_spec("einops") is None, reason="the harness needs einops")
+def test_a_run_past_its_time_limit_reports_the_cases_that_ran(tmp_path: pathlib.Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    test_file = tmp_path / "test_slow.py"
+    test_file.write_text(SLOW_SUITE)
+    rc = suite().main([str(test_file), "--out", str(tmp_path / "out"), "--sample", "0", "--cpu-emulation",
+                       "--label", "slow", "--timeout", "8", "-k", "quick or stuck"])
+    text = capsys.readouterr().out
+    assert rc == 1, text  # an interrupted run is not a clean one
+    assert text.startswith("running:") and "slow: 1 passed, 0 failed" in text, text
+    assert "interrupted at the time limit: 1 cases ran to the end, 1 were cut off" in text

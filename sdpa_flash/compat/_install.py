@@ -75,9 +75,14 @@ def _build(name: str) -> types.ModuleType:
     mod.__all__ = sorted(funcs)  # type: ignore[attr-defined]
     if name == "flash_attn":
         mod.__version__ = FLASH_ATTN_VERSION  # type: ignore[attr-defined]
-        mod.__path__ = []  # type: ignore[attr-defined]  # a package, so its submodules import
+        # a package, so its submodules import; where FlashAttention-4 is installed, its flash_attn.cute with them
+        mod.__path__ = list(_SHARED_PATH)  # type: ignore[attr-defined]
         mod.__doc__ = ("flash-attn's API provided by sdpa_flash.compat (sdpa_flash.compat.install()); the real "
                        "flash-attn package is not installed.")
+        if _SHADOWED is not None:  # FA4's namespace package was imported first: keep its loaded submodules
+            for key, value in vars(_SHADOWED).items():
+                if isinstance(value, types.ModuleType) and not hasattr(mod, key):
+                    setattr(mod, key, value)
     return mod
 
 
@@ -104,38 +109,71 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 _LOADER = _Loader()
 _FINDER: _Finder | None = None
+_SHARED_PATH: list[str] = []  # the folders of a flash_attn namespace package (FlashAttention-4's flash_attn.cute)
+_SHADOWED: types.ModuleType | None = None  # that namespace package's module, when it was imported before install()
 
 
-def _real_flash_attn() -> bool:
+def _namespace_path(obj: Any) -> list[str] | None:
+    """The folders of a namespace package (a module or a spec without a file of its own), else ``None``."""
+    locations = getattr(obj, "submodule_search_locations", None) if isinstance(obj, importlib.machinery.ModuleSpec) \
+        else getattr(obj, "__path__", None)
+    has_file = obj.origin not in (None, "namespace") if isinstance(obj, importlib.machinery.ModuleSpec) \
+        else getattr(obj, "__file__", None) is not None
+    return None if has_file or locations is None else list(locations)
+
+
+def _flash_attn_here() -> tuple[str, list[str]]:
+    """What ``import flash_attn`` finds: ``("ours", [])``, ``("real", [])`` (flash-attn 2, which has an
+    ``__init__.py``), ``("namespace", folders)`` (only FlashAttention-4's ``flash_attn/cute``, which ships no
+    ``flash_attn/__init__.py``) or ``("absent", [])``. Finding a top-level name imports nothing."""
     mod = sys.modules.get("flash_attn")
     if mod is not None:
-        return not getattr(mod, _MARK, False)
+        if getattr(mod, _MARK, False):
+            return "ours", []
+        folders = _namespace_path(mod)
+        return ("real", []) if folders is None else ("namespace", folders)
     try:
-        return importlib.util.find_spec("flash_attn") is not None
+        spec = importlib.util.find_spec("flash_attn")
     except (ImportError, ValueError):
-        return False
+        return "absent", []
+    if spec is None:
+        return "absent", []
+    folders = _namespace_path(spec)
+    return ("real", []) if folders is None else ("namespace", folders)
 
 
 def install() -> bool:
     """Make ``import flash_attn`` (and ``flash_attn.flash_attn_interface``, ``flash_attn.bert_padding``) give this
     layer — only when the real flash-attn package is absent. Idempotent.
 
+    FlashAttention-4 (``pip install "sdpa_flash[fa4]"``) is not "the real package": it ships only
+    ``flash_attn.cute``, without ``flash_attn/__init__.py``. With it installed, ``flash_attn`` resolves to this layer
+    and ``flash_attn.cute`` still imports from FA4 (sdpa_flash's ``fa4`` backend needs it).
+
     Returns:
-        ``True`` when ``flash_attn`` now resolves to this layer, ``False`` when the real package is installed
-        (it is then left alone).
+        ``True`` when ``flash_attn`` now resolves to this layer, ``False`` when the real package (flash-attn 2) is
+        installed (it is then left alone).
 
     Example:
         >>> import sdpa_flash.compat
         >>> if sdpa_flash.compat.install():
         ...     from flash_attn import flash_attn_func   # sdpa_flash.compat.flash_attn_func
     """
-    global _FINDER
+    global _FINDER, _SHADOWED
     if _FINDER is not None:
         return True
-    if _real_flash_attn():
+    found, folders = _flash_attn_here()
+    if found == "real":
         return False
     _FINDER = _Finder()
-    sys.meta_path.append(_FINDER)
+    if found == "namespace":
+        # Python's path finder would answer ``flash_attn`` with the bare namespace package, so this finder goes
+        # first (for its own three names only); the package it builds searches the same folders for submodules.
+        _SHARED_PATH[:] = folders
+        _SHADOWED = sys.modules.pop("flash_attn", None)
+        sys.meta_path.insert(0, _FINDER)
+    else:
+        sys.meta_path.append(_FINDER)
     return True
 
 
@@ -152,6 +190,11 @@ def uninstall() -> None:
         mod = sys.modules.get(name)
         if mod is not None and getattr(mod, _MARK, False):
             del sys.modules[name]
+    global _SHADOWED
+    if _SHADOWED is not None:
+        sys.modules.setdefault("flash_attn", _SHADOWED)
+        _SHADOWED = None
+    _SHARED_PATH.clear()
     importlib.invalidate_caches()
 
 
