@@ -43,6 +43,7 @@ def test_summary_counts_and_classes(tmp_path: pathlib.Path) -> None:
                                       "RuntimeError: CUDA error": ["test_d"]}
     assert s["skip_reasons"] == {"needs sm80": 1}
     assert s["examples"]["RuntimeError: CUDA error"].startswith("test_d: E")
+    assert s["by_function"]["test_b"] == {"failed": 1} and s["by_function"]["test_e"] == {"skipped": 1}
     assert "device-side assert" in s["examples"]["RuntimeError: CUDA error"]
 
 
@@ -71,6 +72,10 @@ def test_rotary_reference():
 
 def test_numerics_fail():
     assert 1 == 2
+
+
+def test_skips_as_flash_attn_does():
+    pytest.skip()
 '''
 
 
@@ -82,7 +87,9 @@ def test_a_whole_run_on_a_small_suite(tmp_path: pathlib.Path, capsys: pytest.Cap
                        "--label", "fake"])
     text = capsys.readouterr().out
     assert rc == 1, text  # one case fails on purpose
-    assert "fake: 3 passed, 1 failed, 0 errors, 0 skipped (2 deselected" in text  # the dropout cases
+    assert "fake: 3 passed, 1 failed, 0 errors, 1 skipped of 5 run (5 dropout-free cases, 2 dropout cases " \
+        "deselected)" in text
+    assert "skipped in: test_skips_as_flash_attn_does 1" in text
     assert "1  AssertionError (numerics or shape)   e.g. test_numerics_fail" in text
     assert (tmp_path / "out" / "summary.json").is_file() and (tmp_path / "out" / "junit.xml").is_file()
 
