@@ -160,7 +160,12 @@ def pytest_collection_modifyitems(config, items):
     keep = [it for it in items if not _dropout(it)]
     dropped = [it for it in items if _dropout(it)]
     selection = {"collected": len(items), "dropout": len(dropped), "dropout_free": len(keep)}
-    if 0 < n < len(keep):
+    cases = os.environ.get("FA_SUITE_CASES")
+    if cases:  # exactly these cases (a rerun of some failures), no sampling
+        wanted = set(open(cases).read().split())
+        dropped += [it for it in keep if it.name not in wanted]
+        keep = [it for it in keep if it.name in wanted]
+    elif 0 < n < len(keep):
         by_fn = {}
         for it in keep:
             by_fn.setdefault(it.originalname, []).append(it)
@@ -216,6 +221,7 @@ def summarize(junit: pathlib.Path, finished: set[str] | None = None) -> dict[str
     classes: dict[str, list[str]] = collections.defaultdict(list)
     examples: dict[str, str] = {}
     by_function: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    failures: dict[str, dict[str, Any]] = {}
     skips: collections.Counter[str] = collections.Counter()
     for case in ET.parse(junit).getroot().iter("testcase"):
         name = case.get("name", "?")
@@ -231,11 +237,17 @@ def summarize(junit: pathlib.Path, finished: set[str] | None = None) -> dict[str
             cls = classify(bad.tag, bad.get("message", ""), bad.text or "")
             classes[cls].append(name)
             examples.setdefault(cls, f"{name}: {(bad.text or bad.get('message', ''))[-1500:]}")
+            at = re.findall(r"^(\S+\.py:\d+): \w+$", bad.text or "", flags=re.M)
+            out = case.findtext("system-out") or ""
+            # flash-attn's tests print their error and PyTorch's ("dQ max diff: ...", "dQ Pytorch max diff: ...")
+            failures[name] = {"class": cls, "at": at[-1] if at else None,
+                              "printed": [ln.strip() for ln in out.splitlines() if "max diff" in ln][:16]}
         elif outcome == "skipped":
             skips[(case.find("skipped").get("message") or "").strip()[:100]] += 1
     return {"counts": dict(counts), "failures_by_class": {k: sorted(v) for k, v in sorted(classes.items())},
             "skip_reasons": dict(skips.most_common()), "examples": dict(sorted(examples.items())),
-            "by_function": {fn: dict(c) for fn, c in sorted(by_function.items())}}
+            "by_function": {fn: dict(c) for fn, c in sorted(by_function.items())},
+            "failures": dict(sorted(failures.items()))}
 
 
 def report(summary: dict[str, Any]) -> str:
@@ -267,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", type=int, default=300, help="cases to run after deselecting dropout (0: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-k", dest="keyword", default=None, help="a pytest -k expression applied before sampling")
+    ap.add_argument("--cases", type=pathlib.Path, default=None,
+                    help="a file of case names (test_x[...], one per line) to run instead of a sample")
     ap.add_argument("--label", default="", help="a name for this run in the summary (e.g. before / after)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds for the whole pytest run")
     ap.add_argument("--cpu-emulation", action="store_true",
@@ -298,9 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, FA_SUITE_SAMPLE=str(args.sample), FA_SUITE_SEED=str(args.seed),
                FA_SUITE_CPU_EMULATION="1" if args.cpu_emulation else "0", FA_SUITE_FINISHED=str(finished_log),
                FA_SUITE_SELECTION=str(selection_log),
+               FA_SUITE_CASES=str(args.cases.resolve()) if args.cases else "",
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     cmd = [sys.executable, "-m", "pytest", "test_flash_attn.py", "-q", "-rN", f"--junitxml={junit}",
-           "-o", "junit_family=xunit2", *args.pytest_args.split()]
+           "-o", "junit_family=xunit2",
+           "-o", "junit_logging=system-out", *args.pytest_args.split()]
     if args.keyword:
         cmd += ["-k", args.keyword]
     print("running:", " ".join(cmd), f"(in {harness})", flush=True)

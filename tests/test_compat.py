@@ -376,10 +376,11 @@ def test_bad_input_raises_typed_errors_naming_the_argument(case: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- install
 def test_install_resolves_flash_attn_only_while_installed() -> None:
-    spec = importlib.util.find_spec("flash_attn") if "flash_attn" not in sys.modules else None
-    if spec is not None and spec.origin not in (None, "namespace") and not C.installed():
+    before = sys.modules.get("flash_attn")  # FA4's namespace package, where the fa4 backend has loaded it
+    spec = importlib.util.find_spec("flash_attn") if before is None else before.__spec__
+    real = spec is not None and spec.origin not in (None, "namespace")  # flash-attn 2 has an __init__.py
+    if real and not C.installed():
         pytest.skip("the real flash-attn is installed here")  # (FA4 alone is a namespace package: tested too)
-    fa4_here = spec is not None
     try:
         assert C.install() and C.install()  # idempotent
         import flash_attn
@@ -392,11 +393,13 @@ def test_install_resolves_flash_attn_only_while_installed() -> None:
         assert unpad_input is bp.unpad_input and pad_input is bp.pad_input
         assert flash_attn.__version__ == C.FLASH_ATTN_VERSION
         assert importlib.util.find_spec("flash_attn") is not None
+        if spec is not None:  # FlashAttention-4 is here: its flash_attn.cute still imports (the fa4 backend needs it)
+            assert importlib.import_module("flash_attn.cute").__name__ == "flash_attn.cute"
     finally:
         C.uninstall()
         C.uninstall()
-    assert "flash_attn" not in sys.modules and not C.installed()
-    if not fa4_here:
+    assert sys.modules.get("flash_attn") is before and not C.installed()  # as it was
+    if spec is None:
         with pytest.raises(ImportError):
             import flash_attn
 

@@ -4,6 +4,7 @@ file written in flash-attn's style (``from flash_attn import ...``), so the harn
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 from types import ModuleType
 
@@ -71,6 +72,8 @@ def test_rotary_reference():
 
 
 def test_numerics_fail():
+    print("Output max diff: 0.5")
+    print("Output Pytorch max diff: 0.1")
     assert 1 == 2
 
 
@@ -91,6 +94,19 @@ def test_a_whole_run_on_a_small_suite(tmp_path: pathlib.Path, capsys: pytest.Cap
         "deselected)" in text
     assert "skipped in: test_skips_as_flash_attn_does 1" in text
     assert "1  AssertionError (numerics or shape)   e.g. test_numerics_fail" in text
+    failure = json.loads((tmp_path / "out" / "summary.json").read_text())["failures"]["test_numerics_fail"]
+    assert failure["at"] == "test_flash_attn.py:27"  # the assert 1 == 2 line
+    assert failure["printed"] == ["Output max diff: 0.5", "Output Pytorch max diff: 0.1"]
+
+
+def test_a_rerun_of_named_cases(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    test_file = tmp_path / "test_fake.py"
+    test_file.write_text(FAKE_SUITE)
+    cases = tmp_path / "cases.txt"
+    cases.write_text("test_output[True-0.0]\ntest_numerics_fail\n")
+    rc = suite().main([str(test_file), "--out", str(tmp_path / "out"), "--cases", str(cases), "--cpu-emulation"])
+    assert rc == 1
+    assert "run: 1 passed, 1 failed, 0 errors, 0 skipped of 2 run" in capsys.readouterr().out
     assert (tmp_path / "out" / "summary.json").is_file() and (tmp_path / "out" / "junit.xml").is_file()
 
 
