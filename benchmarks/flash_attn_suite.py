@@ -213,15 +213,16 @@ def classify(kind: str, message: str, text: str) -> str:
     return exc
 
 
-def summarize(junit: pathlib.Path, finished: set[str] | None = None) -> dict[str, Any]:
+def summarize(junit: pathlib.Path, finished: set[str] | None = None, printed: bool = False) -> dict[str, Any]:
     """Counts by outcome, failures by class (with the end of one failure's traceback per class, to read why) and
     skip reasons from a JUnit XML file; with ``finished`` (the names of the cases that ran to the end), the others
-    count as unfinished whatever the file says."""
+    count as unfinished whatever the file says. ``printed``: also keep every case's printed max diffs."""
     counts: collections.Counter[str] = collections.Counter()
     classes: dict[str, list[str]] = collections.defaultdict(list)
     examples: dict[str, str] = {}
     by_function: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     failures: dict[str, dict[str, Any]] = {}
+    diffs: dict[str, list[str]] = {}
     skips: collections.Counter[str] = collections.Counter()
     for case in ET.parse(junit).getroot().iter("testcase"):
         name = case.get("name", "?")
@@ -233,21 +234,20 @@ def summarize(junit: pathlib.Path, finished: set[str] | None = None) -> dict[str
             outcome = "skipped" if case.find("skipped") is not None else "passed"
         counts[outcome] += 1
         by_function[name.partition("[")[0]][outcome] += 1
+        # flash-attn's tests print their error and PyTorch's ("dQ max diff: ...", "dQ Pytorch max diff: ...")
+        diffs[name] = [ln.strip() for ln in (case.findtext("system-out") or "").splitlines() if "max diff" in ln][:16]
         if outcome == "failed" or outcome == "errors":
             cls = classify(bad.tag, bad.get("message", ""), bad.text or "")
             classes[cls].append(name)
             examples.setdefault(cls, f"{name}: {(bad.text or bad.get('message', ''))[-1500:]}")
             at = re.findall(r"^(\S+\.py:\d+): \w+$", bad.text or "", flags=re.M)
-            out = case.findtext("system-out") or ""
-            # flash-attn's tests print their error and PyTorch's ("dQ max diff: ...", "dQ Pytorch max diff: ...")
-            failures[name] = {"class": cls, "at": at[-1] if at else None,
-                              "printed": [ln.strip() for ln in out.splitlines() if "max diff" in ln][:16]}
+            failures[name] = {"class": cls, "at": at[-1] if at else None, "printed": diffs[name]}
         elif outcome == "skipped":
             skips[(case.find("skipped").get("message") or "").strip()[:100]] += 1
     return {"counts": dict(counts), "failures_by_class": {k: sorted(v) for k, v in sorted(classes.items())},
             "skip_reasons": dict(skips.most_common()), "examples": dict(sorted(examples.items())),
             "by_function": {fn: dict(c) for fn, c in sorted(by_function.items())},
-            "failures": dict(sorted(failures.items()))}
+            "failures": dict(sorted(failures.items())), **({"printed": diffs} if printed else {})}
 
 
 def report(summary: dict[str, Any]) -> str:
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         print("flash_attn_suite: pytest wrote no JUnit file; its output ends:\n" + "\n".join(tail), file=sys.stderr)
         return 1
     finished = set(finished_log.read_text().split()) if interrupted and finished_log.is_file() else None
-    summary = summarize(junit, set() if interrupted and finished is None else finished)
+    summary = summarize(junit, set() if interrupted and finished is None else finished, printed=args.cases is not None)
     selection = json.loads(selection_log.read_text()) if selection_log.is_file() else None
     summary.update(label=args.label, selection=selection,
                    sample=args.sample, seed=args.seed, cpu_emulation=args.cpu_emulation,

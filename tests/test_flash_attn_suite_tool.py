@@ -107,6 +107,9 @@ def test_a_rerun_of_named_cases(tmp_path: pathlib.Path, capsys: pytest.CaptureFi
     rc = suite().main([str(test_file), "--out", str(tmp_path / "out"), "--cases", str(cases), "--cpu-emulation"])
     assert rc == 1
     assert "run: 1 passed, 1 failed, 0 errors, 0 skipped of 2 run" in capsys.readouterr().out
+    printed = json.loads((tmp_path / "out" / "summary.json").read_text())["printed"]  # every case's, on a rerun
+    assert printed == {"test_output[True-0.0]": [], "test_numerics_fail": ["Output max diff: 0.5",
+                                                                           "Output Pytorch max diff: 0.1"]}
     assert (tmp_path / "out" / "summary.json").is_file() and (tmp_path / "out" / "junit.xml").is_file()
 
 
