@@ -16,6 +16,7 @@ processes. Prints one row per configuration and exits 1 when any exceeds the bou
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -29,11 +30,31 @@ def _dims(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def probe(head_dims: list[int], dtype_name: str, seqlen: int) -> list[dict[str, Any]]:
+def _grads(fn: Any, g: Any, *xs: Any) -> list[Any]:
+    """(out, dq, dk, dv) of ``fn`` at ``xs`` for the output gradient ``g``."""
     import torch
+
+    leaves = [x.detach().requires_grad_() for x in xs]
+    out = fn(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    return [out.detach(), *torch.autograd.grad(out, leaves, g.to(out.dtype))]
+
+
+def _math(causal: bool) -> Any:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    def run(q: Any, k: Any, v: Any) -> Any:  # (B, S, H, D) in and out, like FA4
+        with sdpa_kernel([SDPBackend.MATH]):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=causal)
+        return o.transpose(1, 2)
+
+    return run
+
+
+def probe(head_dims: list[int], dtype_name: str, seqlen: int) -> list[dict[str, Any]]:
+    import torch
     from flash_attn.cute.interface import flash_attn_func
 
     dtype = getattr(torch, dtype_name)
@@ -42,32 +63,18 @@ def probe(head_dims: list[int], dtype_name: str, seqlen: int) -> list[dict[str, 
         for causal in (False, True):
             gen = torch.Generator(device="cuda").manual_seed(hd)
             q, k, v, g = (torch.randn(2, seqlen, 4, hd, device="cuda", dtype=dtype, generator=gen) for _ in range(4))
-
-            def grads(fn: Any, *xs: torch.Tensor) -> list[torch.Tensor]:
-                leaves = [x.detach().requires_grad_() for x in xs]
-                out = fn(*leaves)
-                out = out[0] if isinstance(out, tuple) else out
-                dq, dk, dv = torch.autograd.grad(out, leaves, g.to(out.dtype))
-                return [out.detach(), dq, dk, dv]
-
-            def sdpa(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
-                with sdpa_kernel([SDPBackend.MATH]):
-                    o = F.scaled_dot_product_attention(q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2),
-                                                       is_causal=causal)
-                return o.transpose(1, 2)
-
             row: dict[str, Any] = {"head_dim": hd, "causal": causal, "dtype": dtype_name, "seqlen": seqlen}
             try:
-                got = grads(lambda a, b, c: flash_attn_func(a, b, c, causal=causal), q, k, v)
-            except Exception as exc:  # noqa: BLE001  (a refusal is a result: FA4 says this head dim is unsupported)
+                got = _grads(functools.partial(flash_attn_func, causal=causal), g, q, k, v)
+            except Exception as exc:  # a refusal is a result: FA4 says this head dim is unsupported
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 continue
-            ref = grads(sdpa, q.float(), k.float(), v.float())
-            pt = grads(sdpa, q, k, v)
+            ref = _grads(_math(causal), g, q.float(), k.float(), v.float())
+            pt = _grads(_math(causal), g, q, k, v)
             ok = True
-            for name, a, r, p in zip(("out", "dq", "dk", "dv"), got, ref, pt):
+            for name, a, r, p in zip(("out", "dq", "dk", "dv"), got, ref, pt, strict=True):
                 err = (a.float() - r).abs().max().item()
                 err_pt = (p.float() - r).abs().max().item()
                 atol = 2 * (r.to(dtype) + 0.3 - 0.3 - r.to(dtype)).abs().max().item()
