@@ -31,6 +31,19 @@ def _cpu_flash_zeroes_nan_rows(s: AttentionSpec) -> bool:
     return s.mask is None and s.effective_causal != "bottom_right" and s.seqlen_k < limit
 
 
+def _fa4_sm90_dq_tail(s: AttentionSpec) -> bool:
+    """Dao-AILab/flash-attention#2896 (open as of FA4 4.0.0b36): on sm90 FA4's backward kernel rounds the head dim
+    up to a multiple of 16 where its interface allocates and reads back the dQ accumulator at a multiple of 32, so
+    for head dims whose multiple of 16 is an odd one (<= 128: above that the kernel rounds to 64), the accumulator's
+    tail is never written and dQ comes back wrong; dK, dV and the forward are right. Measured on the H200 with
+    ``benchmarks/fa4_bwd_head_dims.py`` (4.0.0b36, bf16, causal and not): dQ off by 0.96-1.70 (PyTorch's own error
+    0.003-0.008) at head dims 16, 40, 48, 72, 80; 104 and 112 wrong causal and failing to compile otherwise; 24, 32,
+    56, 64, 88, 96, 120, 128, 160, 192, 256 right. The head dim is the one the kernel sees (sdpa_flash pads to a
+    multiple of 8)."""
+    d = -(-s.head_dim // 8) * 8
+    return s.needs_grad and d <= 128 and -(-d // 16) * 16 % 32 == 16
+
+
 BUILTIN_DENYLIST: tuple[DenylistEntry, ...] = (
     DenylistEntry(
         "cudnn",
@@ -94,5 +107,16 @@ BUILTIN_DENYLIST: tuple[DenylistEntry, ...] = (
         torch=">=2.11",  # every supported release (the floor); measured still there in 2.14.1
         when=_cpu_flash_zeroes_nan_rows,
         reroute=True,  # math is exact here and the calls are tiny: not a fallback, no warning
+    ),
+    DenylistEntry(
+        "fa4",
+        "FlashAttention-4's backward on Hopper returns a wrong dQ for head dims whose multiple of 16 is an odd "
+        "one (8, 16, 40, 48, 72, 80, 104, 112): its kernel and its dQ accumulator disagree on the padding",
+        source="Dao-AILab/flash-attention#2896",
+        min_cc=(9, 0),
+        max_cc=(9, 0),
+        kernel="<4.1",  # every supported release: measured in 4.0.0b36, the fix is not merged
+        when=_fa4_sm90_dq_tail,
+        reroute=True,  # cuDNN / flash run these exactly, at most ~1.2x slower at long sequences: no warning
     ),
 )

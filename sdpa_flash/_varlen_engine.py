@@ -307,7 +307,7 @@ def _varlen_kernel(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> tupl
     varlen entry point; the first one with no reasons wins.
     """
     from .backends import BACKENDS
-    from .policy import ranking
+    from .policy import denylist_reasons, ranking
 
     names = ranking(caps).order if policy.name in ("auto", "fused") else policy.backends
     names = tuple(n for n in names if BACKENDS[n].VARLEN)
@@ -318,7 +318,7 @@ def _varlen_kernel(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> tupl
                         "bottom_right" if spec.causal else None, None)
     why: list[str] = []
     for name in names:
-        reasons = BACKENDS[name].varlen_reasons(dense, caps)
+        reasons = BACKENDS[name].varlen_reasons(dense, caps) + denylist_reasons(name, dense, caps)
         if spec.causal == "top_left" and spec.seqlens_q != spec.seqlens_k:
             reasons.append("causal='top_left' with query and key lengths that differ: the varlen kernel aligns causal "
                            "bottom-right (pass causal='bottom_right' for flash-attn's convention)")

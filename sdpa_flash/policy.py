@@ -397,6 +397,10 @@ def ranking(caps: Capabilities, spec: AttentionSpec | None = None) -> RankingRul
 
 # --------------------------------------------------------------------------------------------- denylist
 _DEVICE_TYPES = ("cuda", "cpu", "mps", "xpu")
+# backends installed as their own package: the Capabilities field holding its version (DenylistEntry.kernel)
+_PACKAGES = {"fa4": "fa4_version"}
+
+
 @dataclasses.dataclass(frozen=True)
 class DenylistEntry:
     """A known-bad configuration: ``backend`` is vetoed where every given condition holds.
@@ -410,6 +414,8 @@ class DenylistEntry:
         max_cc: highest compute capability affected, inclusive (``None``: any).
         torch: a PEP 440 specifier of affected torch versions (``"<2.5.1"``), ``None`` for any.
         cudnn: a specifier of affected cuDNN versions as ``major.minor.patch`` (``">=9.1,<9.3"``).
+        kernel: a specifier of affected versions of the backend's own package, for a backend installed as one
+            (``fa4``: ``flash-attn-4``, e.g. ``"<=4.0.0b36"``); pre-releases match. ``None`` for any.
         when: an extra condition on the call, e.g. ``lambda s: s.needs_grad and s.head_dim > 128``.
         reroute: the entry moves calls to the next backend without it counting as a fallback (no warning, and no
             error under ``fallback="error"``): for known-bad kernel behaviour on shapes where the next backend is
@@ -425,6 +431,7 @@ class DenylistEntry:
     max_cc: tuple[int, int] | None = None
     torch: str | None = None
     cudnn: str | None = None
+    kernel: str | None = None
     when: Callable[[AttentionSpec], bool] | None = None
     reroute: bool = False
 
@@ -443,7 +450,10 @@ class DenylistEntry:
             if cc is not None and not (isinstance(cc, tuple) and len(cc) == 2
                                        and all(type(x) is int and x >= 0 for x in cc)):
                 raise fail(field, "None or a (major, minor) tuple of ints such as (9, 0)", cc)
-        for field in ("torch", "cudnn"):
+        if self.kernel is not None and self.backend not in _PACKAGES:
+            raise fail("kernel", f"None for {self.backend!r}, which is part of torch (kernel= is for "
+                       f"{', '.join(sorted(_PACKAGES))})", self.kernel)
+        for field in ("torch", "cudnn", "kernel"):
             text = getattr(self, field)
             if text is not None:
                 try:
@@ -471,6 +481,10 @@ class DenylistEntry:
             v = caps.cudnn_version
             if not _version_in(f"{v // 10000}.{v // 100 % 100}.{v % 100}", self.cudnn):
                 return False
+        if self.kernel is not None:
+            installed = getattr(caps, _PACKAGES[self.backend])
+            if installed is None or not _version_in(installed, self.kernel):
+                return False
         return self.when is None or bool(self.when(spec))
 
     def describe(self) -> str:
@@ -479,8 +493,9 @@ class DenylistEntry:
 
 @functools.lru_cache(maxsize=256)
 def _version_in(version: str, specifier: str) -> bool:
-    """``version`` satisfies the PEP 440 ``specifier`` (parsed once per pair: plan() asks for every candidate)."""
-    return Version(version) in SpecifierSet(specifier)
+    """``version`` satisfies the PEP 440 ``specifier`` (parsed once per pair: plan() asks for every candidate).
+    Pre-releases match (a torch nightly ``2.12.0.dev…`` is in ``">=2.11"``; FA4 ships as ``4.0.0b…``)."""
+    return SpecifierSet(specifier).contains(Version(version), prereleases=True)
 
 
 from ._denylist import BUILTIN_DENYLIST  # noqa: E402  (data module; needs DenylistEntry)
@@ -491,6 +506,12 @@ _user_denylist: list[DenylistEntry] = []
 def denylist() -> tuple[DenylistEntry, ...]:
     """The entries in force: the built-in ones, then those added with :func:`add_denylist_entry`."""
     return BUILTIN_DENYLIST + tuple(_user_denylist)
+
+
+def denylist_reasons(backend: str, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+    """The denylist entries in force that veto ``backend`` for ``spec`` here, described (for the planners beside
+    :func:`plan`: the packed varlen kernel and flash-attn compat's paths)."""
+    return [e.describe() for e in denylist() if e.backend == backend and e.matches(spec, caps)]
 
 
 def add_denylist_entry(entry: DenylistEntry) -> None:

@@ -254,14 +254,74 @@ def test_traced_kernel_compiles_without_graph_breaks(fake_fa4) -> None:  # type:
 
 
 def test_deterministic_mode_reaches_fa4s_backward(fake_fa4) -> None:  # type: ignore[no-untyped-def]
-    s = spec(batch=1, heads_q=2, heads_kv=2, seqlen_q=8, seqlen_k=8, head_dim=16, head_dim_v=16)
-    q, k, v = (torch.randn(1, 2, 8, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    s = spec(batch=1, heads_q=2, heads_kv=2, seqlen_q=8, seqlen_k=8, head_dim=32, head_dim_v=32)
+    q, k, v = (torch.randn(1, 2, 8, 32, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     torch.use_deterministic_algorithms(True)
     try:
         _runner(s)(q, k, v, None, 0.0, None)
     finally:
         torch.use_deterministic_algorithms(False)
     assert fake_fa4.CALLS[-1][1]["deterministic"] is True
+
+
+# ------------------------------------------------------------------------- the denylist: FA4's sm90 dQ tail
+# Dao-AILab/flash-attention#2896, measured on the H200 with benchmarks/fa4_bwd_head_dims.py (4.0.0b36): dQ wrong at
+# head dims 16, 40, 48, 72, 80, 104, 112; right at 24, 32, 56, 64, 88, 96, 120, 128, 160, 192, 256
+@pytest.mark.parametrize("head_dim", [16, 40, 48, 72, 80, 104, 112, 36, 100])
+def test_fa4_training_on_hopper_skips_head_dims_with_a_wrong_dq(head_dim: int) -> None:
+    s = spec(head_dim=head_dim, head_dim_v=head_dim)
+    p = plan(s, SM90_FA4, AUTO)
+    assert p.backend != "fa4" and not p.fallback  # rerouted quietly: the next backend is exact
+    assert any("Dao-AILab/flash-attention#2896" in r for r in p.reasons["fa4"]), p.reasons
+    assert plan(dataclasses.replace(s, needs_grad=False), SM90_FA4, AUTO).backend == "fa4"  # the forward is right
+    with pytest.raises(sdpa_flash.BackendUnavailableError, match="2896"):
+        plan(s, SM90_FA4, resolve_policy("fa4"))  # asked for by name: refused, with the entry as the reason
+
+
+@pytest.mark.parametrize("head_dim", [24, 32, 56, 60, 64, 88, 96, 120, 128, 160, 192, 256])
+def test_fa4_training_on_hopper_keeps_the_head_dims_measured_right(head_dim: int) -> None:
+    p = plan(spec(head_dim=head_dim, head_dim_v=head_dim), SM90_FA4, AUTO)
+    assert not any("2896" in r for r in p.reasons.get("fa4", ()))
+    assert p.backend == ("fa4" if head_dim <= 128 else "cudnn")  # (above 128, training ranks cuDNN first)
+
+
+def test_the_fa4_entry_follows_the_installed_release_and_the_gpu() -> None:
+    s = spec(head_dim=80, head_dim_v=80)
+    fixed = Capabilities.synthetic("cuda", (9, 0), fa4_version="4.1.0")  # outside the entry's range
+    assert plan(s, fixed, AUTO).backend == "fa4"
+    assert not any("2896" in r for r in plan(s, SM100_FA4, AUTO).reasons.get("fa4", ()))  # Hopper only
+    nightly = Capabilities.synthetic("cuda", (9, 0), fa4_version="4.0.1.dev3")  # pre-releases are in range
+    assert plan(s, nightly, AUTO).backend != "fa4"
+
+
+def test_the_packed_fa4_call_obeys_the_denylist_and_head_dim_multiples() -> None:
+    from sdpa_flash._varlen_engine import VarlenSpec, plan_varlen
+
+    lens = (5000, 300, 1200, 64, 17, 2048, 900, 4096)
+    for d, training in ((80, True), (60, False), (60, True)):
+        vs = VarlenSpec("cuda", torch.bfloat16, 16, 16, d, d, lens, lens, "bottom_right", False, training)
+        p = plan_varlen(vs, SM90_FA4, AUTO)
+        assert p.varlen_backend != "fa4", (d, training, str(p))
+    vs = VarlenSpec("cuda", torch.bfloat16, 16, 16, 80, 80, lens, lens, "bottom_right", False, False)
+    assert plan_varlen(vs, SM90_FA4, AUTO).varlen_backend == "fa4"  # forward only: FA4's forward is right
+
+
+@pytest.mark.parametrize(("head_dim", "training", "on_fa4"), [(80, True, False), (80, False, True),
+                                                               (59, False, False), (64, True, True)])
+def test_compat_fa4_path_obeys_the_denylist_and_head_dim_multiples(head_dim: int, training: bool,
+                                                                   on_fa4: bool) -> None:
+    # flash-attn 2.8's own suite found both on the H200: dQ off by O(1) at head dims 40/80, and FA4's assertion
+    # on head dims 59/111 (the dense backend pads those; compat's fa4 path hands FA4 the tensors as they are)
+    from sdpa_flash.compat._common import Features
+    from sdpa_flash.compat._plan import CompatSpec, plan_call
+
+    cs = CompatSpec("dense", "cuda", torch.bfloat16, 2, 8, 8, 512, 512, head_dim, head_dim,
+                    Features(causal=True, left=64, right=0), needs_grad=training)
+    p = plan_call(cs, SM90_FA4)
+    assert (p.path == "fa4") == on_fa4, p.explain()  # (otherwise flex, or masked where Triton is missing)
+    if not on_fa4:
+        why = " ".join(p.reasons["fa4"])
+        assert ("Dao-AILab/flash-attention#2896" if head_dim == 80 else "multiples of 8") in why
 
 
 # ------------------------------------------------------------------------------------------------ varlen
@@ -580,5 +640,5 @@ def test_bshd_runner_takes_the_tensors_as_they_are(fake_fa4) -> None:  # type: i
     via_bhsd = BACKENDS["fa4"].runner(s, p.prep)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 0.0,
                                                  None)
     assert torch.equal(out, via_bhsd.transpose(1, 2))
-    padded = spec(batch=2, heads_q=4, heads_kv=2, seqlen_q=12, seqlen_k=12, head_dim=12, head_dim_v=12)
+    padded = spec(batch=2, heads_q=4, heads_kv=2, seqlen_q=12, seqlen_k=12, head_dim=20, head_dim_v=20)
     assert BACKENDS["fa4"].bshd_runner(padded, plan(padded, SM90_FA4, resolve_policy("fa4")).prep) is None

@@ -175,6 +175,7 @@ def _shared_reasons(spec: CompatSpec) -> list[str]:
 
 def _fa4_reasons(spec: CompatSpec, caps: Capabilities, fa4_allowed: bool) -> list[str]:
     from ..backends import BACKENDS
+    from ..policy import denylist_reasons
     from ..spec import AttentionSpec
 
     f = spec.features
@@ -192,6 +193,9 @@ def _fa4_reasons(spec: CompatSpec, caps: Capabilities, fa4_allowed: bool) -> lis
                           max(spec.seqlen_q, 1), max(spec.seqlen_k, 1), spec.head_dim, spec.head_dim_v,
                           "bottom_right" if f.causal else None, None, spec.dropout, spec.needs_grad)
     reasons += BACKENDS["fa4"].not_supported_reasons(dense, caps)
+    if spec.head_dim % 8 or spec.head_dim_v % 8:  # (the dense fa4 backend pads; this path hands FA4 the tensors)
+        reasons.append(f"head dims {spec.head_dim}/{spec.head_dim_v}: FlashAttention-4 takes multiples of 8")
+    reasons += denylist_reasons("fa4", dense, caps)
     return reasons
 
 
