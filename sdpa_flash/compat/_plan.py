@@ -5,7 +5,8 @@ Five paths, each exact:
 * ``sdpa``: :func:`sdpa_flash.attention` (``layout="bshd"``, bottom-right causal) or the varlen entry point — the
   policy layer's fused kernels, for calls with no window, softcap or ALiBi;
 * ``fa4``: FlashAttention-4's own ``flash_attn_func`` / ``flash_attn_varlen_func`` for windows and softcap on
-  Hopper/Blackwell, when it is installed and the sdpa_flash policy allows the ``fa4`` backend (FA4 defines
+  Hopper/Blackwell, when it is installed, the sdpa_flash policy allows the ``fa4`` backend, the head dims are
+  multiples of 8 and the denylist does not veto FA4 for the call (FA4 defines
   windows, softcap and bottom-right causal as flash-attn 2 does; ``-1`` window sides become FA4's ``None``);
 * ``flex``: FlexAttention (:mod:`sdpa_flash.compat._flex`) for windows, softcap and ALiBi on CUDA;
 * ``masked``: :func:`sdpa_flash.attention` with the window as a boolean mask and ALiBi as an additive float bias
