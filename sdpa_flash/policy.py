@@ -412,7 +412,8 @@ class DenylistEntry:
         device_type: the device type it applies to.
         min_cc: lowest compute capability affected, inclusive (``None``: any).
         max_cc: highest compute capability affected, inclusive (``None``: any).
-        torch: a PEP 440 specifier of affected torch versions (``"<2.5.1"``), ``None`` for any.
+        torch: a PEP 440 specifier of affected torch versions (``"<2.5.1"``), ``None`` for any; nightlies and vendor
+            pre-release builds count as the release they lead to.
         cudnn: a specifier of affected cuDNN versions as ``major.minor.patch`` (``">=9.1,<9.3"``).
         kernel: a specifier of affected versions of the backend's own package, for a backend installed as one
             (``fa4``: ``flash-attn-4``, e.g. ``"<=4.0.0b36"``); pre-releases match. ``None`` for any.
@@ -473,7 +474,7 @@ class DenylistEntry:
             return False
         if self.max_cc is not None and (cc is None or cc > self.max_cc):
             return False
-        if self.torch is not None and not _version_in(caps.torch_version, self.torch):
+        if self.torch is not None and not _version_in(Version(caps.torch_version).base_version, self.torch):
             return False
         if self.cudnn is not None:
             if caps.cudnn_version is None:
@@ -494,7 +495,8 @@ class DenylistEntry:
 @functools.lru_cache(maxsize=256)
 def _version_in(version: str, specifier: str) -> bool:
     """``version`` satisfies the PEP 440 ``specifier`` (parsed once per pair: plan() asks for every candidate).
-    Pre-releases match (a torch nightly ``2.12.0.dev…`` is in ``">=2.11"``; FA4 ships as ``4.0.0b…``)."""
+    Pre-releases match (FA4 ships as ``4.0.0b…``). torch's version is passed as its release (``base_version``):
+    a nightly ``2.12.0.dev…`` or a vendor build ``2.11.0a0+….nv26.01`` counts as 2.12.0 / 2.11.0."""
     return SpecifierSet(specifier).contains(Version(version), prereleases=True)
 
 

@@ -294,6 +294,16 @@ def test_the_fa4_entry_follows_the_installed_release_and_the_gpu() -> None:
     assert plan(s, nightly, AUTO).backend != "fa4"
 
 
+@pytest.mark.parametrize(("torch_version", "denied"), [("2.11.0", True), ("2.12.0.dev20261101+cu130", True),
+                                                       ("2.11.0a0+ecf3bae.nv26.01", True), ("2.10.0", False)])
+def test_torch_nightlies_and_vendor_builds_count_as_their_release(torch_version: str, denied: bool) -> None:
+    # pytorch/pytorch#196678 (torch >= 2.11, sm90): an NGC or nightly build of 2.11+ has the bug too
+    caps = dataclasses.replace(SM90, torch_version=torch_version)
+    s = spec(seqlen_q=4032, seqlen_k=4032, mask="bool", head_dim=64, head_dim_v=64)
+    reasons = plan(s, caps, resolve_policy(["cudnn", "math"])).reasons.get("cudnn", ())
+    assert any("196678" in r for r in reasons) == denied, reasons
+
+
 def test_the_packed_fa4_call_obeys_the_denylist_and_head_dim_multiples() -> None:
     from sdpa_flash._varlen_engine import VarlenSpec, plan_varlen
 
