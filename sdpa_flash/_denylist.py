@@ -35,7 +35,8 @@ def _fa4_sm90_dq_tail(s: AttentionSpec) -> bool:
     """Dao-AILab/flash-attention#2896 (open as of FA4 4.0.0b36): on sm90 FA4's backward kernel rounds the head dim
     up to a multiple of 16 where its interface allocates and reads back the dQ accumulator at a multiple of 32, so
     for head dims whose multiple of 16 is an odd one (<= 128: above that the kernel rounds to 64), the accumulator's
-    tail is never written and dQ comes back wrong; dK, dV and the forward are right. Measured on the H200 with
+    tail is never written and dQ comes back wrong (with GQA/MQA, whose dK/dV go through accumulators too, flash-attn's
+    suite saw dK and dV wrong as well; the forward is right). Measured on the H200 with
     ``benchmarks/fa4_bwd_head_dims.py`` (4.0.0b36, bf16, causal and not): dQ off by 0.96-1.70 (PyTorch's own error
     0.003-0.008) at head dims 16, 40, 48, 72, 80; 104 and 112 wrong causal and failing to compile otherwise; 24, 32,
     56, 64, 88, 96, 120, 128, 160, 192, 256 right. The head dim is the one the kernel sees (sdpa_flash pads to a
