@@ -99,6 +99,7 @@ def test_a_whole_run_on_a_small_suite(tmp_path: pathlib.Path, capsys: pytest.Cap
     assert failure["printed"] == ["Output max diff: 0.5", "Output Pytorch max diff: 0.1"]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("einops") is None, reason="the harness needs einops")
 def test_a_rerun_of_named_cases(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     test_file = tmp_path / "test_fake.py"
     test_file.write_text(FAKE_SUITE)
