@@ -474,7 +474,7 @@ class DenylistEntry:
             return False
         if self.max_cc is not None and (cc is None or cc > self.max_cc):
             return False
-        if self.torch is not None and not _version_in(Version(caps.torch_version).base_version, self.torch):
+        if self.torch is not None and not _version_in(caps.torch_version, self.torch, release=True):
             return False
         if self.cudnn is not None:
             if caps.cudnn_version is None:
@@ -493,11 +493,12 @@ class DenylistEntry:
 
 
 @functools.lru_cache(maxsize=256)
-def _version_in(version: str, specifier: str) -> bool:
+def _version_in(version: str, specifier: str, release: bool = False) -> bool:
     """``version`` satisfies the PEP 440 ``specifier`` (parsed once per pair: plan() asks for every candidate).
-    Pre-releases match (FA4 ships as ``4.0.0b…``). torch's version is passed as its release (``base_version``):
-    a nightly ``2.12.0.dev…`` or a vendor build ``2.11.0a0+….nv26.01`` counts as 2.12.0 / 2.11.0."""
-    return SpecifierSet(specifier).contains(Version(version), prereleases=True)
+    Pre-releases match (FA4 ships as ``4.0.0b…``). With ``release`` (torch's), the version counts as the release it
+    leads to: a nightly ``2.12.0.dev…`` or a vendor build ``2.11.0a0+….nv26.01`` is 2.12.0 / 2.11.0."""
+    v = Version(version)
+    return SpecifierSet(specifier).contains(Version(v.base_version) if release else v, prereleases=True)
 
 
 from ._denylist import BUILTIN_DENYLIST  # noqa: E402  (data module; needs DenylistEntry)

@@ -334,7 +334,18 @@ class Backend:
         per sequence)."""
         if not self.VARLEN:
             return ["has no packed (cu_seqlens) kernel"]
-        return [r for r in self.not_supported_reasons(spec, caps) if "causal" not in r]
+        return [r for r in self.not_supported_reasons(spec, caps) if "causal" not in r] + self.unpadded_reasons(spec,
+                                                                                                               caps)
+
+    def unpadded_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+        """Why the kernel cannot take ``spec``'s head dims as they are: for callers that hand it tensors without
+        the dense runner's zero-padding (the packed call; flash-attn compat's ``fa4`` path)."""
+        req = self.REQUIREMENTS.get(caps.device_type)
+        m = req.head_dim_multiple if req is not None else 1
+        if spec.head_dim % m or spec.head_dim_v % m:
+            return [f"head dims {spec.head_dim}/{spec.head_dim_v}: the kernel takes multiples of {m} (only the dense "
+                    "runner zero-pads them)"]
+        return []
 
     def varlen(self) -> Callable[..., torch.Tensor]:
         """``run(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale) -> out``, packed (T, H, D) in and

@@ -266,13 +266,6 @@ class FA4Backend(Backend):
     # -------------------------------------------------------------------------------------------- varlen
     VARLEN = True
 
-    def varlen_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
-        reasons = super().varlen_reasons(spec, caps)
-        if spec.head_dim % 8 or spec.head_dim_v % 8:  # the dense runner pads head dims; the packed call does not
-            reasons.append(f"head dims {spec.head_dim}/{spec.head_dim_v}: FlashAttention-4's varlen function takes "
-                           "multiples of 8")
-        return reasons
-
     def varlen(self) -> Any:
         fn = load().flash_attn_varlen_func
         guard = _multi_gpu()

@@ -60,11 +60,7 @@ class FlashBackend(Backend):
     def varlen_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
         if caps.device_type != "cuda":
             return [f"the flash varlen kernel is CUDA only (this is {caps.device_type})"]
-        reasons = super().varlen_reasons(spec, caps)
-        if spec.head_dim % 8 or spec.head_dim != spec.head_dim_v:
-            reasons.append(f"head dims {spec.head_dim}/{spec.head_dim_v}: the varlen kernel needs equal head dims that "
-                           "are multiples of 8")
-        return reasons
+        return super().varlen_reasons(spec, caps)  # (equal head dims, multiples of 8: the requirements data)
 
     def varlen(self):  # type: ignore[no-untyped-def]
         return _flash_varlen

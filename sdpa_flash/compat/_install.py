@@ -113,13 +113,11 @@ _SHARED_PATH: list[str] = []  # the folders of a flash_attn namespace package (F
 _SHADOWED: types.ModuleType | None = None  # that namespace package's module, when it was imported before install()
 
 
-def _namespace_path(obj: Any) -> list[str] | None:
-    """The folders of a namespace package (a module or a spec without a file of its own), else ``None``."""
-    locations = getattr(obj, "submodule_search_locations", None) if isinstance(obj, importlib.machinery.ModuleSpec) \
-        else getattr(obj, "__path__", None)
-    has_file = obj.origin not in (None, "namespace") if isinstance(obj, importlib.machinery.ModuleSpec) \
-        else getattr(obj, "__file__", None) is not None
-    return None if has_file or locations is None else list(locations)
+def _namespace_path(spec: importlib.machinery.ModuleSpec | None) -> list[str] | None:
+    """The folders of a namespace package's spec (a package without a file of its own), else ``None``."""
+    if spec is None or spec.origin not in (None, "namespace") or spec.submodule_search_locations is None:
+        return None
+    return list(spec.submodule_search_locations)
 
 
 def _flash_attn_here() -> tuple[str, list[str]]:
@@ -130,14 +128,14 @@ def _flash_attn_here() -> tuple[str, list[str]]:
     if mod is not None:
         if getattr(mod, _MARK, False):
             return "ours", []
-        folders = _namespace_path(mod)
-        return ("real", []) if folders is None else ("namespace", folders)
-    try:
-        spec = importlib.util.find_spec("flash_attn")
-    except (ImportError, ValueError):
-        return "absent", []
-    if spec is None:
-        return "absent", []
+        spec = getattr(mod, "__spec__", None)
+    else:
+        try:
+            spec = importlib.util.find_spec("flash_attn")
+        except (ImportError, ValueError):
+            return "absent", []
+        if spec is None:
+            return "absent", []
     folders = _namespace_path(spec)
     return ("real", []) if folders is None else ("namespace", folders)
 

@@ -193,9 +193,8 @@ def _fa4_reasons(spec: CompatSpec, caps: Capabilities, fa4_allowed: bool) -> lis
     dense = AttentionSpec(spec.device_type, spec.dtype, max(spec.batch, 1), spec.heads_q, spec.heads_kv,
                           max(spec.seqlen_q, 1), max(spec.seqlen_k, 1), spec.head_dim, spec.head_dim_v,
                           "bottom_right" if f.causal else None, None, spec.dropout, spec.needs_grad)
-    reasons += BACKENDS["fa4"].not_supported_reasons(dense, caps)
-    if spec.head_dim % 8 or spec.head_dim_v % 8:  # (the dense fa4 backend pads; this path hands FA4 the tensors)
-        reasons.append(f"head dims {spec.head_dim}/{spec.head_dim_v}: FlashAttention-4 takes multiples of 8")
+    fa4 = BACKENDS["fa4"]  # this path hands FA4 the tensors as they are: no padding
+    reasons += fa4.not_supported_reasons(dense, caps) + fa4.unpadded_reasons(dense, caps)
     reasons += denylist_reasons("fa4", dense, caps)
     return reasons
 
