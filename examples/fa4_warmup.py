@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> list[sdpa_flash.WarmupResult]:
     q = torch.empty(1, args.heads, args.seq, args.head_dim, dtype=dtype, device=caps.device_type)
     kv = torch.empty(1, hkv, args.seq, args.head_dim, dtype=dtype, device=caps.device_type)
     plan = sdpa_flash.explain(q, kv, kv, causal=args.causal)
-    print(f"FlashAttention-4: {caps.fa4_version or 'not installed'}; this call runs on {plan.backend}"
+    print(f"FlashAttention-4: {caps.kernel_version('fa4') or 'not installed'}; this call runs on {plan.backend}"
           + ("" if plan.backend == "fa4" else f" (fa4: {plan.reasons.get('fa4', ('not ranked first here',))[0]})"))
     results = []
     for training in (False, True):  # inference and training compile separately

@@ -140,9 +140,9 @@ def fa4_report(caps: Capabilities) -> dict[str, Any]:
 
     from .backends import fa4
 
-    out: dict[str, Any] = {"installed": caps.fa4_version, "install": fa4.INSTALL_HINT}
+    out: dict[str, Any] = {"installed": caps.kernel_version("fa4"), "install": fa4.INSTALL_HINT}
     req = BACKENDS["fa4"].requirements(caps.device_type)
-    if caps.fa4_version is None:
+    if caps.kernel_version("fa4") is None:
         out["covers"] = "nothing: not installed"
     elif req is None or caps.compute_capability is None:
         out["covers"] = f"nothing on {caps.device_type}: FlashAttention-4 runs on NVIDIA sm90/sm100 GPUs"

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import _shadow
+from . import _caches, _shadow
 from . import policy as _policy
 from . import stats as _stats
 from .backends import BACKENDS
@@ -68,8 +68,7 @@ def _resolve(policy: PolicyLike) -> Policy:
     if isinstance(policy, str) and len(_resolved) < 256:
         _resolved[policy] = pol
     return pol
-_policy._invalidation_hooks.append(_cache.clear)
-_stats._reset_hooks.append(_cache.clear)
+_caches.register("dense.calls", _cache.clear)  # entries hold a plan and its stats counter
 
 
 def dense_attention(

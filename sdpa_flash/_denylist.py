@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .policy import DenylistEntry
+from ._rules import DenylistEntry
 from .spec import AttentionSpec
 
 __all__ = ["BUILTIN_DENYLIST"]

@@ -10,7 +10,7 @@ same for every install.
 
 from __future__ import annotations
 
-from .policy import RankingRule
+from ._rules import RankingRule
 
 __all__ = ["RANKING"]
 

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from . import _caches
 from . import stats as _stats
 from ._tolerance import FLOOR_UNITS, K
 from .errors import ShadowMismatchError
@@ -89,7 +90,7 @@ def tick(backend: str, every: int) -> int | None:
 
 _compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
 _counters: dict[tuple[str, int], Iterator[int]] = {}  # (backend, N) -> calls so far (next() is atomic)
-_stats._reset_hooks.append(_counters.clear)
+_caches.register("shadow.counters", _counters.clear)
 
 
 def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, scale: float | None,

@@ -47,6 +47,7 @@ each path's estimate and why the others lost.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -57,12 +58,13 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import _shadow
+from . import _caches, _shadow
+from .backends import BACKENDS
 from .capability import Capabilities, capabilities
 from .errors import AttentionInputError, BackendUnavailableError
-from .policy import Policy, get_policy, resolve_policy
+from .policy import Policy, denylist_reasons, get_policy, ranking, resolve_policy
+from .policy import plan as dense_plan
 from .spec import AttentionSpec, dtype_name
-from .stats import _reset_hooks as _stats_reset_hooks
 from .stats import plan_counter as _plan_counter
 
 __all__ = [
@@ -306,8 +308,6 @@ def _varlen_kernel(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> tupl
     Candidates are the policy's backends in its order (``auto`` / ``fused``: the device's ranking) that have a
     varlen entry point; the first one with no reasons wins.
     """
-    from .backends import BACKENDS
-    from .policy import denylist_reasons, ranking
 
     names = ranking(caps).order if policy.name in ("auto", "fused") else policy.backends
     names = tuple(n for n in names if BACKENDS[n].VARLEN)
@@ -394,8 +394,6 @@ def _grouping(spec: VarlenSpec, ids: list[int], model: CostModel, pad_keys: str,
 @functools.lru_cache(maxsize=256)
 def plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> VarlenPlan:
     """Choose the path, groups and streams for ``spec`` (pure; cached)."""
-    from .policy import plan as dense_plan
-
     model = COST_MODELS.get(caps.device_type, _FALLBACK_MODEL)
     bwd = spec.needs_grad
     n = len(spec.seqlens_q)
@@ -581,8 +579,6 @@ def _build_exec(p: VarlenPlan, device: torch.device) -> _Exec:
     ex = _Exec(singles, gq, gk, sizes_q, sizes_k, gathered, {n: j for j, n in enumerate(gathered)}, member_rows,
                varlen, order)
     if varlen is not None:
-        from .backends import BACKENDS
-
         ex.varlen_run = BACKENDS[p.varlen_backend].varlen()
     ex.direct = _Direct.build(p, ex, device, cu_q, cu_k)
     return ex
@@ -600,7 +596,7 @@ def _ranges(cu: list[int], members: Sequence[int]) -> torch.Tensor:
 
 
 _exec_cache: dict[tuple[Any, ...], _Exec] = {}
-_stats_reset_hooks.append(_exec_cache.clear)  # entries hold a stats counter: reset_stats() starts them afresh
+_caches.register("varlen.exec", _exec_cache.clear)  # entries hold a stats counter: reset_stats() starts them afresh
 _streams: dict[int | None, list[torch.cuda.Stream]] = {}
 
 
@@ -877,47 +873,10 @@ def _shadow_one_sequence(p: VarlenPlan, pol: Policy, q: torch.Tensor, k: torch.T
 
 
 # ------------------------------------------------------------------------------- direct group execution
-# The groups' kernels called through their aten forward and backward ops, with one autograd node for the whole
-# grouped part instead of a few per group (views, the kernel, the output split): measured on the H200 host, the
-# autograd graph of a per-group attention() call costs ~3x the host time of the kernel calls themselves, and the
-# grouped path is host-bound when it has many small groups. Each adapter: forward(q, k, v, is_causal, scale,
-# needs_lse) -> (out, saved) and backward(grad_out, q, k, v, out, saved, is_causal, scale) -> (dq, dk, dv), all
-# (b, H, L, D).
-def _cudnn_forward(q, k, v, is_causal, scale, lse):  # type: ignore[no-untyped-def]
-    r = torch._scaled_dot_product_cudnn_attention(q, k, v, None, lse, 0.0, is_causal, False, scale=scale)
-    return r[0], (r[1], r[6], r[7], r[4], r[5])
-
-
-def _cudnn_backward(go, q, k, v, out, saved, is_causal, scale):  # type: ignore[no-untyped-def]
-    lse, seed, offset, max_q, max_k = saved
-    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        go, q, k, v, out, lse, seed, offset, None, None, None, max_q, max_k, 0.0, is_causal, scale=scale)
-
-
-def _flash_forward(q, k, v, is_causal, scale, lse):  # type: ignore[no-untyped-def]
-    r = torch._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
-    return r[0], r[1:8]
-
-
-def _flash_backward(go, q, k, v, out, saved, is_causal, scale):  # type: ignore[no-untyped-def]
-    lse, cum_q, cum_k, max_q, max_k, seed, offset = saved
-    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        go, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, is_causal, seed, offset, scale=scale)
-
-
-def _cpu_flash_forward(q, k, v, is_causal, scale, lse):  # type: ignore[no-untyped-def]
-    r = torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
-    return r[0], (r[1],)
-
-
-def _cpu_flash_backward(go, q, k, v, out, saved, is_causal, scale):  # type: ignore[no-untyped-def]
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        go, q, k, v, out, saved[0], 0.0, is_causal, scale=scale)
-
-
-_DIRECT_OPS = {("cuda", "cudnn"): (_cudnn_forward, _cudnn_backward),
-               ("cuda", "flash"): (_flash_forward, _flash_backward),
-               ("cpu", "flash"): (_cpu_flash_forward, _cpu_flash_backward)}
+# The groups' kernels are called through their aten forward and backward ops (``Backend.autograd_ops``), with one
+# autograd node for the whole grouped part instead of a few per group (views, the kernel, the output split):
+# measured on the H200 host, the autograd graph of a per-group attention() call costs ~3x the host time of the
+# kernel calls themselves, and the grouped path is host-bound when it has many small groups.
 _det_on = torch.are_deterministic_algorithms_enabled
 # While torch.compile traces, the groups go through attention(), which dynamo traces kernel by kernel.
 _compiling = getattr(torch.compiler, "is_compiling", lambda: False)
@@ -942,8 +901,6 @@ class _Direct:
     @classmethod
     def build(cls, p: VarlenPlan, ex: _Exec, device: torch.device, cu_q: list[int], cu_k: list[int]
               ) -> _Direct | None:
-        from .policy import plan as dense_plan
-
         s = p.spec
         if not p.groups or p.streams or s.dropout or min(s.head_dim, s.head_dim_v) < 2:
             return None  # (side streams: each group's kernels are issued on its stream by the per-group path)
@@ -957,7 +914,7 @@ class _Direct:
                 dp = dense_plan(dense, caps, p.policy)
             except BackendUnavailableError:
                 return None
-            ops = _DIRECT_OPS.get((device.type, dp.backend))
+            ops = BACKENDS[dp.backend].autograd_ops(device.type)
             pr = dp.prep
             if ops is None or dp.route != "direct" or dp.fallback or pr.repeat_kv != 1 or pr.pad_qk_to or \
                     pr.pad_v_to or pr.truncate_keys or pr.causal_mask or pr.float_bias or \
@@ -1084,18 +1041,13 @@ class _Zeros(torch.autograd.Function):
         return (None, *(torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.shapes))
 
 
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_null = _Null()
+_null = contextlib.nullcontext()
 
 
 def clear_caches() -> None:
     """Forget every plan and index set (after changing :data:`COST_MODELS`)."""
     plan_varlen.cache_clear()
     _exec_cache.clear()
+
+
+_caches.register("varlen.plan", plan_varlen.cache_clear)

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["Capabilities", "capabilities"]
+from . import _caches
+from .backends import BACKENDS
 
-BACKEND_NAMES: tuple[str, ...] = ("cudnn", "flash", "efficient", "math", "chunked")
+__all__ = ["Capabilities", "capabilities"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +36,12 @@ class Capabilities:
         cuda_version: the CUDA runtime PyTorch was built with, or ``None``.
         hip_version: the ROCm/HIP version PyTorch was built with, or ``None``.
         cudnn_version: cuDNN's version as an integer (``91900`` for 9.19.0), or ``None``.
-        backends: the SDPA backends this build has for this device (``"flash"``, ``"cudnn"``, ...).
+        backends: the backends this build and install have for this device (``"flash"``, ``"cudnn"``, ...), as
+            each registered backend's own probe (``Backend.available``) finds them.
         flash_impl: the flash implementation registered with PyTorch (torch >= 2.10), e.g. ``"FA3"``;
             ``None`` means PyTorch's built-in FlashAttention-2 (or no flash kernel at all).
-        fa4_version: the installed ``flash-attn-4`` (FlashAttention-4, the optional ``fa4`` backend), e.g.
-            ``"4.0.0b36"``, read from package metadata without importing it; ``None`` when absent.
+        kernels: ``(backend, version)`` of each backend installed as its own package (``("fa4", "4.0.0b36")``
+            for flash-attn-4), read from package metadata without importing it; see :meth:`kernel_version`.
         probed: ``True`` when read from a real device of this process, ``False`` for a constructed profile.
     """
 
@@ -55,8 +57,15 @@ class Capabilities:
     cudnn_version: int | None = None
     backends: frozenset[str] = frozenset()
     flash_impl: str | None = None
-    fa4_version: str | None = None
+    kernels: tuple[tuple[str, str], ...] = ()
     probed: bool = False
+
+    def kernel_version(self, backend: str) -> str | None:
+        """The installed version of ``backend``'s own package (``"4.0.0b36"`` for ``"fa4"``), or ``None``."""
+        for name, version in self.kernels:
+            if name == backend:
+                return version
+        return None
 
     @property
     def arch(self) -> str:
@@ -78,19 +87,24 @@ class Capabilities:
         cudnn_version: int | None = 91900,
         backends: frozenset[str] | None = None,
         name: str | None = None,
+        kernels: dict[str, str] | None = None,
         **extra: Any,
     ) -> Capabilities:
-        """A constructed profile, e.g. ``Capabilities.synthetic("cuda", (7, 5))`` for a T4.
+        """A constructed profile, e.g. ``Capabilities.synthetic("cuda", (7, 5))`` for a T4, or
+        ``Capabilities.synthetic("cuda", (9, 0), kernels={"fa4": "4.0.0b36"})`` for an H100 with FlashAttention-4.
 
-        Unless given, ``backends`` is what a stock CUDA (or CPU) build of PyTorch ships for that device.
+        Unless given, ``backends`` is every registered backend with requirements for the device type, less those
+        installed as their own package that ``kernels`` does not list: what a stock CUDA (or CPU) build of PyTorch
+        ships, plus the plug-ins.
         """
         if device_type == "cpu":
             compute_capability = None
             cudnn_version = None
+        kernels = dict(kernels or {})
         if backends is None:
-            backends = frozenset(BACKEND_NAMES if device_type == "cuda" else ("flash", "math", "chunked"))
-            if device_type == "cuda" and extra.get("fa4_version"):
-                backends |= {"fa4"}
+            backends = frozenset(
+                n for n, b in BACKENDS.items() if device_type in b.REQUIREMENTS
+                and (b.PACKAGE is None or n in kernels))
         return cls(
             device_type=device_type,
             device_index=0 if device_type == "cuda" else None,
@@ -100,6 +114,7 @@ class Capabilities:
             cuda_version="13.0" if device_type == "cuda" else None,
             cudnn_version=cudnn_version,
             backends=backends,
+            kernels=tuple(sorted(kernels.items())),
             probed=False,
             **extra,
         )
@@ -132,32 +147,23 @@ def capabilities(device: torch.device | str | int | None = None) -> Capabilities
 
 @functools.cache
 def _probe(device_type: str, index: int | None) -> Capabilities:
+    device = torch.device(device_type, index)
+    backends = frozenset(name for name, b in BACKENDS.items() if b.available(device))
     common: dict[str, Any] = {
         "torch_version": _torch_version(),
         "cuda_version": torch.version.cuda,
         "hip_version": getattr(torch.version, "hip", None),
+        "backends": backends,
+        "kernels": tuple((n, v) for n in sorted(backends) if (v := BACKENDS[n].installed_version()) is not None),
         "probed": True,
     }
     if device_type == "cpu":
-        return Capabilities(device_type="cpu", name="cpu", backends=frozenset(("flash", "math", "chunked")),
-                            total_memory=_host_memory(), **common)
+        return Capabilities(device_type="cpu", name="cpu", total_memory=_host_memory(), **common)
     if device_type != "cuda":
-        # MPS, XPU, ...: PyTorch's math reference is always there; fused kernels of other devices are
-        # reached through PyTorch's own dispatcher, which sdpa_flash does not model.
-        return Capabilities(device_type=device_type, device_index=index, name=device_type,
-                            backends=frozenset(("math", "chunked")), **common)
+        # MPS, XPU, ...: PyTorch's fused kernels of other devices are reached through its own dispatcher, which
+        # sdpa_flash does not model: the math reference and chunked (plain ops) run there.
+        return Capabilities(device_type=device_type, device_index=index, name=device_type, **common)
     props = torch.cuda.get_device_properties(index)
-    backends = {"math", "efficient", "chunked"}
-    if _flash_available():
-        backends.add("flash")
-    cudnn_version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    if cudnn_version is not None and not common["hip_version"]:
-        backends.add("cudnn")
-    from .backends.fa4 import installed_version
-
-    fa4_version = installed_version()
-    if fa4_version is not None:
-        backends.add("fa4")
     return Capabilities(
         device_type="cuda",
         device_index=index,
@@ -165,12 +171,13 @@ def _probe(device_type: str, index: int | None) -> Capabilities:
         compute_capability=(props.major, props.minor),
         sm_count=props.multi_processor_count,
         total_memory=props.total_memory,
-        cudnn_version=cudnn_version,
-        backends=frozenset(backends),
+        cudnn_version=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         flash_impl=_flash_impl(),
-        fa4_version=fa4_version,
         **common,
     )
+
+
+_caches.register("capability.probe", _probe.cache_clear)
 
 
 def _host_memory() -> int | None:
@@ -178,11 +185,6 @@ def _host_memory() -> int | None:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):  # not POSIX
         return None
-
-
-def _flash_available() -> bool:
-    check = getattr(torch.backends.cuda, "is_flash_attention_available", None)
-    return bool(check()) if check is not None else True
 
 
 def _flash_impl() -> str | None:

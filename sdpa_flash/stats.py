@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
-from collections.abc import Callable
+
+from . import _caches
 
 __all__ = ["FallbackStat", "ShadowMismatch", "ShadowStats", "Stats", "reset_stats", "stats"]
 
 _lock = threading.Lock()
-_reset_hooks: list[Callable[[], None]] = []
 _plans: dict[tuple[str, str, str], itertools.count] = {}  # (backend, route, inputs) -> calls
 _fallbacks: dict[tuple[str, str, str, int], itertools.count] = {}  # (backend, reason, file, line) -> calls
 _shadow_checks: dict[tuple[str, str], itertools.count] = {}  # (backend, inputs) -> shadow checks run
@@ -169,5 +169,4 @@ def reset_stats() -> None:
         _fallbacks.clear()
         _shadow_checks.clear()
         _shadow_bad.clear()
-    for hook in _reset_hooks:  # attention()'s cache entries hold their plan's counter: rebuild them afresh
-        hook()
+    _caches.clear_all()  # the per-call caches hold their plan's counter: rebuild them afresh

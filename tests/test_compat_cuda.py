@@ -90,12 +90,12 @@ def test_flex_path_bf16_forward_backward(case: str, shape: tuple[int, ...]) -> N
             outs, lse, g = fwd_bwd(C.flash_attn_func, q, k, v, grad, **kw)
     assert_flash_close(outs, q, k, v, grad_out=g, lse=lse, **kw)
     auto = C.explain_flash_attn(C.flash_attn_func, q, k, v, **kw).path
-    assert auto == ("fa4" if "alibi" not in FLEX[case] and sdpa_flash.capabilities(DEV).fa4_version
+    assert auto == ("fa4" if "alibi" not in FLEX[case] and sdpa_flash.capabilities(DEV).kernel_version("fa4")
                     and torch.cuda.get_device_capability() >= (9, 0) else "flex")
 
 
 @pytest.mark.sm90
-@pytest.mark.skipif(not (torch.cuda.is_available() and sdpa_flash.capabilities("cuda").fa4_version),
+@pytest.mark.skipif(not (torch.cuda.is_available() and sdpa_flash.capabilities("cuda").kernel_version("fa4")),
                     reason="needs flash-attn-4 (pip install 'sdpa_flash[fa4]')")
 @pytest.mark.parametrize("case", [c for c in FLEX if "alibi" not in FLEX[c]])
 def test_fa4_path_bf16_forward_backward(case: str) -> None:

@@ -82,14 +82,14 @@ def test_forced_backend_matches_float64_math(backend: str, case: str, dtype: tor
 def test_hopper_availability_and_auto_choice() -> None:
     q = torch.randn(2, 16, 1024, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     for name in BACKENDS:
-        if name == "fa4" and not sdpa_flash.capabilities("cuda").fa4_version:
+        if name == "fa4" and not sdpa_flash.capabilities("cuda").kernel_version("fa4"):
             continue  # optional: not installed here
         assert sdpa_flash.explain(q, q, q, causal=True, policy=name).backend == name
     plan = sdpa_flash.explain(q, q, q, causal=True)
     # S=1024 training: cuDNN ranks first on Hopper (FA4 measured 0.96-1.03x there), with or without FA4
     assert plan.backend == "cudnn", plan.explain()
     big = torch.randn(1, 16, 8192, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    expected = "fa4" if sdpa_flash.capabilities("cuda").fa4_version else "cudnn"
+    expected = "fa4" if sdpa_flash.capabilities("cuda").kernel_version("fa4") else "cudnn"
     assert sdpa_flash.explain(big, big, big, causal=True).backend == expected
     assert plan.route == "direct" and not plan.fallback
     assert sdpa_flash.require("flash").backend == "flash"

@@ -27,9 +27,9 @@ from sdpa_flash.policy import RANKING, RankingRule, resolve_policy
 
 AUTO = resolve_policy("auto")
 SM90 = Capabilities.synthetic("cuda", (9, 0))
-SM90_FA4 = Capabilities.synthetic("cuda", (9, 0), fa4_version="4.0.0b36")
-SM100_FA4 = Capabilities.synthetic("cuda", (10, 0), fa4_version="4.0.0b36")
-SM80_FA4 = Capabilities.synthetic("cuda", (8, 0), fa4_version="4.0.0b36")
+SM90_FA4 = Capabilities.synthetic("cuda", (9, 0), kernels={"fa4": "4.0.0b36"})
+SM100_FA4 = Capabilities.synthetic("cuda", (10, 0), kernels={"fa4": "4.0.0b36"})
+SM80_FA4 = Capabilities.synthetic("cuda", (8, 0), kernels={"fa4": "4.0.0b36"})
 HAVE_FA4 = torch.cuda.is_available() and fa4_mod.installed_version() is not None
 
 
@@ -287,10 +287,10 @@ def test_fa4_training_on_hopper_keeps_the_head_dims_measured_right(head_dim: int
 
 def test_the_fa4_entry_follows_the_installed_release_and_the_gpu() -> None:
     s = spec(head_dim=80, head_dim_v=80)
-    fixed = Capabilities.synthetic("cuda", (9, 0), fa4_version="4.1.0")  # outside the entry's range
+    fixed = Capabilities.synthetic("cuda", (9, 0), kernels={"fa4": "4.1.0"})  # outside the entry's range
     assert plan(s, fixed, AUTO).backend == "fa4"
     assert not any("2896" in r for r in plan(s, SM100_FA4, AUTO).reasons.get("fa4", ()))  # Hopper only
-    nightly = Capabilities.synthetic("cuda", (9, 0), fa4_version="4.0.1.dev3")  # pre-releases are in range
+    nightly = Capabilities.synthetic("cuda", (9, 0), kernels={"fa4": "4.0.1.dev3"})  # pre-releases are in range
     assert plan(s, nightly, AUTO).backend != "fa4"
 
 

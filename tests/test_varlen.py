@@ -405,7 +405,7 @@ def test_cuda_paths_equal_per_sequence_attention(path: str, causal: bool | str) 
 def test_cuda_varlen_kernel_calls_are_counted_and_shadow_checked(kernel: str) -> None:
     """The packed varlen call does not go through attention(): the engine counts it in stats() and shadow-checks
     one of its sequences 1 call in N, like every other kernel call — for each backend's packed kernel."""
-    if kernel == "fa4" and not sdpa_flash.capabilities("cuda").fa4_version:
+    if kernel == "fa4" and not sdpa_flash.capabilities("cuda").kernel_version("fa4"):
         pytest.skip("flash-attn-4 is not installed")
     base = engine.COST_MODELS["cuda"]
     forced = dataclasses.replace(base, varlen_call_us=0, varlen_call_us_bwd=0, varlen_rate=1e9, varlen_rate_bwd=1e9,

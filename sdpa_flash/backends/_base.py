@@ -1,8 +1,8 @@
 """What every backend shares: requirements as data, one reasons function, and the runner builder.
 
 A backend is a small class whose *data* (``REQUIREMENTS``, one :class:`Requirements` per device type) says
-what its kernel accepts, and whose ``_call`` invokes that kernel. Everything else — whether a call is
-supported, why not, and which exact, cheap transformations (padding the head dim, repeating K/V for GQA,
+what its kernel accepts, and whose ``kernel()`` returns the function that calls it. Everything else — whether a
+call is supported, why not, and which exact, cheap transformations (padding the head dim, repeating K/V for GQA,
 cutting never-visible keys, materialising a causal mask) make it fit — is derived here from that data, once
 per distinct call signature, so the per-call path is a single pre-built closure.
 """
@@ -14,19 +14,58 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 
-from ..capability import Capabilities
 from ..spec import AttentionSpec, dtype_name
 
-__all__ = ["Backend", "Requirements", "Runner"]
+__all__ = ["Backend", "Device", "KernelFn", "Requirements", "Runner"]
 
 Runner = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, "float | None"], torch.Tensor
 ]
 """``run(q, k, v, attn_mask, dropout_p, scale) -> out``, all in (B, H, S, D) layout."""
+
+KernelFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, "bool | str", "float | None", bool],
+    torch.Tensor,
+]
+"""``kernel(q, k, v, bias, dropout_p, is_causal, scale, needs_lse) -> out``: one call of a backend's kernel.
+
+q ``(B, Hq, Sq, D)``, k ``(B, Hkv, Sk, D)``, v ``(B, Hkv, Sk, Dv)`` -> ``(B, Hq, Sq, Dv)``, already adapted to the
+backend's :class:`Requirements` (head dims padded, K/V repeated unless ``native_gqa``). ``bias`` is ``None`` or an
+additive float mask broadcastable to ``(B, Hq, Sq, Sk)`` (only for backends with ``mask=True``); ``is_causal`` is
+``False``, ``True`` (the kernel's own corner, :attr:`Requirements.kernel_causal`) or, for ``kernel_causal="any"``,
+``"top_left"`` / ``"bottom_right"``; ``scale`` ``None`` means ``1 / sqrt(D)``; ``needs_lse``: autograd will need a
+backward (kernels that keep the log-sum-exp only for it may skip it otherwise). It must be differentiable with
+respect to q, k and v when the backend's requirements say ``backward=True``.
+"""
+
+
+class Device(Protocol):
+    """What a backend reads of the device it is asked about: :class:`sdpa_flash.Capabilities` is one.
+
+    (The capability probe stands above the backends — it asks each registered backend what it finds — so the
+    backends name only this much of it.)
+    """
+
+    @property
+    def device_type(self) -> str: ...
+    @property
+    def compute_capability(self) -> tuple[int, int] | None: ...
+    @property
+    def arch(self) -> str: ...
+    @property
+    def backends(self) -> frozenset[str]: ...
+    @property
+    def torch_version(self) -> str: ...
+    @property
+    def cudnn_version(self) -> int | None: ...
+    @property
+    def hip_version(self) -> str | None: ...
+    @property
+    def probed(self) -> bool: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +202,8 @@ class Backend:
     """One SDPA backend: requirements as data, reasons, and a runner for the direct route."""
 
     name: ClassVar[str]
-    sdp_backend: ClassVar[str]
     fused: ClassVar[bool] = True
+    """A fused kernel: O(N) memory, never the O(N^2) reference (``policy="fused"`` takes only these)."""
     memory: ClassVar[str] = "O(N)"
     REQUIREMENTS: ClassVar[dict[str, Requirements]]
     DIRECT_LABEL: ClassVar[str] = "direct aten op"
@@ -172,6 +211,30 @@ class Backend:
     """How the direct route reaches the kernel (``explain()``'s ``route:`` line)."""
     MISSING_REASON: ClassVar[str | None] = None
     """Why the backend is absent when ``caps.backends`` lacks it (default: not built into this PyTorch)."""
+    PACKAGE: ClassVar[str | None] = None
+    """The distribution a backend installed as its own package comes from (``"flash-attn-4"``): its version is
+    probed into :attr:`Capabilities.kernels` and ranged by ``DenylistEntry(kernel=...)``. ``None``: part of torch."""
+
+    # ----------------------------------------------------------------------------------------- probing
+    def installed_version(self) -> str | None:
+        """The installed version of :attr:`PACKAGE` (package metadata only, nothing imported); ``None`` when it
+        is absent or the backend is part of torch."""
+        if self.PACKAGE is None:
+            return None
+        import importlib.metadata
+
+        try:
+            return importlib.metadata.version(self.PACKAGE)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def available(self, device: torch.device) -> bool:
+        """Whether this build (and install) has the kernel for ``device``; asked once per device by
+        :func:`sdpa_flash.capabilities`. Default: it has requirements for the device type, and its package (if any)
+        is installed."""
+        if device.type not in self.REQUIREMENTS:
+            return False
+        return self.PACKAGE is None or self.installed_version() is not None
     TORCH_CHECK: ClassVar[str | None] = None
     """Name of ``torch.backends.cuda.can_use_*_attention`` consulted on a real CUDA device."""
     MASKED_VALUE: ClassVar[float] = float("-inf")
@@ -184,7 +247,7 @@ class Backend:
     def requirements(self, device_type: str) -> Requirements | None:
         return self.REQUIREMENTS.get(device_type)
 
-    def not_supported_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+    def not_supported_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
         """Every reason this backend cannot run ``spec`` on ``caps``; empty when it can."""
         req = self.requirements(caps.device_type)
         if req is None:
@@ -235,7 +298,7 @@ class Backend:
                 reasons.append(f"requires torch >= {req.min_torch}, this is {caps.torch_version}")
         return reasons
 
-    def extra_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+    def extra_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
         """Backend-specific limits that do not fit the :class:`Requirements` fields (default: none)."""
         return []
 
@@ -328,7 +391,7 @@ class Backend:
     VARLEN: ClassVar[bool] = False
     """The backend has a packed (``cu_seqlens``) entry point: :meth:`varlen_reasons` and :meth:`varlen`."""
 
-    def varlen_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+    def varlen_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
         """Why one packed call cannot run a ragged batch whose longest query and key give ``spec`` (causal, if
         any, bottom-right): the dense reasons, less those about the causal corner (a packed kernel aligns causal
         per sequence)."""
@@ -337,7 +400,7 @@ class Backend:
         return [r for r in self.not_supported_reasons(spec, caps) if "causal" not in r] + self.unpadded_reasons(spec,
                                                                                                                caps)
 
-    def unpadded_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+    def unpadded_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
         """Why the kernel cannot take ``spec``'s head dims as they are: for callers that hand it tensors without
         the dense runner's zero-padding (the packed call; flash-attn compat's ``fa4`` path)."""
         req = self.REQUIREMENTS.get(caps.device_type)
@@ -353,26 +416,23 @@ class Backend:
         raise NotImplementedError(f"{self.name} has no packed (cu_seqlens) kernel")
 
     # ------------------------------------------------------------------------------------------- doing
-    def _call(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bias: torch.Tensor | None,
-        dropout_p: float,
-        is_causal: bool,
-        scale: float | None,
-        needs_lse: bool,
-    ) -> torch.Tensor:
-        raise NotImplementedError
-
-    def kernel(self, device_type: str, *, traced: bool = False) -> Callable[..., torch.Tensor]:
-        """The function calling this backend's kernel on ``device_type`` (signature of :meth:`_call`).
+    def kernel(self, device_type: str, *, traced: bool = False) -> KernelFn:
+        """The function calling this backend's kernel on ``device_type`` (see :data:`KernelFn`): what a backend
+        must provide. Everything else — padding head dims, repeating K/V, causal corners, masks as biases — is
+        done around it from the :class:`Requirements` data.
 
         ``traced=True`` gives the variant for ``torch.compile``: it calls the aten op overload, which dynamo
-        traces, where the eager variant calls PyTorch's faster Python binding of the same op.
+        traces, where the eager variant calls PyTorch's faster Python binding of the same op. A backend whose
+        kernel dynamo cannot trace returns a ``torch.library.custom_op`` here.
         """
-        return self._call
+        raise NotImplementedError(f"the {self.name} backend defines no kernel()")
+
+    def autograd_ops(self, device_type: str) -> tuple[Callable[..., object], Callable[..., object]] | None:
+        """The kernel's forward and backward as separate functions, for callers that build one autograd node over
+        many kernel calls (the varlen engine's grouped path): ``forward(q, k, v, is_causal, scale, needs_lse) ->
+        (out, saved)`` and ``backward(grad_out, q, k, v, out, saved, is_causal, scale) -> (dq, dk, dv)``, all
+        (B, H, S, D), no mask, no dropout. ``None`` (default): such callers go through the kernel's own autograd."""
+        return None
 
     def bshd_runner(self, spec: AttentionSpec, prep: Prep) -> Runner | None:
         """A runner taking (B, S, H, D) tensors directly, for kernels whose own layout that is (``None``: wrap the

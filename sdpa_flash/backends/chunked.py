@@ -31,7 +31,6 @@ _BLOCK_BYTES = 64 * 2**20  # one (B, H, block_q, block_k) score block in the acc
 
 class ChunkedBackend(Backend):
     name = "chunked"
-    sdp_backend = "MATH"  # the nearest SDPBackend: it is composed of ordinary PyTorch ops
     fused = False
     memory = "O(N)"
     _REQ = Requirements(dtypes=_ANY_FLOAT, mask=True, dropout=False, native_gqa=False, kernel_causal="any",

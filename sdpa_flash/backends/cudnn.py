@@ -6,16 +6,14 @@ from typing import ClassVar
 
 import torch
 
-from ..capability import Capabilities
 from ..spec import AttentionSpec
-from ._base import Backend, Requirements, with_plain
+from ._base import Backend, Device, Requirements, with_plain
 
 __all__ = ["CudnnBackend"]
 
 
 class CudnnBackend(Backend):
     name = "cudnn"
-    sdp_backend = "CUDNN_ATTENTION"
     TORCH_CHECK = "can_use_cudnn_attention"
     # PyTorch turns a boolean mask into -65504 rather than -inf for cuDNN (a cuDNN -inf workaround).
     MASKED_VALUE = -65504.0
@@ -37,7 +35,7 @@ class CudnnBackend(Backend):
         ),
     }
 
-    def extra_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+    def extra_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
         reasons = []
         cc = caps.compute_capability
         big = max(spec.head_dim, spec.head_dim_v)
@@ -51,11 +49,16 @@ class CudnnBackend(Backend):
             reasons.append(f"batch={spec.batch}, heads={spec.heads_q} (supported: <= 65535 each)")
         return reasons
 
+    def available(self, device: torch.device) -> bool:
+        # A CUDA build with cuDNN; ROCm builds report a cuDNN version (MIOpen) but have no cuDNN attention.
+        return (device.type == "cuda" and torch.backends.cudnn.is_available()
+                and torch.backends.cudnn.version() is not None and not getattr(torch.version, "hip", None))
+
     def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
         return _TRACED if traced else _EAGER
 
-    def _call(self, q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
-        return _EAGER(q, k, v, bias, dropout_p, is_causal, scale, needs_lse)
+    def autograd_ops(self, device_type: str):  # type: ignore[no-untyped-def]
+        return (_forward, _backward) if device_type == "cuda" else None
 
 
 def _kernel(op):  # type: ignore[no-untyped-def]
@@ -75,3 +78,14 @@ def _kernel(op):  # type: ignore[no-untyped-def]
 
 _EAGER = _kernel(torch._scaled_dot_product_cudnn_attention)
 _TRACED = _kernel(torch.ops.aten._scaled_dot_product_cudnn_attention.default)
+
+
+def _forward(q, k, v, is_causal, scale, lse):  # type: ignore[no-untyped-def]
+    r = torch._scaled_dot_product_cudnn_attention(q, k, v, None, lse, 0.0, is_causal, False, scale=scale)
+    return r[0], (r[1], r[6], r[7], r[4], r[5])
+
+
+def _backward(go, q, k, v, out, saved, is_causal, scale):  # type: ignore[no-untyped-def]
+    lse, seed, offset, max_q, max_k = saved
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        go, q, k, v, out, lse, seed, offset, None, None, None, max_q, max_k, 0.0, is_causal, scale=scale)

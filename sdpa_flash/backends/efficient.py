@@ -15,7 +15,6 @@ _BIAS_ALIGN = 16  # the kernel reads the bias in 16-element rows; PyTorch pads i
 
 class EfficientBackend(Backend):
     name = "efficient"
-    sdp_backend = "EFFICIENT_ATTENTION"
     TORCH_CHECK = "can_use_efficient_attention"
     REQUIREMENTS: ClassVar[dict[str, Requirements]] = {
         "cuda": Requirements(
@@ -35,9 +34,6 @@ class EfficientBackend(Backend):
 
     def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
         return _TRACED if traced else _EAGER
-
-    def _call(self, q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
-        return _EAGER(q, k, v, bias, dropout_p, is_causal, scale, needs_lse)
 
 
 def _kernel(op):  # type: ignore[no-untyped-def]

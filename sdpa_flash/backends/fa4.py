@@ -42,10 +42,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..capability import Capabilities
 from ..errors import AttentionInputError
 from ..spec import AttentionSpec
-from ._base import Backend, Prep, Requirements, Runner, make_runner, with_plain
+from ._base import Backend, Device, Prep, Requirements, Runner, make_runner, with_plain
 
 __all__ = ["DISTRIBUTION", "INSTALL_HINT", "CacheInfo", "FA4Backend", "cache_info", "installed_version", "load"]
 
@@ -223,14 +222,17 @@ _SM90 = Requirements(
 
 class FA4Backend(Backend):
     name = "fa4"
-    sdp_backend = ""  # not one of SDPA's backends: sdpa_kernel cannot force it
     MISSING_REASON = f"{DISTRIBUTION} is not installed ({INSTALL_HINT})"
+    PACKAGE = DISTRIBUTION
     DIRECT_LABEL = "flash_attn.cute"
     ROUTE_REASON = ("FlashAttention-4's own function is called directly (no global flags change); (B, H, S, D) "
                     "inputs reach it as (B, S, H, D) views, without a copy")
     REQUIREMENTS: ClassVar[dict[str, Requirements]] = {"cuda": _SM90}
 
-    def not_supported_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+    def installed_version(self) -> str | None:
+        return installed_version()
+
+    def not_supported_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
         reasons = super().not_supported_reasons(spec, caps)
         if not reasons and caps.probed and caps.device_type == "cuda":
             why = import_error()  # the first plan that would run this backend imports the package
@@ -238,7 +240,7 @@ class FA4Backend(Backend):
                 reasons.append(why)
         return reasons
 
-    def extra_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+    def extra_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
         reasons = []
         cc = caps.compute_capability
         if caps.hip_version:
@@ -323,7 +325,7 @@ def _plain(fn: Any, causal: bool, deterministic: bool, guard: bool, *, bhsd: boo
 
 
 def _eager_kernel(mod: ModuleType, deterministic: bool, guard: bool):  # type: ignore[no-untyped-def]
-    """The eager kernel for :func:`make_runner` (signature of ``Backend._call``), through FA4's own
+    """The eager kernel for :func:`make_runner` (a :data:`~sdpa_flash.backends.KernelFn`), through FA4's own
     autograd.Function; calls with nothing to adapt get :func:`_plain`."""
     fn = mod.flash_attn_func
 

@@ -6,16 +6,14 @@ from typing import ClassVar
 
 import torch
 
-from ..capability import Capabilities
 from ..spec import AttentionSpec
-from ._base import Backend, Requirements, with_plain
+from ._base import Backend, Device, Requirements, with_plain
 
 __all__ = ["FlashBackend"]
 
 
 class FlashBackend(Backend):
     name = "flash"
-    sdp_backend = "FLASH_ATTENTION"
     TORCH_CHECK = "can_use_flash_attention"
     REQUIREMENTS: ClassVar[dict[str, Requirements]] = {
         # PyTorch's CUDA flash kernel is flash-attn 2: causal is aligned bottom-right when Sq != Sk (which is
@@ -47,7 +45,7 @@ class FlashBackend(Backend):
         ),
     }
 
-    def extra_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+    def extra_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
         cc = caps.compute_capability
         # sm86-sm89 (and sm120/121) lack the shared memory for the large-head-dim backward kernels.
         if cc is not None and spec.needs_grad and ((8, 6) <= cc <= (8, 9) or (12, 0) <= cc <= (12, 1)):
@@ -55,9 +53,18 @@ class FlashBackend(Backend):
                 return [f"backward with head_dim={spec.head_dim} needs more shared memory than {caps.arch} has"]
         return []
 
+    def available(self, device: torch.device) -> bool:
+        if device.type == "cuda":
+            check = getattr(torch.backends.cuda, "is_flash_attention_available", None)
+            return bool(check()) if check is not None else True
+        return super().available(device)
+
+    def autograd_ops(self, device_type: str):  # type: ignore[no-untyped-def]
+        return {"cuda": (_cuda_forward, _cuda_backward), "cpu": (_cpu_forward, _cpu_backward)}.get(device_type)
+
     VARLEN = True
 
-    def varlen_reasons(self, spec: AttentionSpec, caps: Capabilities) -> list[str]:
+    def varlen_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
         if caps.device_type != "cuda":
             return [f"the flash varlen kernel is CUDA only (this is {caps.device_type})"]
         return super().varlen_reasons(spec, caps)  # (equal head dims, multiples of 8: the requirements data)
@@ -69,9 +76,6 @@ class FlashBackend(Backend):
         if device_type == "cpu":
             return _CPU_TRACED if traced else _CPU
         return _CUDA_TRACED if traced else _CUDA
-
-    def _call(self, q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
-        return _CUDA(q, k, v, bias, dropout_p, is_causal, scale, needs_lse)
 
 
 def _cuda_kernel(op):  # type: ignore[no-untyped-def]
@@ -111,3 +115,24 @@ _CUDA = _cuda_kernel(torch._scaled_dot_product_flash_attention)
 _CUDA_TRACED = _cuda_kernel(torch.ops.aten._scaled_dot_product_flash_attention.default)
 _CPU = _cpu_kernel(torch._scaled_dot_product_flash_attention_for_cpu)
 _CPU_TRACED = _cpu_kernel(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default)
+
+
+def _cuda_forward(q, k, v, is_causal, scale, lse):  # type: ignore[no-untyped-def]
+    r = torch._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
+    return r[0], r[1:8]
+
+
+def _cuda_backward(go, q, k, v, out, saved, is_causal, scale):  # type: ignore[no-untyped-def]
+    lse, cum_q, cum_k, max_q, max_k, seed, offset = saved
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        go, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, is_causal, seed, offset, scale=scale)
+
+
+def _cpu_forward(q, k, v, is_causal, scale, lse):  # type: ignore[no-untyped-def]
+    r = torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
+    return r[0], (r[1],)
+
+
+def _cpu_backward(go, q, k, v, out, saved, is_causal, scale):  # type: ignore[no-untyped-def]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        go, q, k, v, out, saved[0], 0.0, is_causal, scale=scale)

@@ -17,16 +17,12 @@ _MATH = Requirements(dtypes=_ANY_FLOAT, mask=True, native_gqa=False, kernel_caus
 
 class MathBackend(Backend):
     name = "math"
-    sdp_backend = "MATH"
     fused = False
     memory = "O(N^2)"
     REQUIREMENTS: ClassVar[dict[str, Requirements]] = {"cuda": _MATH, "cpu": _MATH, "mps": _MATH, "xpu": _MATH}
 
     def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
         return _TRACED if traced else _EAGER
-
-    def _call(self, q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
-        return _EAGER(q, k, v, bias, dropout_p, is_causal, scale, needs_lse)
 
 
 def _kernel(op):  # type: ignore[no-untyped-def]

@@ -42,9 +42,9 @@ kernel entry points (``flash_attn_gpu``, ``_flash_attn_forward``, ``_flash_attn_
 from __future__ import annotations
 
 from ._common import Features, UnsupportedArgumentError
+from ._explain import explain_flash_attn
 from ._install import FLASH_ATTN_VERSION, NotProvidedError, install, installed, uninstall
 from ._interface import (
-    explain_flash_attn,
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,

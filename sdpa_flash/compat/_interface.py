@@ -1,6 +1,6 @@
 """flash-attn 2.8's attention functions, argument for argument, over sdpa_flash's paths.
 
-Each public function is ``_execute(_prepare_<name>(...))``: preparing validates every argument (typed errors naming
+Each public function is ``execute(_prepare_<name>(...))``: preparing validates every argument (typed errors naming
 it), builds the :class:`~sdpa_flash.compat.CompatSpec` and plans the path; executing runs it.
 :func:`explain_flash_attn` runs only the first half.
 """
@@ -13,15 +13,15 @@ from typing import Any
 
 import torch
 
+from .. import _caches
 from ..policy import get_policy
-from ..spec import dtype_name
 from . import _common as c
+from ._call import BSHD, Call, describe, execute
 from ._common import Features
 from ._plan import CompatPlan, CompatSpec, forced_path
-from ._run import failure_hooks, plan_for, run_dense, run_varlen
+from ._run import plan_for, run_dense, run_varlen
 
 __all__ = [
-    "explain_flash_attn",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
@@ -30,20 +30,6 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func",
 ]
 
-_BSHD = "(batch_size, seqlen, nheads, headdim)"
-_THD = "(total, nheads, headdim)"
-
-
-@dataclasses.dataclass
-class _Call:
-    """A validated, planned call, ready to run."""
-
-    plan: CompatPlan
-    run: Callable[[], Any]
-
-
-def _execute(call: _Call) -> Any:
-    return call.run()
 
 
 def _options(dropout_p: Any, softmax_scale: Any, causal: Any, window_size: Any, softcap: Any, deterministic: Any,
@@ -70,7 +56,7 @@ class _Dense:
 
 
 _dense_cache: dict[Any, _Dense] = {}
-failure_hooks.append(_dense_cache.clear)
+_caches.register("compat.dense", _dense_cache.clear)
 _CACHE_LIMIT = 4096
 _any_autocast: Callable[[], bool] = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
@@ -96,7 +82,7 @@ def _dense_key(q: Any, k: Any, v: Any, dropout_p: Any, softmax_scale: Any, causa
 def _decide_dense(q: Any, k: Any, v: Any, dropout_p: Any, softmax_scale: Any, causal: Any, window_size: Any,
                   softcap: Any, alibi_slopes: Any, deterministic: Any, return_attn_probs: Any
                   ) -> tuple[_Dense, tuple[torch.Tensor, ...]]:
-    c.check_tensor("q", q, 4, _BSHD)
+    c.check_tensor("q", q, 4, BSHD)
     c.check_tensor("k", k, 4, "(batch_size, seqlen_k, nheads_k, headdim)")
     c.check_tensor("v", v, 4, "(batch_size, seqlen_k, nheads_k, headdim)")
     c.check_same(q, k, v)
@@ -130,10 +116,10 @@ def _run_dense_call(dec: _Dense, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def _prepare_dense(q: Any, k: Any, v: Any, dropout_p: Any, softmax_scale: Any, causal: Any, window_size: Any,
-                   softcap: Any, alibi_slopes: Any, deterministic: Any, return_attn_probs: Any) -> _Call:
+                   softcap: Any, alibi_slopes: Any, deterministic: Any, return_attn_probs: Any) -> Call:
     dec, (q, k, v) = _decide_dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                                    deterministic, return_attn_probs)
-    return _Call(dec.plan, lambda: _run_dense_call(dec, q, k, v, softmax_scale, alibi_slopes))
+    return Call(dec.plan, lambda: _run_dense_call(dec, q, k, v, softmax_scale, alibi_slopes))
 
 
 def _dense(q: Any, k: Any, v: Any, dropout_p: Any, softmax_scale: Any, causal: Any, window_size: Any,
@@ -168,14 +154,14 @@ def _split(name: str, packed: Any, ndim: int, n: int, doc: str) -> tuple[torch.T
 
 def _prepare_func(q: Any, k: Any, v: Any, dropout_p: Any = 0.0, softmax_scale: Any = None, causal: Any = False,
                   window_size: Any = (-1, -1), softcap: Any = 0.0, alibi_slopes: Any = None,
-                  deterministic: Any = False, return_attn_probs: Any = False) -> _Call:
+                  deterministic: Any = False, return_attn_probs: Any = False) -> Call:
     return _prepare_dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                           deterministic, return_attn_probs)
 
 
 def _prepare_qkvpacked(qkv: Any, dropout_p: Any = 0.0, softmax_scale: Any = None, causal: Any = False,
                        window_size: Any = (-1, -1), softcap: Any = 0.0, alibi_slopes: Any = None,
-                       deterministic: Any = False, return_attn_probs: Any = False) -> _Call:
+                       deterministic: Any = False, return_attn_probs: Any = False) -> Call:
     q, k, v = _split("qkv", qkv, 5, 3, "(batch_size, seqlen, 3, nheads, headdim)")
     return _prepare_dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                           deterministic, return_attn_probs)
@@ -183,7 +169,7 @@ def _prepare_qkvpacked(qkv: Any, dropout_p: Any = 0.0, softmax_scale: Any = None
 
 def _prepare_kvpacked(q: Any, kv: Any, dropout_p: Any = 0.0, softmax_scale: Any = None, causal: Any = False,
                       window_size: Any = (-1, -1), softcap: Any = 0.0, alibi_slopes: Any = None,
-                      deterministic: Any = False, return_attn_probs: Any = False) -> _Call:
+                      deterministic: Any = False, return_attn_probs: Any = False) -> Call:
     k, v = _split("kv", kv, 5, 2, "(batch_size, seqlen_k, 2, nheads_k, headdim)")
     return _prepare_dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                           deterministic, return_attn_probs)
@@ -289,7 +275,7 @@ def _check_block_table(k: torch.Tensor, block_table: Any, lk: list[int], nseq: i
     (:func:`~sdpa_flash.compat._common.index_values_readable`)."""
     if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
         raise c.fail("Expected block_table to be an int32 tensor (batch_size, max_num_blocks_per_seq), but got "
-                     f"{_describe(block_table)} instead.")
+                     f"{describe(block_table)} instead.")
     if block_table.shape[0] != nseq or block_table.device != k.device:
         raise c.fail(f"Expected block_table of shape ({nseq}, max_num_blocks_per_seq) on {k.device}, but got shape "
                      f"{tuple(block_table.shape)} on {block_table.device} instead.")
@@ -327,17 +313,11 @@ def _paged_keys(k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, lk: list[
     return k.flatten(0, 1)[flat], v.flatten(0, 1)[flat]
 
 
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a {x.dim()}-D {dtype_name(x.dtype)} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
-
-
 def _prepare_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, max_seqlen_q: Any,
                     max_seqlen_k: Any, dropout_p: Any = 0.0, softmax_scale: Any = None, causal: Any = False,
                     window_size: Any = (-1, -1), softcap: Any = 0.0, alibi_slopes: Any = None,
                     deterministic: Any = False, return_attn_probs: Any = False, block_table: Any = None,
-                    names: tuple[str, str, str] = ("q", "k", "v")) -> _Call:
+                    names: tuple[str, str, str] = ("q", "k", "v")) -> Call:
     c.check_tensor(names[0], q, 3, "(total_q, nheads, headdim)")
     paged = block_table is not None
     kdoc = "(num_blocks, page_block_size, nheads_k, headdim)" if paged else "(total_k, nheads_k, headdim)"
@@ -380,7 +360,7 @@ def _prepare_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any
             return out
         return out, lse, (pr if pr is not None else _empty_probs(q))
 
-    return _Call(plan, run)
+    return Call(plan, run)
 
 
 def flash_attn_varlen_func(
@@ -416,7 +396,7 @@ def flash_attn_varlen_func(
         ``(Hq, total_q)`` float32 (``+inf`` where a row sees no key); ``S_dmask`` empty when ``dropout_p == 0``,
         else ``(batch_size, Hq, max_seqlen_q, max_seqlen_k)`` (zero past each sequence's lengths).
     """
-    return _execute(_prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+    return execute(_prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                     softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                     return_attn_probs, block_table))
 
@@ -424,7 +404,7 @@ def flash_attn_varlen_func(
 def _prepare_varlen_qkvpacked(qkv: Any, cu_seqlens: Any, max_seqlen: Any, dropout_p: Any = 0.0,
                               softmax_scale: Any = None, causal: Any = False, window_size: Any = (-1, -1),
                               softcap: Any = 0.0, alibi_slopes: Any = None, deterministic: Any = False,
-                              return_attn_probs: Any = False) -> _Call:
+                              return_attn_probs: Any = False) -> Call:
     q, k, v = _split("qkv", qkv, 4, 3, "(total, 3, nheads, headdim)")
     return _prepare_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
                            causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, None,
@@ -434,7 +414,7 @@ def _prepare_varlen_qkvpacked(qkv: Any, cu_seqlens: Any, max_seqlen: Any, dropou
 def _prepare_varlen_kvpacked(q: Any, kv: Any, cu_seqlens_q: Any, cu_seqlens_k: Any, max_seqlen_q: Any,
                              max_seqlen_k: Any, dropout_p: Any = 0.0, softmax_scale: Any = None, causal: Any = False,
                              window_size: Any = (-1, -1), softcap: Any = 0.0, alibi_slopes: Any = None,
-                             deterministic: Any = False, return_attn_probs: Any = False) -> _Call:
+                             deterministic: Any = False, return_attn_probs: Any = False) -> Call:
     k, v = _split("kv", kv, 4, 2, "(total_k, 2, nheads_k, headdim)")
     return _prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                            softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
@@ -458,7 +438,7 @@ def flash_attn_varlen_qkvpacked_func(
 
     As :func:`flash_attn_varlen_func` with ``cu_seqlens_q = cu_seqlens_k = cu_seqlens``.
     """
-    return _execute(_prepare_varlen_qkvpacked(qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+    return execute(_prepare_varlen_qkvpacked(qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
                                               window_size, softcap, alibi_slopes, deterministic, return_attn_probs))
 
 
@@ -482,37 +462,6 @@ def flash_attn_varlen_kvpacked_func(
 
     As :func:`flash_attn_varlen_func`.
     """
-    return _execute(_prepare_varlen_kvpacked(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    return execute(_prepare_varlen_kvpacked(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                              dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                                              deterministic, return_attn_probs))
-
-
-# ------------------------------------------------------------------------------------------------- explain
-def explain_flash_attn(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> CompatPlan:
-    """The :class:`~sdpa_flash.compat.CompatPlan` that ``fn(*args, **kwargs)`` would follow, without running it.
-
-    ``fn`` is one of this module's flash-attn functions (or :func:`~sdpa_flash.compat.flash_attn_with_kvcache`,
-    whose cache is then left untouched). Raises what the call would raise for invalid arguments.
-
-    Example:
-        >>> q = torch.randn(1, 64, 4, 32)
-        >>> str(explain_flash_attn(flash_attn_func, q, q, q, window_size=(16, 0))).split()[0]
-        'masked'
-    """
-    from ._kvcache import _prepare_kvcache, flash_attn_with_kvcache
-
-    prep: dict[Any, Callable[..., _Call]] = {
-        flash_attn_func: _prepare_func,
-        flash_attn_qkvpacked_func: _prepare_qkvpacked,
-        flash_attn_kvpacked_func: _prepare_kvpacked,
-        flash_attn_varlen_func: _prepare_varlen,
-        flash_attn_varlen_qkvpacked_func: _prepare_varlen_qkvpacked,
-        flash_attn_varlen_kvpacked_func: _prepare_varlen_kvpacked,
-        flash_attn_with_kvcache: _prepare_kvcache,
-    }
-    if fn not in prep:
-        names = ", ".join(sorted(f.__name__ for f in prep))
-        got = getattr(fn, "__name__", type(fn).__name__)
-        raise c.fail(f"Expected fn to be one of {names}, but got {got!r} instead.")
-    return prep[fn](*args, **kwargs).plan
-

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from . import _common as c
-from ._interface import _BSHD, _Call, _describe, _execute
+from ._call import BSHD, Call, describe, execute
 from ._plan import CompatSpec
 from ._run import plan_for, run_dense, run_ranges
 
@@ -43,7 +43,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 def _int_tensor(name: str, t: Any, batch: int, device: torch.device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (batch,):
         raise c.fail(f"Expected {name} to be an int32 tensor of shape (batch_size,) = ({batch},), but got "
-                     f"{_describe(t)} instead.")
+                     f"{describe(t)} instead.")
     if t.device != device:
         raise c.fail(f"Expected {name} on {device} like q, but got {t.device} instead.")
     return t
@@ -128,8 +128,8 @@ def _prepare_kvcache(
     alibi_slopes: Any = None,
     num_splits: Any = 0,
     return_softmax_lse: Any = False,
-) -> _Call:
-    c.check_tensor("q", q, 4, _BSHD)
+) -> Call:
+    c.check_tensor("q", q, 4, BSHD)
     paged = block_table is not None
     cdoc = "(num_blocks, page_block_size, nheads_k, headdim)" if paged else "(batch_size_cache, seqlen_cache, " \
         "nheads_k, headdim)"
@@ -147,7 +147,7 @@ def _prepare_kvcache(
         if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
                 or block_table.shape[0] != b:
             raise c.fail(f"Expected block_table to be an int32 tensor (batch_size, max_num_blocks_per_seq) with "
-                         f"batch_size = {b}, but got {_describe(block_table)} instead.")
+                         f"batch_size = {b}, but got {describe(block_table)} instead.")
         if block_table.device != dev:
             raise c.fail(f"Expected block_table on {dev} like q, but got {block_table.device} instead.")
         if cache_batch_idx is not None:
@@ -212,7 +212,7 @@ def _prepare_kvcache(
         for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
                 raise c.fail(f"Expected {name} to be a floating-point tensor (seqlen_ro, rotary_dim / 2), but got "
-                             f"{_describe(t)} instead.")
+                             f"{describe(t)} instead.")
             if t.device != dev:
                 raise c.fail(f"Expected {name} on {dev} like q, but got {t.device} instead.")
         if rotary_cos.shape != rotary_sin.shape:
@@ -299,7 +299,7 @@ def _prepare_kvcache(
                                   want_lse)
         return (out, lse) if want_lse else out
 
-    return _Call(plan, run)
+    return Call(plan, run)
 
 
 def flash_attn_with_kvcache(
@@ -358,7 +358,7 @@ def flash_attn_with_kvcache(
     must be given valid indices, as flash-attn's are. ``block_table`` entries past a row's keys are never read
     (flash-attn's rule too), so a table padded with ``-1`` is accepted.
     """
-    return _execute(_prepare_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+    return execute(_prepare_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                      cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, window_size,
                                      softcap, rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse))
 

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from .. import _caches
 from ..capability import Capabilities
 from ..errors import AttentionInputError, BackendUnavailableError
 from ..spec import dtype_name
@@ -327,3 +328,5 @@ def _notes(path: str, spec: CompatSpec) -> tuple[str, ...]:
     if spec.lse and path in ("sdpa", "masked"):
         notes.append("softmax_lse computed by the exact path's tiled pass (float32), without a gradient")
     return tuple(notes)
+
+_caches.register("compat.plan", plan_call.cache_clear)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .. import _caches
 from ..attention import attention
 from ..capability import capabilities
 from ..policy import get_policy
@@ -20,7 +21,6 @@ __all__ = ["plan_for", "run_dense", "run_ranges", "run_varlen"]
 
 _warned: set[tuple[str, str]] = set()
 _broken_flex: set[tuple[Any, ...]] = set()
-failure_hooks: list[Any] = []  # called when FlexAttention fails (per-call caches that may hold a flex plan)
 
 
 def plan_for(spec: CompatSpec, device: torch.device) -> CompatPlan:
@@ -44,8 +44,7 @@ def plan_for(spec: CompatSpec, device: torch.device) -> CompatPlan:
 
 def _flex_failed(spec: CompatSpec, device: torch.device, exc: Exception) -> None:
     _broken_flex.add((spec, capabilities(device)))
-    for hook in failure_hooks:
-        hook()
+    _caches.clear_all()  # (per-call caches may hold a plan for the flex path)
     warnings.warn(f"sdpa_flash.compat: FlexAttention failed for {spec.describe()} ({type(exc).__name__}: "
                   f"{str(exc)[:300]}); this configuration uses the next exact path from now on.", UserWarning,
                   stacklevel=4)
