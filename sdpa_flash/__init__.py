@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ._warmup import WarmupResult, warmup
 from .attention import attention, explain
+from .backends import Backend, Requirements, register_backend, unregister_backend
 from .capability import Capabilities, capabilities
 from .errors import AttentionInputError, BackendUnavailableError, SdpaFlashError, ShadowMismatchError
 from .policy import (
@@ -35,12 +36,14 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionInputError",
     "AttentionSpec",
+    "Backend",
     "BackendUnavailableError",
     "Capabilities",
     "DenylistEntry",
     "FallbackStat",
     "Plan",
     "Policy",
+    "Requirements",
     "SdpaFlashError",
     "ShadowMismatch",
     "ShadowMismatchError",
@@ -55,11 +58,13 @@ __all__ = [
     "explain",
     "get_policy",
     "plan",
+    "register_backend",
     "remove_denylist_entry",
     "require",
     "reset_stats",
     "set_policy",
     "stats",
+    "unregister_backend",
     "use_policy",
     "warmup",
 ]

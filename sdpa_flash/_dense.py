@@ -34,11 +34,11 @@ from . import _caches, _shadow
 from . import policy as _policy
 from . import stats as _stats
 from .backends import BACKENDS
-from .backends._base import causal_mask_tensor, make_runner
+from .backends._base import make_runner, merge_causal
 from .capability import capabilities
 from .errors import AttentionInputError, BackendUnavailableError
 from .policy import Plan, Policy, PolicyLike, plan, resolve_policy
-from .spec import AttentionSpec, dtype_name
+from .spec import CAUSAL_KINDS, FLOAT_DTYPES, AttentionSpec, dtype_name
 
 __all__ = ["dense_attention", "dense_explain"]
 
@@ -52,9 +52,6 @@ _det_on: Callable[[], bool] = getattr(torch._C, "_get_deterministic_algorithms",
                                       torch.are_deterministic_algorithms_enabled)
 _det_warn: Callable[[], bool] = getattr(torch._C, "_get_deterministic_algorithms_warn_only",
                                         torch.is_deterministic_algorithms_warn_only_enabled)
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# 0/1 and False/True are accepted alike (they are equal keys of attention()'s cache, so they must be).
-_CAUSAL = {False: None, None: None, True: "top_left", "top_left": "top_left", "bottom_right": "bottom_right"}
 _CACHE_LIMIT = 4096
 
 # key -> (run(q, k, v, mask, dropout_p, scale) on the user's layout, (backend, reason, warning or None) for a
@@ -300,7 +297,7 @@ def _special(query, key, value, attn_mask, causal, dropout_p, scale, layout, pol
     kind = spec.effective_causal
     is_causal = kind == "top_left" and attn_mask is None
     if kind is not None and not is_causal:
-        attn_mask = _merge(attn_mask, kind, spec.seqlen_q, spec.seqlen_k, q.device)
+        attn_mask = merge_causal(attn_mask, kind, spec.seqlen_q, spec.seqlen_k, q.device)
     kwargs: dict[str, Any] = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale}
     if spec.gqa:
         kwargs["enable_gqa"] = True
@@ -309,17 +306,8 @@ def _special(query, key, value, attn_mask, causal, dropout_p, scale, layout, pol
     return out.transpose(1, 2) if layout == "bshd" else out
 
 
-def _merge(mask, kind, sq, sk, device):  # type: ignore[no-untyped-def]
-    causal = causal_mask_tensor(kind, sq, sk, device)
-    if mask is None:
-        return causal
-    return mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, float("-inf"))
-
-
 # ---------------------------------------------------------------------------------------- torch.compile
 _compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
-# Under torch.compile the kernels are called through their aten overloads, which dynamo traces.
-_KERNELS = {(name, dt): b.kernel(dt, traced=True) for name, b in BACKENDS.items() for dt in b.REQUIREMENTS}
 def _compile_choice(fields: tuple[Any, ...], device: torch.device, pol: tuple[Any, ...] | None) -> tuple[Any, ...]:
     """Plan once, while torch.compile traces; the result is baked into the graph as constants."""
     spec = AttentionSpec(*fields)
@@ -376,7 +364,8 @@ def _compiled(query, key, value, attn_mask, causal, dropout_p, scale, layout, po
     if not choice[0]:
         raise BackendUnavailableError(choice[1])
     name, masked_value, zero_rows, *prep = choice
-    run = make_runner(_KERNELS[(name, fields[0])], fields[12], masked_value, zero_rows, fields[7], fields[8],
+    # Under torch.compile the kernels are called through their aten overloads (or custom ops), which dynamo traces.
+    run = make_runner(BACKENDS[name].kernel(fields[0], traced=True), fields[12], masked_value, zero_rows, fields[7], fields[8],
                       fields[5], *prep)
     copied = _needs_copy(name, fields[0], query, key, value)  # as eagerly; dynamo guards on the strides it reads
     if any(copied):
@@ -408,7 +397,7 @@ def _validate_fields(query, key, value, attn_mask, causal, dropout_p, scale, lay
         if t.dim() != 4:
             raise fail(f"Expected {name} to be 4-D {shape_doc} for layout={layout!r}, but got a {t.dim()}-D "
                        f"tensor of shape {tuple(t.shape)} instead.")
-        if t.dtype not in _FLOATS:
+        if t.dtype not in FLOAT_DTYPES:
             raise fail(f"Expected {name} to be a floating-point tensor (float16, bfloat16, float32, float64), "
                        f"but got dtype={dtype_name(t.dtype)} instead.")
     if not (query.dtype == key.dtype == value.dtype):
@@ -447,7 +436,7 @@ def _validate_fields(query, key, value, attn_mask, causal, dropout_p, scale, lay
     if (hk == 0 and hq != 0) or (hk and hq % hk):
         raise fail(f"Expected the query heads ({hq}) to be a multiple of the key/value heads ({hk}) (GQA/MQA), "
                    "but they are not.")
-    kind = _CAUSAL.get(causal, "invalid") if isinstance(causal, (int, str, type(None))) else "invalid"
+    kind = CAUSAL_KINDS.get(causal, "invalid") if isinstance(causal, (int, str, type(None))) else "invalid"
     if kind == "invalid":
         raise fail(f"Expected causal to be False, True, 'top_left' or 'bottom_right', but got {causal!r} instead.")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:

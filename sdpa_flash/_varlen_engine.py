@@ -64,7 +64,7 @@ from .capability import Capabilities, capabilities
 from .errors import AttentionInputError, BackendUnavailableError
 from .policy import Policy, denylist_reasons, get_policy, ranking, resolve_policy
 from .policy import plan as dense_plan
-from .spec import AttentionSpec, dtype_name
+from .spec import CAUSAL_KINDS, FLOAT_DTYPES, AttentionSpec, dtype_name
 from .stats import plan_counter as _plan_counter
 
 __all__ = [
@@ -79,8 +79,6 @@ __all__ = [
     "run",
 ]
 
-_CAUSAL = {False: None, None: None, True: "top_left", "top_left": "top_left", "bottom_right": "bottom_right"}
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -634,7 +632,7 @@ def _spec_of(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seqlen
         if t.dim() != 3:
             raise AttentionInputError(f"Expected {name} to be 3-D packed (T, H, D), but got a {t.dim()}-D tensor of "
                                       f"shape {tuple(t.shape)} instead.")
-        if t.dtype not in _FLOATS:
+        if t.dtype not in FLOAT_DTYPES:
             raise AttentionInputError(f"Expected {name} to be floating point, but got dtype={t.dtype} instead.")
     if not query.dtype == key.dtype == value.dtype:
         raise AttentionInputError(f"Expected query, key and value to have one dtype, but got {query.dtype}, "
@@ -664,7 +662,7 @@ def _spec_of(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seqlen
     if sum(seqlens_k) != key.shape[0]:
         raise AttentionInputError(f"Expected the key lengths to sum to its {key.shape[0]} rows, but they sum to "
                                   f"{sum(seqlens_k)} instead.")
-    kind = _CAUSAL.get(causal, "invalid") if isinstance(causal, (bool, str, type(None))) else "invalid"
+    kind = CAUSAL_KINDS.get(causal, "invalid") if isinstance(causal, (bool, str, type(None))) else "invalid"
     if kind == "invalid":
         raise AttentionInputError(f"Expected causal to be False, True, 'top_left' or 'bottom_right', but got "
                                   f"{causal!r} instead.")

@@ -27,7 +27,7 @@ from .backends import BACKENDS, ranked
 from .backends._base import Prep
 from .capability import Capabilities
 from .errors import AttentionInputError, BackendUnavailableError
-from .spec import AttentionSpec
+from .spec import AttentionSpec, format_bytes
 
 __all__ = [
     "DenylistEntry",
@@ -122,7 +122,7 @@ class Policy:
         body = self.name if self.name != "custom" else "[" + ", ".join(self.backends) + "]"
         opts = [f"fallback={self.fallback}"] if self.fallback != "warn_once" else []
         if self.memory_budget is not None:
-            opts.append(f"memory_budget={_fmt_bytes(self.memory_budget)}")
+            opts.append(f"memory_budget={format_bytes(self.memory_budget)}")
         if self.shadow:
             opts.append(f"shadow=1/{self.shadow}" + (f" {self.shadow_action}" if self.shadow_action != "warn" else ""))
         return f"{body} ({', '.join(opts)})" if opts else body
@@ -223,13 +223,6 @@ def parse_shadow(value: int | str) -> int:
         return value
     raise AttentionInputError("Expected shadow (SDPA_FLASH_SHADOW) to be a whole number N >= 0 (check 1 in N "
                               f"calls; 0 = off), but got {value!r} instead.")
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n} B"
 
 
 _DEFAULT = Policy()
@@ -532,8 +525,8 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
         reasons = backend.not_supported_reasons(spec, caps)
         if name == "math" and not policy.strict and budget is not None and _math_bytes(spec) > budget:
             reasons.append(
-                f"would materialise {_fmt_bytes(_math_bytes(spec))} of attention scores, over the memory budget of "
-                f"{_fmt_bytes(budget)} (memory_budget= / SDPA_FLASH_MEMORY_BUDGET); the chunked backend computes "
+                f"would materialise {format_bytes(_math_bytes(spec))} of attention scores, over the memory budget of "
+                f"{format_bytes(budget)} (memory_budget= / SDPA_FLASH_MEMORY_BUDGET); the chunked backend computes "
                 "the same exactly in blocks")
         if deterministic == "error":
             why_not = _nondeterministic(name, caps)

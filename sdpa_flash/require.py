@@ -7,12 +7,11 @@ import torch
 from .capability import capabilities
 from .errors import AttentionInputError, BackendUnavailableError
 from .policy import Plan, PolicyLike, plan, resolve_policy
-from .spec import AttentionSpec
+from .spec import FLOAT_DTYPES, AttentionSpec
 
 __all__ = ["parse_device", "require"]
 
 _DEVICE_DOC = "a torch.device, a device string such as 'cpu' or 'cuda:1', a CUDA ordinal or None"
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def parse_device(device: torch.device | str | int | None) -> torch.device | None:
@@ -69,7 +68,7 @@ def require(
             tried and why), or the device does not exist.
     """
     pol = resolve_policy(policy)
-    if dtype is not None and dtype not in _FLOATS:
+    if dtype is not None and dtype not in FLOAT_DTYPES:
         raise AttentionInputError("Expected dtype to be None or a floating-point torch.dtype (float16, bfloat16, "
                                   f"float32, float64), but got {dtype!r} instead.")
     for name, n in (("head_dim", head_dim), ("seqlen", seqlen), ("heads", heads)):

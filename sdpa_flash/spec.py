@@ -6,13 +6,39 @@ import dataclasses
 
 import torch
 
-__all__ = ["AttentionSpec", "CausalKind", "MaskKind"]
+__all__ = ["CAUSAL_KINDS", "FLOAT_DTYPES", "AttentionSpec", "CausalKind", "MaskKind", "causal_mask_tensor",
+           "format_bytes"]
 
 CausalKind = str | None
 """``None`` (no causal masking), ``"top_left"`` (PyTorch's ``is_causal``) or ``"bottom_right"`` (flash-attn)."""
 
 MaskKind = str | None
 """``None``, ``"bool"`` (True = attend) or ``"float"`` (added to the scores)."""
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The dtypes attention takes."""
+
+CAUSAL_KINDS: dict[object, CausalKind] = {
+    False: None, None: None, True: "top_left", "top_left": "top_left", "bottom_right": "bottom_right"}
+"""Every accepted ``causal=`` value and its kind (0/1 count as False/True: they are equal dictionary keys)."""
+
+
+def causal_mask_tensor(kind: str, sq: int, sk: int, device: torch.device) -> torch.Tensor:
+    """The (Sq, Sk) boolean causal mask, True where attending is allowed.
+
+    ``top_left``: query i sees keys j <= i. ``bottom_right``: query i sees keys j <= i + Sk - Sq.
+    """
+    offset = 0 if kind == "top_left" else sk - sq
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+def format_bytes(n: int) -> str:
+    """``3221225472`` -> ``"3 GiB"`` (three significant digits)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
 
 _DTYPE_NAMES = {
     torch.float16: "float16",

@@ -118,7 +118,7 @@ def reference_attention(
     GQA inputs are expanded explicitly; ``causal="bottom_right"`` uses the bottom-right aligned mask.
     ``dtype=None`` runs it in the inputs' own dtype (PyTorch then computes float16/bfloat16 in float32).
     """
-    from .backends._base import causal_mask_tensor
+    from .spec import causal_mask_tensor
 
     q, k, v = (query, key, value) if layout == "bhsd" else (t.transpose(1, 2) for t in (query, key, value))
     if dtype is not None:

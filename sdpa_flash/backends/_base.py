@@ -18,7 +18,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from ..spec import AttentionSpec, dtype_name
+from ..spec import AttentionSpec, causal_mask_tensor, dtype_name
 
 __all__ = ["Backend", "Device", "KernelFn", "Requirements", "Runner"]
 
@@ -500,7 +500,7 @@ def make_runner(
         if pad_v_to is not None:
             v = torch.nn.functional.pad(v, (0, pad_v_to - head_dim_v))
         if causal_mask is not None:
-            attn_mask = _merge_causal(attn_mask, causal_mask, q.shape[-2], k.shape[-2], q.device)
+            attn_mask = merge_causal(attn_mask, causal_mask, q.shape[-2], k.shape[-2], q.device)
         alive = _rows_alive(attn_mask) if zero_masked_rows and attn_mask is not None else None
         if float_bias and attn_mask is not None:
             attn_mask = _as_float_bias(attn_mask, q.dtype, masked_value)
@@ -521,16 +521,7 @@ def with_plain(call: Callable[..., torch.Tensor], plain: Callable[[bool | str, b
     return call
 
 
-def causal_mask_tensor(kind: str, sq: int, sk: int, device: torch.device) -> torch.Tensor:
-    """The (Sq, Sk) boolean causal mask, True where attending is allowed.
-
-    ``top_left``: query i sees keys j <= i. ``bottom_right``: query i sees keys j <= i + Sk - Sq.
-    """
-    offset = 0 if kind == "top_left" else sk - sq
-    return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=offset)
-
-
-def _merge_causal(mask: torch.Tensor | None, kind: str, sq: int, sk: int, device: torch.device) -> torch.Tensor:
+def merge_causal(mask: torch.Tensor | None, kind: str, sq: int, sk: int, device: torch.device) -> torch.Tensor:
     causal = causal_mask_tensor(kind, sq, sk, device)
     if mask is None:
         return causal

@@ -26,11 +26,10 @@ from typing import Any
 import torch
 
 from ..errors import AttentionInputError, SdpaFlashError
-from ..spec import dtype_name
+from ..spec import FLOAT_DTYPES, dtype_name
 
 __all__ = ["Features", "UnsupportedArgumentError"]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class UnsupportedArgumentError(SdpaFlashError, NotImplementedError):
@@ -96,7 +95,7 @@ def check_tensor(name: str, t: Any, ndim: int, doc: str) -> torch.Tensor:
     if t.dim() != ndim:
         raise fail(f"Expected {name} to be a {ndim}-D tensor {doc}, but got a {t.dim()}-D tensor of shape "
                    f"{tuple(t.shape)} instead.")
-    if t.dtype not in _FLOATS:
+    if t.dtype not in FLOAT_DTYPES:
         raise fail(f"Expected {name} to be float16, bfloat16, float32 or float64, but got "
                    f"dtype={dtype_name(t.dtype)} instead.")
     return t

@@ -29,7 +29,7 @@ import torch
 from .. import _caches
 from ..capability import Capabilities
 from ..errors import AttentionInputError, BackendUnavailableError
-from ..spec import dtype_name
+from ..spec import dtype_name, format_bytes
 from . import _flex
 from ._common import Features
 
@@ -157,13 +157,6 @@ def forced_path() -> str | None:
     return _FORCED.get()
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n} B"
-
-
 def _shared_reasons(spec: CompatSpec) -> list[str]:
     reasons = []
     if spec.probs:
@@ -222,8 +215,8 @@ def _reasons(path: str, spec: CompatSpec, caps: Capabilities, budget: int | None
         reasons.append(f"ALiBi: SDPA adds a mask of the query's dtype, and a {dtype_name(spec.dtype)} bias rounds "
                        "-slope * |i - j| (flash-attn adds it in float32)")
     if budget is not None and spec.mask_bytes() > budget:
-        reasons.append(f"the dense mask would take {_fmt_bytes(spec.mask_bytes())}, over the memory budget of "
-                       f"{_fmt_bytes(budget)} (sdpa_flash policy memory_budget=); the exact path is "
+        reasons.append(f"the dense mask would take {format_bytes(spec.mask_bytes())}, over the memory budget of "
+                       f"{format_bytes(budget)} (sdpa_flash policy memory_budget=); the exact path is "
                        "memory-bounded")
     return reasons
 

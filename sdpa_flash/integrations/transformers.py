@@ -64,6 +64,7 @@ from ..attention import attention
 from ..attention import explain as _explain
 from ..errors import AttentionInputError
 from ..policy import PolicyLike
+from ..spec import causal_mask_tensor
 
 __all__ = [
     "MIN_TRANSFORMERS",
@@ -387,7 +388,7 @@ def _decide_2d(module: Any, query: torch.Tensor, key: torch.Tensor, mask: torch.
         dense = kpm[:, None, None, :]
         if causal:
             dense = dense & (_window_mask(sq, sk, int(sliding_window), query.device) if windowed  # type: ignore[arg-type]
-                             else _causal_bool(sq, sk, "bottom_right", query.device))
+                             else causal_mask_tensor("bottom_right", sq, sk, query.device)[None, None])
         why = f"sliding_window={sliding_window}" if windowed else "torch.compile is tracing"
         return _Decision("dense", f"2-D padding mask, dense because {why}", mask=dense)
     return _Decision("varlen", "2-D key padding mask", ck, kpm=kpm.contiguous())
@@ -493,12 +494,6 @@ def _prepare(module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask
     return d
 
 
-def _causal_bool(sq: int, sk: int, kind: str, device: torch.device) -> torch.Tensor:
-    """``(1, 1, Sq, Sk)`` boolean causal mask, ``kind`` ``"top_left"`` or ``"bottom_right"``."""
-    rows = torch.arange(sq, device=device)[:, None] + (sk - sq if kind == "bottom_right" else 0)
-    return (torch.arange(sk, device=device)[None, :] <= rows)[None, None]
-
-
 def _with_bias(d: _Decision, bias: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> _Decision:
     """A position bias (T5-style) is added to the scores: one additive float mask, as transformers' sdpa does."""
     sq, sk = query.shape[2], key.shape[2]
@@ -507,7 +502,7 @@ def _with_bias(d: _Decision, bias: torch.Tensor, query: torch.Tensor, key: torch
     if d.path == "varlen":
         allowed = d.kpm[:, None, None, :]  # type: ignore[index]
     if d.causal is not None:
-        causal = _causal_bool(sq, sk, d.causal, query.device)
+        causal = causal_mask_tensor(d.causal, sq, sk, query.device)[None, None]
         allowed = causal if allowed is None else allowed & causal
     if allowed is None:
         mask = bias
