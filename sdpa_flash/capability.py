@@ -147,7 +147,7 @@ def capabilities(device: torch.device | str | int | None = None) -> Capabilities
 
 @functools.cache
 def _probe(device_type: str, index: int | None) -> Capabilities:
-    device = torch.device(device_type, index)
+    device = torch.device(device_type, index)  # type: ignore[arg-type]  # index None works; torch's stubs say int
     backends = frozenset(name for name, b in BACKENDS.items() if b.available(device))
     common: dict[str, Any] = {
         "torch_version": _torch_version(),
