@@ -373,8 +373,8 @@ def _compiled(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
         raise BackendUnavailableError(choice[1])
     name, masked_value, zero_rows, *prep = choice
     # Under torch.compile the kernels are called through their aten overloads (or custom ops), which dynamo traces.
-    run = make_runner(BACKENDS[name].kernel(fields[0], traced=True), fields[12], masked_value, zero_rows, fields[7], fields[8],
-                      fields[5], *prep)
+    kernel = BACKENDS[name].kernel(fields[0], traced=True)
+    run = make_runner(kernel, fields[12], masked_value, zero_rows, fields[7], fields[8], fields[5], *prep)
     copied = _needs_copy(name, fields[0], query, key, value)  # as eagerly; dynamo guards on the strides it reads
     if any(copied):
         query, key, value = (t.contiguous() if c else t for t, c in zip((query, key, value), copied, strict=True))

@@ -59,7 +59,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _caches, _shadow
-from .backends import BACKENDS
+from .backends import BACKENDS, ranked
 from .capability import Capabilities, capabilities
 from .errors import AttentionInputError, BackendUnavailableError
 from .policy import Policy, denylist_reasons, get_policy, ranking, resolve_policy
@@ -303,17 +303,17 @@ def _coordinate_dim(d: int) -> int:
 def _varlen_kernel(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> tuple[str, list[str]]:
     """The backend whose packed (``cu_seqlens``) kernel runs this batch in one call, and why not, when none can.
 
-    Candidates are the policy's backends in its order (``auto`` / ``fused``: the device's ranking) that have a
-    varlen entry point; the first one with no reasons wins.
+    Candidates are the policy's backends in its order (``auto`` / ``fused``: the ranking rule for the batch's
+    longest sequence, as for a dense call of that shape, plug-ins included) that have a varlen entry point; the
+    first one with no reasons wins.
     """
-
-    names = ranking(caps).order if policy.name in ("auto", "fused") else policy.backends
+    dense = _dense_spec(spec, 1, max(spec.seqlens_q, default=1), max(spec.seqlens_k, default=1),
+                        "bottom_right" if spec.causal else None, None)
+    names = ranked(ranking(caps, dense).order) if policy.name in ("auto", "fused") else policy.backends
     names = tuple(n for n in names if BACKENDS[n].VARLEN)
     if not names:
         return "", [f"no backend allowed by policy {policy} has a packed (cu_seqlens) kernel "
                     f"({', '.join(n for n, b in BACKENDS.items() if b.VARLEN)} have)"]
-    dense = _dense_spec(spec, 1, max(spec.seqlens_q, default=1), max(spec.seqlens_k, default=1),
-                        "bottom_right" if spec.causal else None, None)
     why: list[str] = []
     for name in names:
         reasons = BACKENDS[name].varlen_reasons(dense, caps) + denylist_reasons(name, dense, caps)

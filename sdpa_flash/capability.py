@@ -41,7 +41,9 @@ class Capabilities:
         flash_impl: the flash implementation registered with PyTorch (torch >= 2.10), e.g. ``"FA3"``;
             ``None`` means PyTorch's built-in FlashAttention-2 (or no flash kernel at all).
         kernels: ``(backend, version)`` of each backend installed as its own package (``("fa4", "4.0.0b36")``
-            for flash-attn-4), read from package metadata without importing it; see :meth:`kernel_version`.
+            for flash-attn-4), read from package metadata; see :meth:`kernel_version`.
+        missing: ``(backend, reason)`` for each registered backend this device lacks, as its probe put it
+            (``Backend.missing_reason``); see :meth:`missing_reason`.
         probed: ``True`` when read from a real device of this process, ``False`` for a constructed profile.
     """
 
@@ -58,6 +60,7 @@ class Capabilities:
     backends: frozenset[str] = frozenset()
     flash_impl: str | None = None
     kernels: tuple[tuple[str, str], ...] = ()
+    missing: tuple[tuple[str, str], ...] = ()
     probed: bool = False
 
     def kernel_version(self, backend: str) -> str | None:
@@ -65,6 +68,13 @@ class Capabilities:
         for name, version in self.kernels:
             if name == backend:
                 return version
+        return None
+
+    def missing_reason(self, backend: str) -> str | None:
+        """Why the probe found no kernel of ``backend`` here (``None``: it found one, or gave no reason)."""
+        for name, reason in self.missing:
+            if name == backend:
+                return reason
         return None
 
     @property
@@ -148,13 +158,15 @@ def capabilities(device: torch.device | str | int | None = None) -> Capabilities
 @functools.cache
 def _probe(device_type: str, index: int | None) -> Capabilities:
     device = torch.device(device_type, index)  # type: ignore[arg-type]  # index None works; torch's stubs say int
-    backends = frozenset(name for name, b in BACKENDS.items() if b.available(device))
+    missing = tuple((name, why) for name, b in BACKENDS.items() if (why := b.missing_reason(device)) is not None)
+    backends = frozenset(BACKENDS).difference(name for name, _ in missing)
     common: dict[str, Any] = {
         "torch_version": _torch_version(),
         "cuda_version": torch.version.cuda,
         "hip_version": getattr(torch.version, "hip", None),
         "backends": backends,
-        "kernels": tuple((n, v) for n in sorted(backends) if (v := BACKENDS[n].installed_version()) is not None),
+        "kernels": tuple((n, v) for n in sorted(BACKENDS) if (v := BACKENDS[n].installed_version()) is not None),
+        "missing": missing,
         "probed": True,
     }
     if device_type == "cpu":

@@ -66,6 +66,7 @@ class Device(Protocol):
     def hip_version(self) -> str | None: ...
     @property
     def probed(self) -> bool: ...
+    def missing_reason(self, backend: str) -> str | None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,13 +229,18 @@ class Backend:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    def available(self, device: torch.device) -> bool:
-        """Whether this build (and install) has the kernel for ``device``; asked once per device by
-        :func:`sdpa_flash.capabilities`. Default: it has requirements for the device type, and its package (if any)
-        is installed."""
+    def missing_reason(self, device: torch.device) -> str | None:
+        """Why this build or install has no kernel of this backend for ``device`` (``None``: it has one).
+
+        Asked once per device by :func:`sdpa_flash.capabilities` — the probe is where a backend may import its
+        package or try a call; planning only reads the answer. Default: it has requirements for the device type,
+        and its package (if any) is installed.
+        """
         if device.type not in self.REQUIREMENTS:
-            return False
-        return self.PACKAGE is None or self.installed_version() is not None
+            return f"no kernel for device type {device.type!r}"
+        if self.PACKAGE is not None and self.installed_version() is None:
+            return self.MISSING_REASON or f"{self.PACKAGE} is not installed"
+        return None
     TORCH_CHECK: ClassVar[str | None] = None
     """Name of ``torch.backends.cuda.can_use_*_attention`` consulted on a real CUDA device."""
     MASKED_VALUE: ClassVar[float] = float("-inf")
@@ -255,7 +261,8 @@ class Backend:
             return [f"not available on device type {caps.device_type!r} (has kernels for: {have})"]
         reasons: list[str] = []
         if self.name not in caps.backends:
-            reasons.append(self.MISSING_REASON or f"not built into this PyTorch ({caps.torch_version}) for {caps.arch}")
+            reasons.append(caps.missing_reason(self.name) or self.MISSING_REASON
+                           or f"not built into this PyTorch ({caps.torch_version}) for {caps.arch}")
         cc = caps.compute_capability
         if cc is not None:
             if req.min_cc is not None and cc < req.min_cc:
@@ -372,11 +379,12 @@ class Backend:
             params = params_cls(*args, hkv != spec.heads_q)
         except TypeError:  # torch < 2.5: no enable_gqa field
             params = params_cls(*args)
+        if check(params, False):  # the common answer, asked quietly: nothing printed, nothing to capture
+            return []
+        # Declined: ask again with PyTorch's debug reasons, which C++ prints to stderr (and the warnings module).
         with warnings.catch_warnings(record=True) as caught, _StderrCapture() as err:
             warnings.simplefilter("always")
-            ok = bool(check(params, True))
-        if ok:
-            return []
+            check(params, True)
         msgs = [str(w.message) for w in caught] + _torch_warning_lines(err.text)
         msgs = [m.strip().rstrip(".") for m in msgs if m.strip()]
         if not spec.needs_grad:

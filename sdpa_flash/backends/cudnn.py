@@ -50,10 +50,12 @@ class CudnnBackend(Backend):
             reasons.append(f"batch={spec.batch}, heads={spec.heads_q} (supported: <= 65535 each)")
         return reasons
 
-    def available(self, device: torch.device) -> bool:
+    def missing_reason(self, device: torch.device) -> str | None:
         # A CUDA build with cuDNN; ROCm builds report a cuDNN version (MIOpen) but have no cuDNN attention.
-        return (device.type == "cuda" and torch.backends.cudnn.is_available()
-                and torch.backends.cudnn.version() is not None and not getattr(torch.version, "hip", None))
+        if device.type == "cuda" and (not torch.backends.cudnn.is_available() or torch.backends.cudnn.version() is None
+                                      or getattr(torch.version, "hip", None)):
+            return f"this PyTorch ({torch.__version__}) has no cuDNN attention"
+        return super().missing_reason(device)
 
     def kernel(self, device_type: str, *, traced: bool = False) -> KernelFn:
         return _TRACED if traced else _EAGER

@@ -232,13 +232,13 @@ class FA4Backend(Backend):
     def installed_version(self) -> str | None:
         return installed_version()
 
-    def not_supported_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
-        reasons = super().not_supported_reasons(spec, caps)
-        if not reasons and caps.probed and caps.device_type == "cuda":
-            why = import_error()  # the first plan that would run this backend imports the package
-            if why:
-                reasons.append(why)
-        return reasons
+    def missing_reason(self, device: torch.device) -> str | None:
+        why = super().missing_reason(device)
+        if why is None and device.type == "cuda" and not getattr(torch.version, "hip", None):
+            cc = torch.cuda.get_device_capability(device)
+            if _SM90.min_cc is not None and _SM90.max_cc is not None and _SM90.min_cc <= cc <= _SM90.max_cc:
+                why = import_error()  # a GPU it can run on: import the package now (seconds), never while planning
+        return why
 
     def extra_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
         reasons = []

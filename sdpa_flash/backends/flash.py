@@ -54,11 +54,11 @@ class FlashBackend(Backend):
                 return [f"backward with head_dim={spec.head_dim} needs more shared memory than {caps.arch} has"]
         return []
 
-    def available(self, device: torch.device) -> bool:
-        if device.type == "cuda":
-            check = getattr(torch.backends.cuda, "is_flash_attention_available", None)
-            return bool(check()) if check is not None else True
-        return super().available(device)
+    def missing_reason(self, device: torch.device) -> str | None:
+        check = getattr(torch.backends.cuda, "is_flash_attention_available", None)
+        if device.type == "cuda" and check is not None and not check():
+            return f"this PyTorch ({torch.__version__}) was built without its CUDA flash kernel"
+        return super().missing_reason(device)
 
     def autograd_ops(self, device_type: str) -> tuple[Callable[..., object], Callable[..., object]] | None:
         return {"cuda": (_cuda_forward, _cuda_backward), "cpu": (_cpu_forward, _cpu_backward)}.get(device_type)
