@@ -86,7 +86,9 @@ def self_check(device: torch.device, dtype: torch.dtype, *, seed: int = 0) -> li
 def report(device: str | None = None, *, check: bool = True) -> dict[str, Any]:
     """Everything ``python -m sdpa_flash`` prints, as a dictionary."""
     caps = capabilities(device)
-    dev = torch.device(caps.device_type, caps.device_index) if caps.device_type == "cuda" else torch.device("cpu")
+    # torch.device takes index None too (its stubs say int); for CUDA it is an int
+    dev = (torch.device(caps.device_type, caps.device_index)  # type: ignore[arg-type]
+           if caps.device_type == "cuda" else torch.device("cpu"))
     pol = get_policy()
     dtype = _default_dtype(caps)
     backends: dict[str, Any] = {}

@@ -154,7 +154,10 @@ def dense_explain(
 
 
 # ----------------------------------------------------------------------------------------------- build
-def _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, pol):  # type: ignore[no-untyped-def]
+def _build(
+    ck: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+    causal: bool | str, dropout_p: float, scale: float | None, layout: str, pol: Policy,
+) -> tuple[Callable[..., torch.Tensor], tuple[str, str, str | None] | None, Policy, Any]:
     spec = _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
     p = plan(spec, capabilities(query.device), pol)
     run = BACKENDS[p.backend].runner(spec, p.prep)
@@ -177,7 +180,8 @@ def _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, p
         else:
             inner = run
 
-            def run(q, k, v, m, p_, s):  # type: ignore[no-untyped-def]
+            def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor | None, p_: float,
+                    s: float | None) -> torch.Tensor:
                 return inner(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, p_, s).transpose(1, 2)
 
     fallback = None
@@ -224,7 +228,8 @@ def _copy_note(backend: str, copied: tuple[bool, ...], *tensors: torch.Tensor) -
 def _with_copies(run: Callable[..., torch.Tensor], copied: tuple[bool, ...]) -> Callable[..., torch.Tensor]:
     cq, ck, cv = copied
 
-    def run_copied(q, k, v, m, p_, s):  # type: ignore[no-untyped-def]
+    def run_copied(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor | None, p_: float,
+                   s: float | None) -> torch.Tensor:
         return run(q.contiguous() if cq else q, k.contiguous() if ck else k, v.contiguous() if cv else v, m, p_, s)
 
     return run_copied
@@ -271,18 +276,19 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def _autocast_inputs(q, k, v, m):  # type: ignore[no-untyped-def]
+def _autocast_inputs(q: torch.Tensor, k: Any, v: Any, m: Any) -> tuple[Any, Any, Any, Any]:
     """Cast as autocast casts SDPA's inputs: floating tensors other than float64 to the autocast dtype."""
     dtype = torch.get_autocast_dtype(q.device.type)
 
-    def cast(t):  # type: ignore[no-untyped-def]
+    def cast(t: Any) -> Any:  # not validated yet: anything but a floating tensor passes through
         ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
         return t.to(dtype) if ok else t
 
     return cast(q), cast(k), cast(v), cast(m)
 
 
-def _special(query, key, value, attn_mask, causal, dropout_p, scale, layout, pol):  # type: ignore[no-untyped-def]
+def _special(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+             causal: bool | str, dropout_p: float, scale: float | None, layout: str, pol: Policy) -> torch.Tensor:
     if isinstance(query, torch.Tensor) and _autocast_enabled(query.device.type):
         query, key, value, attn_mask = _autocast_inputs(query, key, value, attn_mask)
         with torch.autocast(query.device.type, enabled=False):
@@ -325,7 +331,7 @@ def _compile_choice(fields: tuple[Any, ...], device: torch.device, pol: tuple[An
 
 # What torch.compiler.assume_constant_result does (in torch 2.5 through 2.13), without importing torch._dynamo
 # (1.5 s) when sdpa_flash is imported: dynamo calls the function while tracing and bakes the result in.
-_compile_choice._dynamo_marked_constant = True  # type: ignore[attr-defined]
+_compile_choice._dynamo_marked_constant = True  # type: ignore[attr-defined]  # a function attribute dynamo reads
 
 
 def _concrete_int(x: Any) -> int:
@@ -342,7 +348,9 @@ def _concrete_int(x: Any) -> int:
     return n
 
 
-def _compiled(query, key, value, attn_mask, causal, dropout_p, scale, layout, policy):  # type: ignore[no-untyped-def]
+def _compiled(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+              causal: bool | str, dropout_p: float, scale: float | None, layout: str, policy: PolicyLike | None
+              ) -> torch.Tensor:
     """attention() as torch.compile traces it: same validation and plan, no per-call cache or contextvars.
 
     The policy is the ``policy=`` argument, else the one in force when the function is compiled.
@@ -377,11 +385,14 @@ def _compiled(query, key, value, attn_mask, causal, dropout_p, scale, layout, po
 
 
 # ------------------------------------------------------------------------------------------ validation
-def _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout) -> AttentionSpec:  # type: ignore[no-untyped-def]
+# The arguments as the caller passed them (Any: checking them is the point)
+def _validate(query: Any, key: Any, value: Any, attn_mask: Any, causal: Any, dropout_p: Any, scale: Any,
+              layout: Any) -> AttentionSpec:
     return AttentionSpec(*_validate_fields(query, key, value, attn_mask, causal, dropout_p, scale, layout))
 
 
-def _validate_fields(query, key, value, attn_mask, causal, dropout_p, scale, layout) -> tuple[Any, ...]:  # type: ignore[no-untyped-def]
+def _validate_fields(query: Any, key: Any, value: Any, attn_mask: Any, causal: Any, dropout_p: Any, scale: Any,
+                     layout: Any) -> tuple[Any, ...]:
     """Check every argument (typed errors naming the problem) and return the AttentionSpec's fields."""
 
     def fail(msg: str) -> AttentionInputError:

@@ -10,13 +10,15 @@ same for every install.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ._rules import RankingRule
 
 __all__ = ["RANKING"]
 
 _SM90_SDPA = ("cudnn", "flash", "efficient", "math", "chunked")
 _CUDNN_FIRST = ("cudnn", "fa4", "flash", "efficient", "math", "chunked")
-_HOPPER = {"min_cc": (9, 0), "below_cc": (10, 0)}
+_HOPPER: dict[str, Any] = {"min_cc": (9, 0), "below_cc": (10, 0)}  # RankingRule keywords
 # H200, torch 2.11 + cuDNN 9.19, flash-attn-4 4.0.0b36, bf16; `benchmarks/fa4.py --sections grid`, 2026-12-04:
 # FA4's flash_attn_func on (B, S, H, D) against F.sdpa inside sdpa_kernel([CUDNN_ATTENTION]), interleaved rounds,
 # B*S = 16,384 tokens, H*D = 2,048; ratios are FA4 / cuDNN TFLOP/s (forward; forward+backward).

@@ -66,7 +66,8 @@ def wrap(run: Callable[..., torch.Tensor], spec: AttentionSpec, backend: str, ev
     call included."""
     inputs = spec.describe()
 
-    def run_shadowed(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+    def run_shadowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                     dropout_p: float, scale: float | None) -> torch.Tensor:
         out = run(q, k, v, attn_mask, dropout_p, scale)
         seed = tick(backend, every)
         if seed is not None:

@@ -442,6 +442,7 @@ def plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> VarlenP
         return why
 
     estimates: dict[str, float] = {}
+    groups: list[Group]
     grouped_cost, groups = math.inf, []
     if not why_dense:
         grouped_cost, groups = _grouping(spec, live, model, pad_keys, d_coord, bwd)
@@ -454,6 +455,8 @@ def plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> VarlenP
     estimates["grouped"] = grouped_cost
 
     vk, flash_why = _varlen_kernel(spec, caps, policy)
+    hybrid_groups: list[Group]
+    hybrid_varlen: tuple[int, ...]
     hybrid_cost, hybrid_groups, hybrid_varlen = math.inf, [], ()
     if flash_why:
         estimates["flash_varlen"] = estimates["hybrid"] = math.inf
@@ -737,8 +740,9 @@ def _group_inputs(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tens
                                                                  (value, s.seqlens_k)))
     if ex.gather_q is not None:
         gq = torch.split(query.index_select(0, ex.gather_q), ex.sizes_q)
-        gk = torch.split(key.index_select(0, ex.gather_k), ex.sizes_k)  # type: ignore[arg-type]
-        gv = torch.split(value.index_select(0, ex.gather_k), ex.sizes_k)  # type: ignore[arg-type]
+        # gather_k is set with gather_q
+        gk = torch.split(key.index_select(0, ex.gather_k), ex.sizes_k)  # type: ignore[arg-type]  # (see above)
+        gv = torch.split(value.index_select(0, ex.gather_k), ex.sizes_k)  # type: ignore[arg-type]  # (see above)
     out = []
     for n, g in enumerate(p.groups):
         if n in ex.singles:
@@ -828,6 +832,7 @@ def _finish(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, va
         if rq is None:
             qv, kv, vv = query, key, value
         else:
+            # rk is None exactly when rq is
             qv, kv, vv = query.index_select(0, rq), key.index_select(0, rk), value.index_select(0, rk)  # type: ignore[arg-type]
         qv, kv, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (qv, kv, vv))
         ov = ex.varlen_run(qv, kv, vv, cq, ck, mq, mk, dropout_p, spec.causal is not None, softmax_scale)
@@ -939,7 +944,7 @@ class _Direct:
     def run(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
         """The grouped sequences' outputs, packed in sequence order."""
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-            return _DirectGroups.apply(query, key, value, self, scale)  # type: ignore[no-any-return]
+            return _DirectGroups.apply(query, key, value, self, scale)
         return self.forward(query, key, value, scale, False)[0]
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, lse: bool
@@ -953,8 +958,8 @@ class _Direct:
             results[n] = fwd(*inputs[n], is_causal, scale, lse)
             next(counter)
             _place_outputs(p, ex, n, results[n][0].transpose(1, 2), outs)
-        pieces = [outs[i] for i in self.members]
-        grouped = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # type: ignore[arg-type]
+        pieces: list[torch.Tensor] = [outs[i] for i in self.members]  # type: ignore[misc]  # every member placed above
+        grouped = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return grouped, [inputs, results] if lse else []
 
     def backward(self, grad: torch.Tensor, saved: list[Any], scale: float, shapes: list[torch.Size]
@@ -972,7 +977,7 @@ class _Direct:
         if ex.gather_q is not None:  # padding query rows get no gradient
             go_gathered = torch.split(grad.index_select(0, ex.gather_q) * self.real_q, ex.sizes_q)
         dq, dk, dv = (grad.new_zeros(shape) for shape in shapes)
-        gathered: list[list[torch.Tensor]] = [[], [], []]
+        gathered: list[list[tuple[int, torch.Tensor]]] = [[], [], []]  # per input: (group number, its gradient)
         for n in ex.issue_order:
             g = p.groups[n]
             _, bwd, is_causal, _ = self.calls[n]
@@ -989,13 +994,14 @@ class _Direct:
                     t[cu[i]:cu[i] + lens[i]] = gr[0].transpose(0, 1)
             else:
                 for parts, gr in zip(gathered, grads, strict=True):
-                    parts.append((n, gr))  # type: ignore[arg-type]
+                    parts.append((n, gr))
         if ex.gather_q is not None:
             for t, parts, index in ((dq, gathered[0], ex.gather_q), (dk, gathered[1], ex.gather_k),
                                     (dv, gathered[2], ex.gather_k)):
-                order = sorted(parts, key=lambda x: ex.where[x[0]])  # type: ignore[index]
+                order = sorted(parts, key=lambda x: ex.where[x[0]])
                 rows = torch.cat([gr.transpose(1, 2).reshape(-1, *gr.shape[1:2], gr.shape[-1]) for _, gr in order])
-                t.index_add_(0, index, rows)  # padding rows add exact zeros (no gradient reaches them)
+                # padding rows add exact zeros (no gradient reaches them); gather_k is set with gather_q
+                t.index_add_(0, index, rows)  # type: ignore[arg-type]
         return dq, dk, dv
 
 

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import AttentionInputError
+
+if TYPE_CHECKING:
+    from .policy import PolicyLike
+    from .varlen import VarlenBatch
 
 __all__ = ["WarmupResult", "warmup"]
 
@@ -59,7 +64,7 @@ def warmup(
     causal: bool | str = False,
     training: bool = True,
     varlen: bool = False,
-    policy: object = None,
+    policy: PolicyLike | None = None,
 ) -> WarmupResult:
     """Run one attention configuration once (forward, and backward with ``training``) so later calls are warm.
 
@@ -103,6 +108,9 @@ def warmup(
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=gen).to(device=dev, dtype=dtype).requires_grad_(training)
 
+    q: torch.Tensor | VarlenBatch  # (k, v likewise): packed batches with varlen, else dense tensors
+    k: torch.Tensor | VarlenBatch
+    v: torch.Tensor | VarlenBatch
     if varlen:
         lens_q = [seqlen, seqlen // 2 + 1]
         lens_k = [sk, sk // 2 + 1] if seqlen_k is not None else lens_q

@@ -128,8 +128,9 @@ def _mask_layout(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[
     return b_idx, s_idx, lens
 
 
-def _padded(query, key, value, kpm, attn_mask, causal, dropout_p, scale, layout, policy, *,  # type: ignore[no-untyped-def]
-            explain_only=False):
+def _padded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kpm: torch.Tensor,
+            attn_mask: torch.Tensor | None, causal: bool | str, dropout_p: float, scale: float | None, layout: str,
+            policy: PolicyLike | None, *, explain_only: bool = False) -> Any:  # a Plan with explain_only
     """attention() with a key padding mask: pack, run the varlen engine, scatter back (zeros at padding)."""
     from . import _varlen_engine
     from .varlen import _check_mask, varlen_attention_packed
@@ -162,6 +163,8 @@ def _padded(query, key, value, kpm, attn_mask, causal, dropout_p, scale, layout,
             out = out * rows.to(out.dtype)
         return out
     kb, ks, lens_k = _mask_layout(kpm)
+    qb: torch.Tensor | None
+    qs: torch.Tensor | None
     if sq == sk:
         qb, qs, lens_q = kb, ks, lens_k
         qp = q[qb, qs]
@@ -173,7 +176,9 @@ def _padded(query, key, value, kpm, attn_mask, causal, dropout_p, scale, layout,
     if explain_only:
         return _varlen_engine.explain(qp, kp, vp, lens_q, lens_k, causal=kind or False, dropout_p=dropout_p,
                                       policy=policy)
-    out = varlen_attention_packed(qp, kp, vp, None, None, max(lens_q, default=0), max(lens_k, default=0),
+    # No cu_seqlens: the engine reads the lengths from seqlens_q/seqlens_k (no device sync)
+    out = varlen_attention_packed(qp, kp, vp, None, None,  # type: ignore[arg-type]
+                                  max(lens_q, default=0), max(lens_k, default=0),
                                   causal=kind or False, scale=scale, dropout_p=dropout_p, policy=policy,
                                   seqlens_q=lens_q, seqlens_k=lens_k)
     if qb is None:

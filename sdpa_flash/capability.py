@@ -157,7 +157,7 @@ def capabilities(device: torch.device | str | int | None = None) -> Capabilities
 
 @functools.cache
 def _probe(device_type: str, index: int | None) -> Capabilities:
-    device = torch.device(device_type, index)
+    device = torch.device(device_type, index)  # type: ignore[arg-type]  # index None works; torch's stubs say int
     missing = tuple((name, why) for name, b in BACKENDS.items() if (why := b.missing_reason(device)) is not None)
     backends = frozenset(BACKENDS).difference(name for name, _ in missing)
     common: dict[str, Any] = {

@@ -156,7 +156,7 @@ class Attention(nn.Module):
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(N, E)`` -> q ``(N, Hq, D)``, k and v ``(N, Hkv, D)`` (views of one fused projection)."""
         qkv = self.qkv(x).view(x.shape[0], self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        return qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)  # type: ignore[return-value]
+        return qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
 
     def _forward_varlen(self, x: VarlenBatch) -> VarlenBatch:
         values = x.values

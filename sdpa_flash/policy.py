@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from . import _caches
 from ._denylist import BUILTIN_DENYLIST
@@ -151,18 +152,18 @@ def resolve_policy(
             f"Expected fallback to be one of {', '.join(FALLBACK_MODES)}, but got {fallback!r} instead."
         )
     budget = parse_bytes(memory_budget, "memory_budget") if memory_budget is not None else None
-    extra: dict[str, object] = {}
+    extra: dict[str, Any] = {}  # Policy's keyword arguments, of mixed types
     if shadow is not None:
         extra["shadow"] = parse_shadow(shadow)
     if shadow_action is not None:
         extra["shadow_action"] = shadow_action
     if isinstance(policy, Policy):
-        changes: dict[str, object] = dict(extra)
+        changes: dict[str, Any] = dict(extra)
         if fallback is not None:
             changes["fallback"] = fallback
         if budget is not None:
             changes["memory_budget"] = budget
-        return _intern(dataclasses.replace(policy, **changes)) if changes else policy  # type: ignore[arg-type]
+        return _intern(dataclasses.replace(policy, **changes)) if changes else policy
     if isinstance(policy, str):
         names = [p.strip() for p in policy.split(",")] if "," in policy else [policy.strip()]
     elif isinstance(policy, Sequence) and all(isinstance(p, str) for p in policy):
@@ -174,7 +175,7 @@ def resolve_policy(
         )
     fb = fallback or "warn_once"
     if len(names) == 1 and names[0] in ("auto", "fused"):
-        return _intern(Policy(names[0], (), fb, budget, **extra))  # type: ignore[arg-type]
+        return _intern(Policy(names[0], (), fb, budget, **extra))
     unknown = [n for n in names if n not in BACKENDS]
     if unknown or not names:
         raise AttentionInputError(
@@ -184,8 +185,8 @@ def resolve_policy(
     if len(set(names)) != len(names):
         raise AttentionInputError(f"Expected each backend at most once in policy, but got {names!r} instead.")
     if len(names) == 1:
-        return _intern(Policy(names[0], (names[0],), fb, budget, **extra))  # type: ignore[arg-type]
-    return _intern(Policy("custom", tuple(names), fb, budget, **extra))  # type: ignore[arg-type]
+        return _intern(Policy(names[0], (names[0],), fb, budget, **extra))
+    return _intern(Policy("custom", tuple(names), fb, budget, **extra))
 
 
 _interned: dict[Policy, Policy] = {}
@@ -516,10 +517,11 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
     if caps.probed and caps.device_type == "cuda":
         import torch
 
-        device = torch.device("cuda", caps.device_index)
+        device = torch.device("cuda", caps.device_index)  # type: ignore[arg-type]  # None works; torch's stubs say int
     entries = denylist()
     budget = policy.memory_budget if policy.memory_budget is not None else (
         caps.total_memory // 2 if caps.total_memory else None)
+    reasons: list[str] | dict[str, tuple[str, ...]]  # one backend's in the loop; then the plan's, by backend
     for name in order:
         backend = BACKENDS[name]
         reasons = backend.not_supported_reasons(spec, caps)
@@ -580,5 +582,5 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
                 route_reason=BACKENDS[chosen].ROUTE_REASON, evidence=evidence, prep=prep, deterministic=deterministic)
 
 
-plan.cache_clear = _plan.cache_clear  # type: ignore[attr-defined]  # (functools' cache API on the public wrapper)
+plan.cache_clear = _plan.cache_clear  # type: ignore[attr-defined]  # functools' cache API on the public wrapper
 _caches.register("policy.plan", _plan.cache_clear)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
+from typing import Any
 
 from . import _caches
 
@@ -20,8 +21,8 @@ _lock = threading.Lock()
 _plans: dict[tuple[str, str, str], itertools.count] = {}  # (backend, route, inputs) -> calls
 _fallbacks: dict[tuple[str, str, str, int], itertools.count] = {}  # (backend, reason, file, line) -> calls
 _shadow_checks: dict[tuple[str, str], itertools.count] = {}  # (backend, inputs) -> shadow checks run
-# (backend, inputs) -> [mismatches, worst error, its bound, worst error / bound, where]
-_shadow_bad: dict[tuple[str, str], list[object]] = {}
+# (backend, inputs) -> [mismatches, worst error, its bound, worst error / bound, where] (a record of mixed types)
+_shadow_bad: dict[tuple[str, str], list[Any]] = {}
 
 
 def _value(counter: itertools.count) -> int:
@@ -60,8 +61,8 @@ def record_shadow(backend: str, inputs: str, error: float, bound: float, where: 
         if entry is None:
             _shadow_bad[key] = [1, error, bound, ratio, where]
             return True
-        entry[0] = int(entry[0]) + 1  # type: ignore[call-overload]
-        if ratio > entry[3]:  # type: ignore[operator]
+        entry[0] = int(entry[0]) + 1
+        if ratio > entry[3]:
             entry[1:] = [error, bound, ratio, where]
     return False
 
@@ -152,8 +153,8 @@ def stats() -> Stats:
         plans = {k: _value(c) for k, c in _plans.items()}
         falls = tuple(FallbackStat(b, r, f, ln, _value(c)) for (b, r, f, ln), c in _fallbacks.items())
         checks = {k: _value(c) for k, c in _shadow_checks.items()}
-        bad = tuple(ShadowMismatch(b, i, int(e[0]), checks.get((b, i), 0), float(e[1]), float(e[2]),  # type: ignore[arg-type]
-                                   tuple(e[4]))  # type: ignore[arg-type]
+        bad = tuple(ShadowMismatch(b, i, int(e[0]), checks.get((b, i), 0), float(e[1]), float(e[2]),
+                                   tuple(e[4]))
                     for (b, i), e in _shadow_bad.items())
     calls: dict[str, int] = {}
     for (backend, _, _), n in plans.items():

@@ -128,7 +128,8 @@ def reference_attention(
     if q.shape[1] != k.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    kind = {True: "top_left", False: None, None: None}.get(causal, causal)  # type: ignore[call-overload]
+    # a str causal is not a key: it falls through as the default
+    kind = {True: "top_left", False: None, None: None}.get(causal, causal)  # type: ignore[arg-type]
     if kind is not None:
         cm = causal_mask_tensor(str(kind), q.shape[-2], k.shape[-2], q.device)
         if attn_mask is None:
@@ -307,10 +308,11 @@ def assert_close_to_reference(
         if ref64 is None:
             raise TypeError("assert_close_to_reference needs ref64 when not given an AttentionProblem")
         if isinstance(candidate, torch.Tensor):
+            # one tensor each (the API's contract: one candidate, one of each reference)
             candidate, same_dtype, ref64 = [candidate], [same_dtype], [ref64]  # type: ignore[list-item]
         results = [
             compare_to_reference(c, s, r, name=n, k=k)
-            for c, s, r, n in zip(candidate, same_dtype, ref64, names, strict=False)  # type: ignore[arg-type]
+            for c, s, r, n in zip(candidate, same_dtype, ref64, names, strict=False)
         ]
         context = ""
     failed = [str(c) for c in results if not c.passed]
@@ -371,7 +373,8 @@ class ProblemParams:
 
     def spec(self, device_type: str) -> AttentionSpec:
         """The :class:`AttentionSpec` of this problem, as the planner sees it (no dropout)."""
-        causal = {True: "top_left", False: None}.get(self.causal, self.causal)  # type: ignore[call-overload]
+        # a str causal is not a key: it falls through as the default
+        causal = {True: "top_left", False: None}.get(self.causal, self.causal)  # type: ignore[arg-type]
         mask = {"none": None, "key_padding": "bool"}.get(self.mask, self.mask)
         return AttentionSpec(device_type, self.dtype, self.batch, self.heads_q, self.heads_kv, self.seqlen_q,
                              self.seqlen_k, self.head_dim, self.head_dim_v, causal, mask, False, self.backward)
@@ -397,7 +400,8 @@ class ProblemParams:
             mask = mask.to(self.dtype)
         grad = torch.randn(b, hq, sq, self.head_dim_v, generator=gen).to(self.dtype) if self.backward else None
         dev = torch.device(device)
-        problem = AttentionProblem(self, dev, *(self._lay(t).to(dev) for t in (q, k, v)),
+        # q, k, v: mypy cannot count a starred generator
+        problem = AttentionProblem(self, dev, *(self._lay(t).to(dev) for t in (q, k, v)),  # type: ignore[call-arg]
                                    None if mask is None else mask.to(dev), None)
         if grad is not None:
             visible = problem.visible_rows(layout="bhsd").to("cpu")
@@ -489,6 +493,7 @@ class AttentionProblem:
     def describe(self) -> str:
         """One line: ``float16 cpu: q (2, 4, 17, 8) k/v (2, 2, 9, 8/8) bshd causal=bottom_right ...``."""
         p = self.params
+        # a mask other than "none" / "key_padding" is built as attn_mask
         mask = p.mask if p.mask in ("none", "key_padding") else f"{p.mask}{tuple(self.attn_mask.shape)}"  # type: ignore[union-attr]
         return (f"{dtype_name(p.dtype)} {self.device}: q ({p.batch}, {p.heads_q}, {p.seqlen_q}, {p.head_dim}) "
                 f"k/v ({p.batch}, {p.heads_kv}, {p.seqlen_k}, {p.head_dim}/{p.head_dim_v}) {p.layout} "
@@ -640,7 +645,7 @@ def attention_outputs(
         from .attention import attention as fn
     backward = problem.params.backward if backward is None else backward
     leaves = problem.leaves(requires_grad=backward)
-    out = fn(*leaves, **problem.kwargs(), **options)
+    out = fn(*leaves, **problem.kwargs(), **options)  # type: ignore[misc]  # not None: imported above if it was
     if not backward:
         return [out.detach()]
     if problem.grad_out is None:

@@ -148,7 +148,7 @@ class VarlenBatch:
         return nt.transpose(1, 2)
 
     def __repr__(self) -> str:
-        lens = list(self.seqlens[:8]) + (["..."] if len(self.seqlens) > 8 else [])  # type: ignore[list-item]
+        lens = list(self.seqlens[:8]) + (["..."] if len(self.seqlens) > 8 else [])
         return (f"VarlenBatch(values={tuple(self.values.shape)} {self.values.dtype} on {self.values.device}, "
                 f"seqlens={lens}, max_seqlen={self.max_seqlen})")
 
@@ -286,7 +286,8 @@ def from_padded(x: torch.Tensor, *, lengths: Sequence[int] | torch.Tensor | None
             raise _fail(f"Expected lengths <= the padded length S={s}, but got {max(lens)} instead.")
         mask = torch.arange(s, device=x.device)[None, :] < torch.tensor(lens, device=x.device)[:, None]
     else:
-        mask = key_padding_mask  # type: ignore[assignment]
+        assert key_padding_mask is not None  # exactly one of the two (checked above)
+        mask = key_padding_mask
         _check_mask(mask, (b, s), x.device, "key_padding_mask")
         lens = tuple(int(n) for n in mask.sum(1).tolist())
     flat_index = torch.nonzero(mask.reshape(-1)).flatten()
@@ -303,7 +304,7 @@ def from_nested(nt: torch.Tensor) -> VarlenBatch:
         raise _fail("Expected a nested tensor with layout=torch.jagged, but got a strided nested tensor; build it "
                     "with torch.nested.nested_tensor(..., layout=torch.jagged).")
     inner = nt.transpose(1, 2)  # (B, j, H, D): the ragged dim next to the batch
-    values, offsets = inner.values(), inner.offsets()
+    values, offsets = inner.values(), inner.offsets()  # type: ignore[attr-defined]  # NestedTensor's, not in stubs
     return from_cu_seqlens(values, offsets)
 
 
@@ -366,13 +367,13 @@ def varlen_attention(
     if any(kinds):
         if not all(kinds):
             raise _fail("Expected query, key and value all nested tensors or all VarlenBatch, but got a mix.")
-        qb, kb, vb = (from_nested(t) for t in (query, key, value))  # type: ignore[arg-type]
+        qb, kb, vb = (from_nested(t) for t in (query, key, value))  # type: ignore[arg-type]  # nested: tensors
     else:
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, VarlenBatch):
                 raise _fail(f"Expected {name} to be a VarlenBatch or a jagged nested tensor, but got "
                             f"{type(t).__name__} instead (sdpa_flash.attention takes dense tensors).")
-        qb, kb, vb = query, key, value  # type: ignore[assignment]
+        qb, kb, vb = query, key, value  # type: ignore[assignment]  # each a VarlenBatch (checked above)
     if kb.seqlens != vb.seqlens:
         raise _fail(f"Expected key and value to have the same sequence lengths, but got {list(kb.seqlens)[:8]} and "
                     f"{list(vb.seqlens)[:8]} instead.")

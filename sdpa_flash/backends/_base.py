@@ -474,25 +474,29 @@ def make_runner(
     if (repeat_kv, pad_qk_to, pad_v_to, truncate_keys, causal_mask) == (1, None, None, False, None):
         if not float_bias:
             # The common case: nothing to adapt, one kernel call (kernels may supply a flatter closure).
-            plain = getattr(call, "plain", None)
+            plain: Callable[[bool | str, bool], Runner] | None = getattr(call, "plain", None)
             if plain is not None:
-                return plain(is_causal, needs_lse)  # type: ignore[no-any-return]
+                return plain(is_causal, needs_lse)
 
-            def run_plain(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+            def run_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                          dropout_p: float, scale: float | None) -> torch.Tensor:
                 return call(q, k, v, None, dropout_p, is_causal, scale, needs_lse)
 
             return run_plain
 
-        def run_masked(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
-            out = call(q, k, v, _as_float_bias(attn_mask, q.dtype, masked_value), dropout_p, is_causal, scale,
-                       needs_lse)
-            return out * _rows_alive(attn_mask) if zero_masked_rows else out
+        def run_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                       dropout_p: float, scale: float | None) -> torch.Tensor:
+            # float_bias is set only for specs with a mask (Prep.float_bias=has_mask): attn_mask is never None here
+            out = call(q, k, v, _as_float_bias(attn_mask, q.dtype, masked_value),  # type: ignore[arg-type]
+                       dropout_p, is_causal, scale, needs_lse)
+            return out * _rows_alive(attn_mask) if zero_masked_rows else out  # type: ignore[arg-type]
 
         return run_masked
 
     default_scale = 1.0 / math.sqrt(head_dim)
 
-    def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float,
+            scale: float | None) -> torch.Tensor:
         if truncate_keys:
             k, v = k[:, :, :seqlen_q], v[:, :, :seqlen_q]
             if attn_mask is not None and attn_mask.shape[-1] != 1:
@@ -525,7 +529,7 @@ def make_runner(
 def with_plain(call: Callable[..., torch.Tensor], plain: Callable[[bool | str, bool], Runner]) -> Callable[
     ..., torch.Tensor]:
     """Attach ``plain(is_causal, needs_lse) -> Runner``, a one-frame runner for calls that need no adaptation."""
-    call.plain = plain  # type: ignore[attr-defined]
+    call.plain = plain  # type: ignore[attr-defined]  # a function attribute, read back with getattr()
     return call
 
 

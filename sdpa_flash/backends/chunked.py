@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import SdpaFlashError
-from ._base import Backend, Requirements
+from ._base import Backend, KernelFn, Requirements
 
 __all__ = ["ChunkedBackend", "chunked_attention"]
 
@@ -37,11 +37,12 @@ class ChunkedBackend(Backend):
                         mask_with_causal=True, deterministic_backward=True)  # plain ops, fixed order
     REQUIREMENTS: ClassVar[dict[str, Requirements]] = {"cuda": _REQ, "cpu": _REQ, "mps": _REQ, "xpu": _REQ}
 
-    def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
+    def kernel(self, device_type: str, *, traced: bool = False) -> KernelFn:
         return _call
 
 
-def _call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+def _call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
+          is_causal: bool | str, scale: float | None, needs_lse: bool) -> torch.Tensor:
     if dropout_p:
         raise SdpaFlashError("the chunked backend does not implement dropout")
     corner = is_causal if isinstance(is_causal, str) else ("top_left" if is_causal else None)
@@ -90,7 +91,8 @@ def _tile_visible(corner: str | None, offset: int, q0: int, q1: int, k0: int) ->
 
 class _Chunked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q, k, v, bias, corner, scale):  # type: ignore[no-untyped-def,override]
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                corner: str | None, scale: float) -> torch.Tensor:
         b, h, sq, _ = q.shape
         sk, dv = k.shape[-2], v.shape[-1]
         acc = _acc_dtype(q.dtype)
@@ -127,7 +129,7 @@ class _Chunked(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out):  # type: ignore[no-untyped-def,override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         bias, corner, scale, (bq, bk), offset = ctx.bias, ctx.corner, ctx.scale, ctx.blocks, ctx.offset
         acc = lse.dtype
@@ -181,4 +183,4 @@ def chunked_attention(
         while bias.dim() < 4:
             bias = bias.unsqueeze(0)
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _Chunked.apply(q, k, v, bias, causal, s)  # type: ignore[no-any-return]
+    return _Chunked.apply(q, k, v, bias, causal, s)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
 from ..spec import AttentionSpec
-from ._base import Backend, Device, Requirements, with_plain
+from ._base import Backend, Device, KernelFn, Requirements, Runner, with_plain
 
 __all__ = ["CudnnBackend"]
 
@@ -56,21 +57,23 @@ class CudnnBackend(Backend):
             return f"this PyTorch ({torch.__version__}) has no cuDNN attention"
         return super().missing_reason(device)
 
-    def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
+    def kernel(self, device_type: str, *, traced: bool = False) -> KernelFn:
         return _TRACED if traced else _EAGER
 
-    def autograd_ops(self, device_type: str):  # type: ignore[no-untyped-def]
+    def autograd_ops(self, device_type: str) -> tuple[Callable[..., object], Callable[..., object]] | None:
         return (_forward, _backward) if device_type == "cuda" else None
 
 
-def _kernel(op):  # type: ignore[no-untyped-def]
-    def call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+def _kernel(op: Callable[..., Any]) -> KernelFn:
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
+             is_causal: bool | str, scale: float | None, needs_lse: bool) -> torch.Tensor:
         if bias is not None:
             bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         return op(q, k, v, bias, needs_lse, dropout_p, is_causal, False, scale=scale)[0]
 
-    def plain(is_causal, needs_lse):  # type: ignore[no-untyped-def]
-        def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+    def plain(is_causal: bool | str, needs_lse: bool) -> Runner:
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                dropout_p: float, scale: float | None) -> torch.Tensor:
             return op(q, k, v, None, needs_lse, dropout_p, is_causal, False, scale=scale)[0]
 
         return run
@@ -82,12 +85,14 @@ _EAGER = _kernel(torch._scaled_dot_product_cudnn_attention)
 _TRACED = _kernel(torch.ops.aten._scaled_dot_product_cudnn_attention.default)
 
 
-def _forward(q, k, v, is_causal, scale, lse):  # type: ignore[no-untyped-def]
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float | None,
+             lse: bool) -> tuple[torch.Tensor, tuple[Any, ...]]:
     r = torch._scaled_dot_product_cudnn_attention(q, k, v, None, lse, 0.0, is_causal, False, scale=scale)
     return r[0], (r[1], r[6], r[7], r[4], r[5])
 
 
-def _backward(go, q, k, v, out, saved, is_causal, scale):  # type: ignore[no-untyped-def]
+def _backward(go: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              saved: tuple[Any, ...], is_causal: bool, scale: float | None) -> tuple[torch.Tensor, ...]:
     lse, seed, offset, max_q, max_k = saved
     return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         go, q, k, v, out, lse, seed, offset, None, None, None, max_q, max_k, 0.0, is_causal, scale=scale)

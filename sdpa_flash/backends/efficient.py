@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
-from ._base import Backend, Requirements, with_plain
+from ._base import Backend, KernelFn, Requirements, Runner, with_plain
 
 __all__ = ["EfficientBackend"]
 
@@ -32,18 +33,20 @@ class EfficientBackend(Backend):
         ),
     }
 
-    def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
+    def kernel(self, device_type: str, *, traced: bool = False) -> KernelFn:
         return _TRACED if traced else _EAGER
 
 
-def _kernel(op):  # type: ignore[no-untyped-def]
-    def call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+def _kernel(op: Callable[..., Any]) -> KernelFn:
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
+             is_causal: bool | str, scale: float | None, needs_lse: bool) -> torch.Tensor:
         if bias is not None:
             bias = _aligned_bias(bias, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         return op(q, k, v, bias, needs_lse, dropout_p, is_causal, scale=scale)[0]
 
-    def plain(is_causal, needs_lse):  # type: ignore[no-untyped-def]
-        def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+    def plain(is_causal: bool | str, needs_lse: bool) -> Runner:
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                dropout_p: float, scale: float | None) -> torch.Tensor:
             return op(q, k, v, None, needs_lse, dropout_p, is_causal, scale=scale)[0]
 
         return run

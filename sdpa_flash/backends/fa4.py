@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..errors import AttentionInputError
 from ..spec import AttentionSpec
-from ._base import Backend, Device, Prep, Requirements, Runner, make_runner, with_plain
+from ._base import Backend, Device, KernelFn, Prep, Requirements, Runner, make_runner, with_plain
 
 __all__ = ["DISTRIBUTION", "INSTALL_HINT", "CacheInfo", "FA4Backend", "cache_info", "installed_version", "load"]
 
@@ -194,9 +194,9 @@ def cache_info() -> CacheInfo:
     in_memory: dict[str, int] = {}
     if _module is not None:
         for name in ("_flash_attn_fwd", "_flash_attn_bwd"):
-            cache = getattr(getattr(_module, name, None), "compile_cache", None)
+            cache: Any = getattr(getattr(_module, name, None), "compile_cache", None)  # FA4's, or None: len() decides
             try:
-                in_memory[name.rsplit("_", 1)[1]] = len(cache)  # type: ignore[arg-type]
+                in_memory[name.rsplit("_", 1)[1]] = len(cache)
             except TypeError:
                 pass
     return CacheInfo(enabled, directory, entries, size, in_memory)
@@ -262,7 +262,7 @@ class FA4Backend(Backend):
         return _plain(load().flash_attn_func, bool(prep.kernel_causal), _deterministic(spec), _multi_gpu(),
                       bhsd=False)
 
-    def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
+    def kernel(self, device_type: str, *, traced: bool = False) -> KernelFn:
         return _TRACED
 
     # -------------------------------------------------------------------------------------------- varlen
@@ -273,7 +273,8 @@ class FA4Backend(Backend):
         guard = _multi_gpu()
         det = torch.are_deterministic_algorithms_enabled
 
-        def run(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale):  # type: ignore[no-untyped-def]
+        def run(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, dropout_p: float,
+                causal: bool, scale: float | None) -> Tensor:
             with _on_device(q) if guard else _NULL:
                 return fn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(max_q),
                           max_seqlen_k=int(max_k), softmax_scale=scale, causal=bool(causal),
@@ -308,31 +309,35 @@ def _plain(fn: Any, causal: bool, deterministic: bool, guard: bool, *, bhsd: boo
     """One FA4 call with nothing to adapt: ``run(q, k, v, attn_mask, dropout_p, scale)`` on (B, H, S, D) tensors
     (passed to FA4 as (B, S, H, D) views) or, with ``bhsd=False``, on (B, S, H, D) tensors as they are."""
     if bhsd:
-        def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+        def run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float | None
+                ) -> Tensor:
             return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal,
                       deterministic=deterministic)[0].transpose(1, 2)
     else:
-        def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+        def run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float | None
+                ) -> Tensor:
             return fn(q, k, v, softmax_scale=scale, causal=causal, deterministic=deterministic)[0]
     if not guard:
         return run
 
-    def run_guarded(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+    def run_guarded(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float | None
+                    ) -> Tensor:
         with _on_device(q):
             return run(q, k, v, attn_mask, dropout_p, scale)
 
     return run_guarded
 
 
-def _eager_kernel(mod: ModuleType, deterministic: bool, guard: bool):  # type: ignore[no-untyped-def]
+def _eager_kernel(mod: ModuleType, deterministic: bool, guard: bool) -> KernelFn:
     """The eager kernel for :func:`make_runner` (a :data:`~sdpa_flash.backends.KernelFn`), through FA4's own
     autograd.Function; calls with nothing to adapt get :func:`_plain`."""
     fn = mod.flash_attn_func
 
-    def call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+    def call(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout_p: float, is_causal: bool | str,
+             scale: float | None, needs_lse: bool) -> Tensor:
         return _plain(fn, bool(is_causal), deterministic, guard, bhsd=True)(q, k, v, None, dropout_p, scale)
 
-    def plain(is_causal, needs_lse):  # type: ignore[no-untyped-def]
+    def plain(is_causal: bool | str, needs_lse: bool) -> Runner:
         return _plain(fn, bool(is_causal), deterministic, guard, bhsd=True)
 
     return with_plain(call, plain)
@@ -361,7 +366,8 @@ def fa4_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool, 
 
 
 @fa4_fwd.register_fake
-def _fa4_fwd_fake(q, k, v, scale, causal, window_left, window_right, softcap):  # type: ignore[no-untyped-def]
+def _fa4_fwd_fake(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool, window_left: int,
+                  window_right: int, softcap: float) -> tuple[Tensor, Tensor]:
     b, sq, h, _ = q.shape
     return (q.new_empty(b, sq, h, v.shape[-1]), q.new_empty(b, h, sq, dtype=torch.float32))
 
@@ -380,11 +386,13 @@ def fa4_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
 
 
 @fa4_bwd.register_fake
-def _fa4_bwd_fake(dout, q, k, v, out, lse, scale, causal, window_left, window_right, softcap, deterministic):  # type: ignore[no-untyped-def]
+def _fa4_bwd_fake(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float | None,
+                  causal: bool, window_left: int, window_right: int, softcap: float, deterministic: bool
+                  ) -> tuple[Tensor, Tensor, Tensor]:
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     q, k, v, scale, causal, wl, wr, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
@@ -392,7 +400,7 @@ def _setup(ctx, inputs, output):  # type: ignore[no-untyped-def]
     ctx.deterministic = torch.are_deterministic_algorithms_enabled()
 
 
-def _backward(ctx, dout, dlse):  # type: ignore[no-untyped-def]
+def _backward(ctx: Any, dout: Tensor, dlse: Tensor) -> tuple[Tensor | None, ...]:
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = fa4_bwd(dout, q, k, v, out, lse, *ctx.args, ctx.deterministic)
     return dq, dk, dv, None, None, None, None, None
@@ -401,7 +409,8 @@ def _backward(ctx, dout, dlse):  # type: ignore[no-untyped-def]
 fa4_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def _traced_call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+def _traced_call(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout_p: float, is_causal: bool | str,
+                 scale: float | None, needs_lse: bool) -> Tensor:
     out = fa4_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, bool(is_causal), -1, -1, 0.0)[0]
     return out.transpose(1, 2)
 

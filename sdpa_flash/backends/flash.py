@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
 from ..spec import AttentionSpec
-from ._base import Backend, Device, Requirements, with_plain
+from ._base import Backend, Device, KernelFn, Requirements, Runner, with_plain
 
 __all__ = ["FlashBackend"]
 
@@ -59,7 +60,7 @@ class FlashBackend(Backend):
             return f"this PyTorch ({torch.__version__}) was built without its CUDA flash kernel"
         return super().missing_reason(device)
 
-    def autograd_ops(self, device_type: str):  # type: ignore[no-untyped-def]
+    def autograd_ops(self, device_type: str) -> tuple[Callable[..., object], Callable[..., object]] | None:
         return {"cuda": (_cuda_forward, _cuda_backward), "cpu": (_cpu_forward, _cpu_backward)}.get(device_type)
 
     VARLEN = True
@@ -69,21 +70,23 @@ class FlashBackend(Backend):
             return [f"the flash varlen kernel is CUDA only (this is {caps.device_type})"]
         return super().varlen_reasons(spec, caps)  # (equal head dims, multiples of 8: the requirements data)
 
-    def varlen(self):  # type: ignore[no-untyped-def]
+    def varlen(self) -> Callable[..., torch.Tensor]:
         return _flash_varlen
 
-    def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
+    def kernel(self, device_type: str, *, traced: bool = False) -> KernelFn:
         if device_type == "cpu":
             return _CPU_TRACED if traced else _CPU
         return _CUDA_TRACED if traced else _CUDA
 
 
-def _cuda_kernel(op):  # type: ignore[no-untyped-def]
-    def call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+def _cuda_kernel(op: Callable[..., Any]) -> KernelFn:
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
+             is_causal: bool | str, scale: float | None, needs_lse: bool) -> torch.Tensor:
         return op(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
 
-    def plain(is_causal, needs_lse):  # type: ignore[no-untyped-def]
-        def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+    def plain(is_causal: bool | str, needs_lse: bool) -> Runner:
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                dropout_p: float, scale: float | None) -> torch.Tensor:
             return op(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
 
         return run
@@ -91,14 +94,16 @@ def _cuda_kernel(op):  # type: ignore[no-untyped-def]
     return with_plain(call, plain)
 
 
-def _cpu_kernel(op):  # type: ignore[no-untyped-def]
-    def call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+def _cpu_kernel(op: Callable[..., Any]) -> KernelFn:
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
+             is_causal: bool | str, scale: float | None, needs_lse: bool) -> torch.Tensor:
         if bias is not None and bias.dim() not in (2, 4):  # the kernel takes 2-D or 4-D masks only
             bias = bias[(None,) * (4 - bias.dim())]
         return op(q, k, v, dropout_p, is_causal, attn_mask=bias, scale=scale)[0]
 
-    def plain(is_causal, needs_lse):  # type: ignore[no-untyped-def]
-        def run(q, k, v, attn_mask, dropout_p, scale):  # type: ignore[no-untyped-def]
+    def plain(is_causal: bool | str, needs_lse: bool) -> Runner:
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                dropout_p: float, scale: float | None) -> torch.Tensor:
             return op(q, k, v, dropout_p, is_causal, scale=scale)[0]
 
         return run
@@ -106,7 +111,8 @@ def _cpu_kernel(op):  # type: ignore[no-untyped-def]
     return with_plain(call, plain)
 
 
-def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale):  # type: ignore[no-untyped-def]
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                  max_q: int, max_k: int, dropout_p: float, causal: bool, scale: float | None) -> torch.Tensor:
     return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, False,
                                                    scale=scale)[0]
 
@@ -117,22 +123,26 @@ _CPU = _cpu_kernel(torch._scaled_dot_product_flash_attention_for_cpu)
 _CPU_TRACED = _cpu_kernel(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default)
 
 
-def _cuda_forward(q, k, v, is_causal, scale, lse):  # type: ignore[no-untyped-def]
+def _cuda_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float | None,
+                  lse: bool) -> tuple[torch.Tensor, tuple[Any, ...]]:
     r = torch._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
     return r[0], r[1:8]
 
 
-def _cuda_backward(go, q, k, v, out, saved, is_causal, scale):  # type: ignore[no-untyped-def]
+def _cuda_backward(go: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   saved: tuple[Any, ...], is_causal: bool, scale: float | None) -> tuple[torch.Tensor, ...]:
     lse, cum_q, cum_k, max_q, max_k, seed, offset = saved
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
         go, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, is_causal, seed, offset, scale=scale)
 
 
-def _cpu_forward(q, k, v, is_causal, scale, lse):  # type: ignore[no-untyped-def]
+def _cpu_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float | None,
+                 lse: bool) -> tuple[torch.Tensor, tuple[Any, ...]]:
     r = torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
     return r[0], (r[1],)
 
 
-def _cpu_backward(go, q, k, v, out, saved, is_causal, scale):  # type: ignore[no-untyped-def]
+def _cpu_backward(go: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  saved: tuple[Any, ...], is_causal: bool, scale: float | None) -> tuple[torch.Tensor, ...]:
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         go, q, k, v, out, saved[0], 0.0, is_causal, scale=scale)

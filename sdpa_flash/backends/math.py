@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
-from ._base import Backend, Requirements
+from ._base import Backend, KernelFn, Requirements
 
 __all__ = ["MathBackend"]
 
@@ -21,12 +22,13 @@ class MathBackend(Backend):
     memory = "O(N^2)"
     REQUIREMENTS: ClassVar[dict[str, Requirements]] = {"cuda": _MATH, "cpu": _MATH, "mps": _MATH, "xpu": _MATH}
 
-    def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
+    def kernel(self, device_type: str, *, traced: bool = False) -> KernelFn:
         return _TRACED if traced else _EAGER
 
 
-def _kernel(op):  # type: ignore[no-untyped-def]
-    def call(q, k, v, bias, dropout_p, is_causal, scale, needs_lse):  # type: ignore[no-untyped-def]
+def _kernel(op: Callable[..., Any]) -> KernelFn:
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
+             is_causal: bool | str, scale: float | None, needs_lse: bool) -> torch.Tensor:
         return op(q, k, v, bias, dropout_p, is_causal, scale=scale)[0]
 
     return call

@@ -89,8 +89,8 @@ def make_reference(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """The float64 reference for ``case`` on these inputs (``grads``: also ``dq``, and ``dk``/``dv`` if small)."""
     b, h, s = case.batch, case.heads, case.seqlen
     if b * h * s * s <= _FULL_LIMIT:
-        ref, same = _full(case, q, k, v, do, grads)
-        return Reference(True, [], torch.empty(0, dtype=torch.long), ref, same)
+        full_ref, full_same = _full(case, q, k, v, do, grads)  # (other types than ref/same below)
+        return Reference(True, [], torch.empty(0, dtype=torch.long), full_ref, full_same)
     picks = sorted({(0, 0), (0, h - 1), (b - 1, 0), (b - 1, h - 1)})
     n = min(s, 60)
     spread = torch.linspace(0, s - 1, n).round().long().tolist()

@@ -25,7 +25,7 @@ def _inputs(case: Case, device: torch.device, copies: int, seed: int) -> list[tu
     gen = torch.Generator(device=device).manual_seed(seed)
     dt = case.torch_dtype
     qs, kvs = (case.batch, case.heads, case.seqlen, case.head_dim), (case.batch, case.hkv, case.seqlen, case.head_dim)
-    sets = []
+    sets: list[tuple[torch.Tensor, ...]] = []
     for _ in range(copies):
         q, k, v = (torch.randn(s, generator=gen, device=device, dtype=dt).requires_grad_() for s in (qs, kvs, kvs))
         do = torch.randn(qs, generator=gen, device=device, dtype=dt)
@@ -76,6 +76,7 @@ def run_case(case: Case, paths: Sequence[PathDef], modes: Sequence[str], device:
         return [_row(case, p, m, None, None, why, {}) for p in paths for m in modes]
     q, k, v, do = sets[0]
     host = _host_available() if device.type == "cpu" else None
+    b: Built | None  # a built path; at the end, possibly none (built.get)
     for p in paths:
         try:
             b = build(p, case, q, k, v, explicit=p.name in explicit)

@@ -44,7 +44,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here) if commit else None
     triton = None
     with contextlib.suppress(Exception):
-        import triton as _triton  # type: ignore[import-not-found]
+        import triton as _triton
 
         triton = _triton.__version__
     env: dict[str, Any] = {

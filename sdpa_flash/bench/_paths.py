@@ -239,7 +239,7 @@ def _forced_failure(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 def _flex_compiled() -> Callable[..., torch.Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)  # type: ignore[return-value]
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _causal_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:

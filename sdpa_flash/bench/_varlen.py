@@ -205,8 +205,11 @@ def _prepare(path: str, vc: VarlenCase, qs: list[torch.Tensor], ks: list[torch.T
             except ImportError as exc:
                 raise Unavailable(f"torch.nn.attention.varlen is not importable: {first_line(exc)}") from None
             window = (-1, 0) if causal else (-1, -1)
-            return _Prepared(leaves, lambda: varlen_attn(*leaves, cu, cu, longest, longest, window_size=window),
-                             torch.cat(dos), split, "flash (varlen)")
+            # *leaves is q, k, v (mypy cannot count a tuple[Tensor, ...])
+            return _Prepared(
+                leaves, lambda: varlen_attn(*leaves, cu, cu, longest, longest,  # type: ignore[misc, call-arg, arg-type]
+                                            window_size=window),
+                torch.cat(dos), split, "flash (varlen)")
         op = torch.ops.aten._flash_attention_forward
         return _Prepared(leaves, lambda: op(*leaves, cu, cu, longest, longest, 0.0, causal, False)[0],
                          torch.cat(dos), split, "flash (cu_seqlens)")
@@ -250,6 +253,7 @@ def run_varlen(cases: Sequence[VarlenCase], modes: Sequence[str], device: torch.
         na: dict[tuple[str, str], str] = {}
         prepared: dict[str, _Prepared] = {}
         checks: dict[str, dict[str, float]] = {}
+        prep: _Prepared | None  # (None below, for a path that could not be prepared)
         for path in paths:
             try:
                 prep = _prepare(path, vc, qs, ks, vs, dos, device)

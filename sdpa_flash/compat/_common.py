@@ -128,7 +128,9 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_dropout(dropout_p: Any) -> float:
-    ok = isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool) and 0.0 <= dropout_p < 1.0
+    # numbers.Real declares no __ge__ (typeshed): float <= Real is an error to mypy, fine at run time
+    ok = (isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool)
+          and 0.0 <= dropout_p < 1.0)  # type: ignore[operator]
     if not ok:
         raise fail(f"Expected dropout_p to be a float in [0, 1), but got {dropout_p!r} instead.")
     return float(dropout_p)

@@ -245,7 +245,7 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
 
 class _Exact(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: _Params,  # type: ignore[override]
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: _Params,
                 want_probs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out, lse, probs = _forward(q, k, v, params, want_probs)
         assert out is not None
@@ -257,7 +257,7 @@ class _Exact(torch.autograd.Function):
         return out, lse, probs
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor, *_: Any) -> tuple[Any, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, out, lse, grad_out, ctx.params)
         return dq, dk, dv, None, None

@@ -97,7 +97,8 @@ _FLEX: Any = None  # torch.nn.attention.flex_attention.flex_attention, set on fi
 _LSE_KW: dict[str, Any] = {}  # how this torch asks FlexAttention for the log-sum-exp
 
 
-def _entry(q, k, v, score_mod, block_mask, scale, enable_gqa, want_lse):  # type: ignore[no-untyped-def]
+def _entry(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Any, block_mask: Any, scale: float | None,
+           enable_gqa: bool, want_lse: bool) -> Any:
     kwargs = _LSE_KW if want_lse else {}
     return _FLEX(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, **kwargs)
 
@@ -162,7 +163,7 @@ def _dense_mods(feats: Features, off_t: torch.Tensor, left_t: torch.Tensor, righ
     per_batch = slopes is not None and slopes.shape[0] > 1
     sl = None if slopes is None else (slopes if per_batch else slopes[0])
 
-    def score_mod(s, b, h, i, j):  # type: ignore[no-untyped-def]
+    def score_mod(s: torch.Tensor, b: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         if cap_t is not None:
             s = cap_t * torch.tanh(s / cap_t)
         if sl is not None:
@@ -170,7 +171,7 @@ def _dense_mods(feats: Features, off_t: torch.Tensor, left_t: torch.Tensor, righ
             s = s - slope * (i + off_t - j).abs()
         return s
 
-    def mask_mod(b, h, i, j):  # type: ignore[no-untyped-def]
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return _window_ok(i + off_t - j, feats, left_t, right_t)
 
     return (score_mod if (cap_t is not None or sl is not None) else None), (
@@ -184,7 +185,7 @@ def _ranges_mods(feats: Features, q_eff: torch.Tensor, k_pos: torch.Tensor, k_va
     sl = None if slopes is None else (slopes if per_batch else slopes[0])
     neg_inf = float("-inf")
 
-    def score_mod(s, b, h, i, j):  # type: ignore[no-untyped-def]
+    def score_mod(s: torch.Tensor, b: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         if cap_t is not None:
             s = cap_t * torch.tanh(s / cap_t)
         d = q_eff[b, i] - k_pos[b, j]
@@ -203,14 +204,14 @@ def _ranges_mods(feats: Features, q_eff: torch.Tensor, k_pos: torch.Tensor, k_va
 def _docs_mods(feats: Features, q_doc: torch.Tensor, q_eff: torch.Tensor, k_doc: torch.Tensor,
                k_pos: torch.Tensor, left_t: torch.Tensor, right_t: torch.Tensor, cap_t: torch.Tensor | None,
                slopes: torch.Tensor | None) -> tuple[Any, Any]:
-    def score_mod(s, b, h, i, j):  # type: ignore[no-untyped-def]
+    def score_mod(s: torch.Tensor, b: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         if cap_t is not None:
             s = cap_t * torch.tanh(s / cap_t)
         if slopes is not None:
             s = s - slopes[q_doc[i], h] * (q_eff[i] - k_pos[j]).abs()
         return s
 
-    def mask_mod(b, h, i, j):  # type: ignore[no-untyped-def]
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         ok = q_doc[i] == k_doc[j]
         w = _window_ok(q_eff[i] - k_pos[j], feats, left_t, right_t)
         return ok if w is None else ok & w
@@ -301,7 +302,7 @@ def flex_run(
     fn = compiled_for(key)
     res = fn(q, k, v, score_mod, block_mask, scale, gqa, want_lse)
     if not want_lse:
-        return res, None  # type: ignore[no-any-return]
+        return res, None
     out, aux = res
     lse = aux.lse if hasattr(aux, "lse") else aux
     return out, lse.masked_fill(lse == float("-inf"), float("inf"))

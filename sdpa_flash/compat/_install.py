@@ -66,17 +66,17 @@ def _build(name: str) -> types.ModuleType:
     if name == "flash_attn.bert_padding":
         for f in bp.__all__:
             setattr(mod, f, getattr(bp, f))
-        mod.__all__ = list(bp.__all__)  # type: ignore[attr-defined]
+        mod.__all__ = list(bp.__all__)  # type: ignore[attr-defined]  # ModuleType declares no __all__
         mod.__doc__ = bp.__doc__
         return mod
     for f, fn in funcs.items():
         setattr(mod, f, fn)
-    mod.__getattr__ = _missing(name)  # type: ignore[method-assign]
-    mod.__all__ = sorted(funcs)  # type: ignore[attr-defined]
+    mod.__getattr__ = _missing(name)  # type: ignore[method-assign]  # a module's __getattr__ (PEP 562)
+    mod.__all__ = sorted(funcs)  # type: ignore[attr-defined]  # ModuleType declares no __all__
     if name == "flash_attn":
-        mod.__version__ = FLASH_ATTN_VERSION  # type: ignore[attr-defined]
+        mod.__version__ = FLASH_ATTN_VERSION  # type: ignore[attr-defined]  # nor __version__
         # a package, so its submodules import; where FlashAttention-4 is installed, its flash_attn.cute with them
-        mod.__path__ = list(_SHARED_PATH)  # type: ignore[attr-defined]
+        mod.__path__ = list(_SHARED_PATH)
         mod.__doc__ = ("flash-attn's API provided by sdpa_flash.compat (sdpa_flash.compat.install()); the real "
                        "flash-attn package is not installed.")
         if _SHADOWED is not None:  # FA4's namespace package was imported first: keep its loaded submodules

@@ -244,7 +244,7 @@ def _prepare_kvcache(
     sliced = uniform is not None and cache_batch_idx is None and not paged and (
         rotary_cos is None or uniform + max(sq, snew) <= rotary_cos.shape[0])
 
-    def rotary_rows(lens: torch.Tensor | None, first: int, n: int, spread: bool) -> tuple[torch.Tensor, ...]:
+    def rotary_rows(lens: torch.Tensor | None, first: int, n: int, spread: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (b or 1, n, rotary_dim / 2) at positions first + i (``spread``) or first, per row."""
         assert rotary_cos is not None and rotary_sin is not None
         if lens is None:  # sliced: one start for every row
@@ -294,6 +294,7 @@ def _prepare_kvcache(
             out, lse, _ = run_dense(plan, qq, kk[:, :n], vv[:, :n], feats, scale, softmax_scale, slopes, 0.0,
                                     want_lse, False)
         else:
+            assert lens is not None  # uniform is None: lens is cache_seqlens (above)
             start = cache_leftpad.long() if cache_leftpad is not None else torch.zeros_like(lens)
             out, lse = run_ranges(plan, qq, kk, vv, start, lens + snew, feats, scale, softmax_scale, slopes,
                                   want_lse)

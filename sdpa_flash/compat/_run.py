@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -72,6 +72,10 @@ def feature_mask(geo: Geometry, feats: Features, slopes: torch.Tensor | None, dt
     return bias.to(dtype)
 
 
+@overload
+def _bhsd(a: torch.Tensor, b: torch.Tensor, /) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def _bhsd(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, /) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def _bhsd(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.transpose(1, 2) for t in ts)
 
@@ -133,7 +137,8 @@ def like_query(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     if out.is_contiguous():
         return out
     if out.dim() == q.dim() and out.shape[:-1] == q.shape[:-1] and out.stride(-1) == 1:
-        order = sorted(range(q.dim() - 1), key=lambda i: (-q.stride(i), i))
+        # the lambda's i is Any to mypy, which then picks stride()'s no-argument overload (a tuple)
+        order = sorted(range(q.dim() - 1), key=lambda i: (-q.stride(i), i))  # type: ignore[operator]
         expect = out.shape[-1]
         for i in reversed(order):
             if out.size(i) > 1 and out.stride(i) != expect:
@@ -160,6 +165,7 @@ def run_ranges(plan: CompatPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     lse = None
     if plan.path == "flex":
         try:
+            # Geometry.ranges() sets k_valid
             o, lse = _flex.flex_run(*_bhsd(q, k, v), feats, scale, slopes, want_lse=want_lse,
                                     ranges=(geo.q_eff, geo.k_pos, geo.k_valid))  # type: ignore[arg-type]
             out = o.transpose(1, 2)
@@ -185,7 +191,7 @@ def run_ranges(plan: CompatPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 def _lead_varlen() -> Any:
     """``sdpa_flash.varlen.varlen_attention_packed`` when that module provides it, else ``None``."""
     try:
-        from .. import varlen as _varlen  # type: ignore[attr-defined]
+        from .. import varlen as _varlen
     except ImportError:
         return None
     return getattr(_varlen, "varlen_attention_packed", None)

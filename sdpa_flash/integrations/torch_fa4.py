@@ -24,6 +24,8 @@ The check is behaviour, not a version number: a torch that fixes the adapter pas
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
 from ..errors import BackendUnavailableError
@@ -31,7 +33,7 @@ from ..errors import BackendUnavailableError
 __all__ = ["activate", "active", "restore"]
 
 
-def _registry():  # type: ignore[no-untyped-def]
+def _registry() -> ModuleType:  # torch.nn.attention
     attn = torch.nn.attention
     needed = ("activate_flash_attention_impl", "restore_flash_attention_impl", "list_flash_attention_impls")
     if not all(hasattr(attn, n) for n in needed):

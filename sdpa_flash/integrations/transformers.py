@@ -193,7 +193,7 @@ def _remember(store: dict[int, Any], mask: torch.Tensor, info: tuple[str | None,
 def _lookup(store: dict[int, Any], mask: torch.Tensor) -> tuple[str | None, torch.Tensor | None, str | None] | None:
     got = store.get(id(mask))
     if got is not None and got[0]() is mask and got[1] == mask._version:
-        return got[2]  # type: ignore[no-any-return]
+        return got[2]
     return None
 
 
@@ -223,14 +223,16 @@ def mask_function(
         mask = mu.sdpa_mask(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset, mask_function=mf,
                             attention_mask=attention_mask, **kwargs)
         if mask is None or _compiling():
-            return mask  # type: ignore[no-any-return]
+            return mask
+        assert cache_position is not None  # transformers 4.x's sdpa_mask took it (it needs it)
         q_length = int(cache_position.shape[0])
         q_offset = int(cache_position[0]) if q_length else 0  # one host read, once per forward
     else:
         mask = mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                             kv_offset=kv_offset, mask_function=mf, attention_mask=attention_mask, **kwargs)
         if mask is None or _compiling():
-            return mask  # type: ignore[no-any-return]
+            return mask
+    assert kv_length is not None  # transformers passes it (its sdpa_mask requires it); None is a placeholder
     kind = "causal" if mf is mu.causal_mask_function else \
         "bidirectional" if mf is getattr(mu, "bidirectional_mask_function", None) else None
     why = None
@@ -254,7 +256,7 @@ def mask_function(
         if bool(kpm.all()):
             kpm = None  # e.g. a cache extended beyond the 2-D mask on no padding
     _remember(_built, mask, (kind, kpm, why))
-    return mask  # type: ignore[no-any-return]
+    return mask
 
 
 def _classify(mask: torch.Tensor, b: int, sq: int, sk: int) -> tuple[str | None, torch.Tensor | None, str | None]:
@@ -337,6 +339,7 @@ def _decide(module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask:
                     f"Expected an attention mask for a non-causal layer with sliding_window={sliding_window} and "
                     f"{sk} keys, but got attention_mask=None; sdpa_flash will not ignore the window. Pass the mask "
                     "transformers builds for the window, or use attn_implementation='eager'.")
+            # windowed: sliding_window is not None
             return _Decision("dense", f"sliding_window={sliding_window} < {sk} keys and no mask: causal window mask "
                              "built here", mask=_window_mask(sq, sk, int(sliding_window), query.device))  # type: ignore[arg-type]
         return _Decision("no_mask", "transformers passed no mask (no padding)", "top_left" if causal else None)
@@ -386,7 +389,7 @@ def _decide_2d(module: Any, query: torch.Tensor, key: torch.Tensor, mask: torch.
     ck = "bottom_right" if causal else None
     if windowed or _compiling():
         dense = kpm[:, None, None, :]
-        if causal:
+        if causal:  # (windowed: sliding_window is not None)
             dense = dense & (_window_mask(sq, sk, int(sliding_window), query.device) if windowed  # type: ignore[arg-type]
                              else causal_mask_tensor("bottom_right", sq, sk, query.device)[None, None])
         why = f"sliding_window={sliding_window}" if windowed else "torch.compile is tracing"
@@ -500,7 +503,7 @@ def _with_bias(d: _Decision, bias: torch.Tensor, query: torch.Tensor, key: torch
     bias = bias.to(query.dtype)
     allowed = d.mask
     if d.path == "varlen":
-        allowed = d.kpm[:, None, None, :]  # type: ignore[index]
+        allowed = d.kpm[:, None, None, :]  # type: ignore[index]  # the varlen path always has a kpm
     if d.causal is not None:
         causal = causal_mask_tensor(d.causal, sq, sk, query.device)[None, None]
         allowed = causal if allowed is None else allowed & causal
@@ -713,8 +716,8 @@ def _install_flash_loader(name: str) -> None:
                 return _flash_functions(fau)
             return original(implementation, *args, **kwargs)
 
-        _lazy_imports._sdpa_flash_names = names  # type: ignore[attr-defined]
-        _lazy_imports._sdpa_flash_original = original  # type: ignore[attr-defined]
+        _lazy_imports._sdpa_flash_names = names  # type: ignore[attr-defined]  # a function attribute
+        _lazy_imports._sdpa_flash_original = original  # type: ignore[attr-defined]  # a function attribute
         fau._lazy_imports = _lazy_imports
         loader = _lazy_imports
     loader._sdpa_flash_names.add(name)
