@@ -319,7 +319,8 @@ BAD_ELSEWHERE: dict[str, tuple[Callable[[pytest.MonkeyPatch], Any], type[Excepti
                                  r"Expected DenylistEntry\.device_type to be a device type .* but got 'gpu'"),
     "deny-kernel-version-of-a-torch-backend": (_plain(lambda: _Entry("cudnn", "x", kernel="<4.1")), AttentionInputError,
                                                r"Expected DenylistEntry\.kernel to be None for 'cudnn', which is part "
-                                               r"of torch \(kernel= is for fa4\), but got '<4\.1'"),
+                                               r"of torch \(kernel= is for backends installed as their own "
+                                               r"package: fa4\), but got '<4\.1'"),
     "deny-bad-kernel-specifier": (_plain(lambda: _Entry("fa4", "x", kernel="4.0b")), AttentionInputError,
                                   r"Expected DenylistEntry\.kernel to be None or a PEP 440 .* but got '4\.0b'"),
     "deny-empty-reason": (_plain(lambda: _Entry("math", " ")), AttentionInputError,
