@@ -1,7 +1,8 @@
 """``python -m sdpa_flash`` (also ``sdpa-flash``): what this machine can run, and a self-check.
 
 Paste its output into bug reports. ``--json`` gives the same as machine-readable data; ``--require POLICY``
-exits with status 1 and the reasons when that policy (or backend) cannot run here — a startup check for jobs.
+exits with status 1 and the reasons when that policy (or backend) cannot run on the current CUDA GPU (or on
+``--device``; ``--device cpu`` checks the CPU) — a startup check for jobs.
 ``python -m sdpa_flash bench ...`` runs the benchmarks (:mod:`sdpa_flash.bench`; ``bench --help``).
 """
 
@@ -225,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--require", metavar="POLICY",
                     help="exit 1 with the reasons unless POLICY (auto, flash, fused, math, cudnn, efficient, or "
-                         "a comma-separated list) can run a typical call here")
+                         "a comma-separated list) can run a typical call on the current CUDA GPU, or on --device "
+                         "(--device cpu checks the CPU; without a GPU and without --device the requirement is not "
+                         "met)")
     ap.add_argument("--no-check", action="store_true", help="skip the self-check")
     args = ap.parse_args(argv)
     try:

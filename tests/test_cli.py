@@ -84,15 +84,27 @@ def test_report_on_the_gpu_passes_self_check_for_every_available_backend() -> No
     assert all(row["status"] == "PASS" for row in ran.values()), ran
 
 
-def test_require_flash_met() -> None:
-    r = run_cli("--require", "flash", "--no-check")
+def test_require_flash_met_on_the_cpu_when_asked_for() -> None:
+    r = run_cli("--require", "flash", "--device", "cpu", "--no-check")
     assert r.returncode == 0, r.stderr
     assert "requirement 'flash' met" in r.stdout
     assert "self-check" not in r.stdout
 
 
+@pytest.mark.parametrize("policy", ["flash", "fused", "auto"])
+def test_require_without_device_means_the_gpu(policy: str) -> None:
+    # A startup check is for a job that expects a GPU: without one (and without --device cpu) it is not met,
+    # even though PyTorch's CPU flash kernel would run the call.
+    r = run_cli("--require", policy, "--no-check")
+    assert r.returncode == 1, r.stdout
+    assert f"requirement '{policy}' not met" in r.stderr
+    assert "no CUDA GPU is visible to this PyTorch" in r.stderr
+    assert "To check the CPU, pass device='cpu' (on the command line: --device cpu)." in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_require_cudnn_not_met() -> None:
-    r = run_cli("--require", "cudnn", "--no-check")
+    r = run_cli("--require", "cudnn", "--device", "cpu", "--no-check")
     assert r.returncode == 1
     assert "cudnn" in r.stderr
     assert "not available on device type 'cpu'" in r.stderr
@@ -130,7 +142,7 @@ def default_policy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.mark.usefixtures("default_policy")
 def test_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--require", "flash", "--no-check"]) == 0
+    assert main(["--require", "flash", "--device", "cpu", "--no-check"]) == 0
     assert "requirement 'flash' met" in capsys.readouterr().out
 
     assert main(["--require", "cudnn", "--device", "cpu", "--no-check"]) == 1
@@ -143,7 +155,8 @@ def test_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     rep = json.loads(capsys.readouterr().out)
     assert rep["chosen"] == "flash" and "self_check" not in rep
 
-    assert main(["--require", "math", "--json", "--no-check"]) == 0  # --json: the report, not the one-liner
+    # --json: the report, not the one-liner
+    assert main(["--require", "math", "--device", "cpu", "--json", "--no-check"]) == 0
     assert json.loads(capsys.readouterr().out)["policy"] == "auto"
 
     assert main([]) == 0
@@ -196,3 +209,19 @@ def test_import_touches_no_gpu_and_imports_no_optional_module() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
                           check=True)
     assert proc.stdout.split("\n")[0] == "[] False", proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------- examples/startup_check.py
+@pytest.mark.parametrize(("args", "status", "expected"), [
+    ([], 1, "no CUDA GPU is visible to this PyTorch"),
+    (["--require", "flash"], 1, "To check the CPU, pass device='cpu' (on the command line: --device cpu)."),
+    (["--device", "cpu"], 0, "policy 'fused' runs flash"),
+    (["--require", "flash", "--device", "cpu"], 0, "policy 'flash' runs flash"),
+])
+def test_startup_check_example_follows_require(args: list[str], status: int, expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDPA_FLASH_")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the machine without a GPU, on any machine
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "startup_check.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert proc.returncode == status, proc.stderr
+    assert expected in (proc.stdout if status == 0 else proc.stderr)

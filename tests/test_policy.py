@@ -414,3 +414,34 @@ def test_use_policy_blocks_reuse_the_call_cache() -> None:
         with use_policy("math"):
             sdpa_flash.attention(q, k, v)
     assert len(cache) == size
+
+
+# ------------------------------------------------------------------------------------- require(): startup check
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no CUDA GPU is visible")
+@pytest.mark.parametrize("policy", ["flash", "fused", "auto", "math"])
+def test_require_without_a_device_means_the_gpu(policy: str) -> None:
+    # A startup check fails a job that landed on the wrong machine: device=None is the current CUDA GPU, even
+    # though PyTorch's CPU flash kernel could run the call on the CPU.
+    with pytest.raises(BackendUnavailableError) as info:
+        sdpa_flash.require(policy)
+    msg = str(info.value)
+    assert msg.startswith(f"Expected a CUDA GPU for policy {policy} (device=None means the current CUDA GPU), but "
+                          "no CUDA GPU is visible to this PyTorch (")
+    assert msg.endswith("instead. To check the CPU, pass device='cpu' (on the command line: --device cpu).")
+
+
+def test_require_on_the_cpu_when_named() -> None:
+    # PyTorch's CPU flash kernel is fused (O(N) memory): "fused" is met on the CPU when the CPU is asked for.
+    assert sdpa_flash.require("fused", "cpu").backend == "flash"
+    assert sdpa_flash.require("flash", "cpu").backend == "flash"
+    assert sdpa_flash.require("flash", "cpu", seqlen=16).backend == "flash"
+
+
+@pytest.mark.parametrize(("dtype", "short", "enough"), [(torch.float32, 15, 16), (torch.float64, 7, 8)])
+def test_require_checks_the_call_shape_it_is_given(dtype: torch.dtype, short: int, enough: int) -> None:
+    # On the CPU under "flash", calls with fewer keys than one SIMD vector are denylisted (pytorch/pytorch#141128,
+    # rerouted to math under "auto"): require() with that seqlen says so, the default 1024-token probe does not.
+    with pytest.raises(BackendUnavailableError, match=r"denylisted: .*\[pytorch/pytorch#141128\]"):
+        sdpa_flash.require("flash", "cpu", seqlen=short, dtype=dtype)
+    assert sdpa_flash.require("flash", "cpu", seqlen=enough, dtype=dtype).backend == "flash"
+    assert sdpa_flash.require("auto", "cpu", seqlen=short, dtype=dtype).backend == "math"
