@@ -94,8 +94,9 @@ def explain(
 ) -> Any:
     """The :class:`Plan` that :func:`attention` would follow for these arguments, without running anything.
 
-    ``str(plan)`` is one line (``"cudnn via direct aten op  (flash: ranked below cudnn ...; ...)"``) and
-    ``plan.explain()`` a full account. Raises what :func:`attention` would raise. With ``key_padding_mask``
+    ``str(plan)`` is short: the backend and route on its first line (``"cudnn via direct aten op"``), then
+    each other backend's first reason, one a line (``"  flash: ranked below cudnn for sm90 by the policy"``);
+    ``plan.explain()`` is the full account. Raises what :func:`attention` would raise. With ``key_padding_mask``
     it is the varlen engine's plan (:class:`sdpa_flash.varlen.VarlenPlan`, or a :class:`Plan` for the dense
     fallback it notes).
     """

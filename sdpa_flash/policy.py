@@ -588,12 +588,12 @@ class Plan:
     prep: Prep = dataclasses.field(default_factory=Prep, repr=False, compare=False)
 
     def __str__(self) -> str:
-        why = "; ".join(f"{name}: {r[0]}" for name, r in self.reasons.items() if r)
+        """``"flash via direct aten op"`` on the first line, then each other backend's first reason, one a line."""
         how = BACKENDS[self.backend].DIRECT_LABEL if self.route == "direct" else "F.scaled_dot_product_attention"
         head = f"{self.backend} via {how}"
         if self.fallback:
             head += " [fallback]"
-        return f"{head}  ({why})" if why else head
+        return "\n".join((head, *(f"  {name}: {r[0]}" for name, r in self.reasons.items() if r)))
 
     def explain(self) -> str:
         """A multi-line account: the inputs, the decision, each other backend's reasons, adaptations, route."""
@@ -757,7 +757,12 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
         reasons[name] = tuple(why) if why else (f"ranked below {chosen} for {caps.arch} by the policy",)
     for name in BACKENDS:
         if name not in reasons and name != chosen:
-            why = BACKENDS[name].not_supported_reasons(spec, caps) if policy.name == "auto" else []
+            # A backend that cannot run here says why in its own words (cuDNN on the CPU: not available on the
+            # device), whatever the policy; one that could run but is outside the policy says that.
+            why = BACKENDS[name].not_supported_reasons(spec, caps)
+            if not why and policy.name == "fused" and not BACKENDS[name].fused:
+                why = [f"not a fused kernel ({BACKENDS[name].memory} memory), and policy fused allows only fused "
+                       "kernels"]
             reasons[name] = tuple(why) or (f"not allowed by policy {policy}",)
     prep = BACKENDS[chosen].prep(spec, caps.device_type)
     notes = prep.notes(spec)

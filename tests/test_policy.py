@@ -445,3 +445,28 @@ def test_require_checks_the_call_shape_it_is_given(dtype: torch.dtype, short: in
         sdpa_flash.require("flash", "cpu", seqlen=short, dtype=dtype)
     assert sdpa_flash.require("flash", "cpu", seqlen=enough, dtype=dtype).backend == "flash"
     assert sdpa_flash.require("auto", "cpu", seqlen=short, dtype=dtype).backend == "math"
+
+
+# ------------------------------------------------------------------------------------- str(plan), reasons' words
+def test_str_of_a_plan_is_a_short_head_and_one_reason_a_line() -> None:
+    q = torch.randn(1, 2, 32, 16)
+    text = str(sdpa_flash.explain(q, q, q, policy="fused"))
+    assert text.splitlines() == [
+        "flash via direct aten op",
+        "  fa4: not available on device type 'cpu' (has kernels for: cuda)",
+        "  cudnn: not available on device type 'cpu' (has kernels for: cuda)",
+        "  efficient: not available on device type 'cpu' (has kernels for: cuda)",
+        "  math: not a fused kernel (O(N^2) memory), and policy fused allows only fused kernels",
+        "  chunked: not a fused kernel (O(N) memory), and policy fused allows only fused kernels",
+    ]
+
+
+def test_chunked_route_is_not_called_an_aten_op() -> None:
+    q = torch.randn(1, 2, 32, 16)
+    p = sdpa_flash.explain(q, q, q, policy="chunked")
+    assert str(p).splitlines()[0] == "chunked via pure-PyTorch tiles"
+    assert "route:   direct - the tiled online softmax runs as ordinary PyTorch ops in this process" in p.explain()
+    assert "aten" not in str(p)
+    # a backend outside a single-backend policy that could run is "not allowed"; one that cannot says why
+    assert p.reasons["flash"] == ("not allowed by policy chunked",)
+    assert p.reasons["cudnn"] == ("not available on device type 'cpu' (has kernels for: cuda)",)

@@ -37,6 +37,9 @@ class ChunkedBackend(Backend):
     _REQ = Requirements(dtypes=_ANY_FLOAT, mask=True, dropout=False, native_gqa=False, kernel_causal="any",
                         mask_with_causal=True, deterministic_backward=True)  # plain ops, fixed order
     REQUIREMENTS: ClassVar[dict[str, Requirements]] = {"cuda": _REQ, "cpu": _REQ, "mps": _REQ, "xpu": _REQ}
+    DIRECT_LABEL = "pure-PyTorch tiles"
+    ROUTE_REASON = ("the tiled online softmax runs as ordinary PyTorch ops in this process (no fused kernel, no "
+                    "dispatcher, no global flags change)")
 
     def kernel(self, device_type: str, *, traced: bool = False):  # type: ignore[no-untyped-def]
         return _call
