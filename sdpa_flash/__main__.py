@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .attention import attention
 from .backends import BACKENDS
-from .capability import TORCH_FEATURE_APIS, Capabilities, capabilities, torch_features
+from .capability import TORCH_FEATURE_APIS, Capabilities, capabilities, format_cudnn_version, torch_features
 from .errors import BackendUnavailableError, SdpaFlashError
 from .policy import denylist, get_policy, ranking, resolve_policy
 from .require import parse_device, require
@@ -165,8 +165,8 @@ def fa4_report(caps: Capabilities) -> dict[str, Any]:
 
 def _print(rep: dict[str, Any]) -> None:
     d = rep["device"]
-    print(f"sdpa_flash {rep['sdpa_flash']}  torch {rep['torch']}  CUDA {rep['cuda']}  cuDNN {rep['cudnn']}  "
-          f"Python {rep['python']}")
+    print(f"sdpa_flash {rep['sdpa_flash']}  torch {rep['torch']}  CUDA {rep['cuda']}  "
+          f"cuDNN {format_cudnn_version(rep['cudnn'])}  Python {rep['python']}")
     desc = d["name"] if d["type"] != "cuda" else (
         f"{d['name']} ({d['arch']}, {d['sm_count']} SMs, {d['total_memory_gib']} GiB), flash impl: "
         f"{d['flash_impl'] or 'built-in FA2'}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Capabilities", "capabilities"]
+__all__ = ["Capabilities", "capabilities", "cudnn_release", "format_cudnn_version"]
 
 BACKEND_NAMES: tuple[str, ...] = ("cudnn", "flash", "efficient", "math", "chunked")
 
@@ -103,6 +103,23 @@ class Capabilities:
             probed=False,
             **extra,
         )
+
+
+def cudnn_release(v: int) -> str:
+    """cuDNN's integer version as its release: ``91900`` -> ``"9.19.0"``, ``8907`` -> ``"8.9.7"``.
+
+    cuDNN 9 encodes ``major * 10000 + minor * 100 + patch``; cuDNN 8 and earlier ``major * 1000 + minor * 100 +
+    patch``.
+    """
+    if v >= 10000:
+        return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+    return f"{v // 1000}.{v // 100 % 10}.{v % 100}"
+
+
+def format_cudnn_version(v: int | None) -> str:
+    """cuDNN's integer version as users read it, with the integer too: ``92400`` -> ``"9.24.0 (92400)"``,
+    ``8907`` -> ``"8.9.7 (8907)"``, ``None`` -> ``"none"``."""
+    return "none" if v is None else f"{cudnn_release(v)} ({v})"
 
 
 def _torch_version() -> str:

@@ -225,3 +225,24 @@ def test_startup_check_example_follows_require(args: list[str], status: int, exp
                           capture_output=True, text=True, timeout=TIMEOUT, check=False)
     assert proc.returncode == status, proc.stderr
     assert expected in (proc.stdout if status == 0 else proc.stderr)
+
+
+# ------------------------------------------------------------------------------------- cuDNN versions as read
+@pytest.mark.parametrize(("v", "text"), [(92400, "9.24.0 (92400)"), (91900, "9.19.0 (91900)"),
+                                         (90000, "9.0.0 (90000)"), (8907, "8.9.7 (8907)"), (8600, "8.6.0 (8600)"),
+                                         (7605, "7.6.5 (7605)"), (None, "none")])
+def test_cudnn_versions_are_shown_as_releases(v: int | None, text: str) -> None:
+    from sdpa_flash.capability import format_cudnn_version
+
+    assert format_cudnn_version(v) == text
+
+
+def test_cudnn_reason_and_report_header_use_the_release() -> None:
+    old = sdpa_flash.Capabilities.synthetic("cuda", (9, 0), cudnn_version=8907)
+    spec = sdpa_flash.AttentionSpec("cuda", torch.bfloat16, 1, 8, 8, 128, 128, 64, 64)
+    from sdpa_flash.backends import BACKENDS
+
+    assert "requires cuDNN >= 9.0.0 (90000), this build has 8.9.7 (8907)" in (
+        BACKENDS["cudnn"].not_supported_reasons(spec, old))
+    r = run_cli("--no-check")
+    assert re.search(r"  cuDNN (none|\d+\.\d+\.\d+ \(\d+\))  Python ", r.stdout), r.stdout.splitlines()[0]

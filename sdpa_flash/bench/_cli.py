@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ..capability import format_cudnn_version
 from ._cases import MODES, Case, human_seconds, parse_dtype, tokens_rule_case
 from ._paths import CATALOGUE
 from ._report import (
@@ -233,7 +234,8 @@ def print_doc(doc: dict[str, Any]) -> None:
     """The terminal report: each section's table, then the headline ratios."""
     meta = doc["meta"]
     where = meta["device"] if meta["device_type"] == "cuda" else f"CPU ({meta['cpu']}, {meta['cpu_threads']} threads)"
-    print(f"{where}; torch {meta['torch']}, CUDA {meta['cuda']}, cuDNN {meta['cudnn']}, driver {meta.get('driver')}; "
+    print(f"{where}; torch {meta['torch']}, CUDA {meta['cuda']}, cuDNN {format_cudnn_version(meta['cudnn'])}, "
+          f"driver {meta.get('driver')}; "
           f"sdpa_flash {meta['sdpa_flash']}; {meta['date']}")
     mm = meta.get("matmul")
     if mm and "tflops" in mm:
