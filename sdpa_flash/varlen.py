@@ -143,7 +143,7 @@ class VarlenBatch:
 
     def to_nested(self) -> torch.Tensor:
         """A jagged nested tensor ``(B, H, j, D)`` (SDPA's layout) over the same storage."""
-        return jagged_view(self.values, self.cu_seqlens.long(), self.max_seqlen).transpose(1, 2)
+        return _jagged_view(self.values, self.cu_seqlens.long(), self.max_seqlen).transpose(1, 2)
 
     def __repr__(self) -> str:
         lens = list(self.seqlens[:8]) + (["..."] if len(self.seqlens) > 8 else [])  # type: ignore[list-item]
@@ -151,7 +151,7 @@ class VarlenBatch:
                 f"seqlens={lens}, max_seqlen={self.max_seqlen})")
 
 
-def jagged_view(values: torch.Tensor, offsets: torch.Tensor, max_seqlen: int | None = None) -> torch.Tensor:
+def _jagged_view(values: torch.Tensor, offsets: torch.Tensor, max_seqlen: int | None = None) -> torch.Tensor:
     """``torch.nested.nested_tensor_from_jagged(values, offsets, max_seqlen=...)`` without its log line.
 
     The public function first asks ``torch.fx``'s ``is_fx_tracing()``, which logs a deprecation line
