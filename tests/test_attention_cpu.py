@@ -330,3 +330,35 @@ def test_learned_float_mask_gets_its_gradient_from_a_backend_that_gives_one() ->
     with torch.no_grad():
         assert sdpa_flash.explain(q, k, v, attn_mask=bias).backend == "flash"
         sdpa_flash.attention(q, k, v, attn_mask=bias, policy="flash")  # forward only: fine
+
+
+# ------------------------------------------------------------------------------------ other libraries' keywords
+_KW_HEAD = ("Expected attention()'s keyword arguments to be among attn_mask, causal, dropout_p, scale, layout, "
+            "policy, key_padding_mask, but got ")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"is_causal": True}, "is_causal=True instead. sdpa_flash spells is_causal= as causal= (True or 'top_left' is "
+                          "F.scaled_dot_product_attention's is_causal=True; 'bottom_right' is flash-attn's "
+                          "convention)."),
+    ({"casual": True}, "casual=True instead. Did you mean causal= for casual=?"),
+    ({"enable_gqa": True}, "enable_gqa=True instead. GQA/MQA needs no flag: pass key and value with fewer heads than "
+                           "the query (Hq % Hkv == 0) and drop enable_gqa=."),
+    ({"softmax_scale": 0.5}, "softmax_scale=0.5 instead. sdpa_flash spells softmax_scale= as scale= (None means "
+                             "1/sqrt(D))."),
+    ({"frobnicate": 1}, "frobnicate=1 instead."),
+])
+def test_unknown_keywords_name_our_spelling(kwargs: dict[str, object], message: str) -> None:
+    q = torch.randn(1, 2, 8, 4)
+    for call in (sdpa_flash.attention, sdpa_flash.explain):
+        with pytest.raises(sdpa_flash.AttentionInputError) as info:
+            call(q, q, q, **kwargs)
+        assert str(info.value) == _KW_HEAD.replace("attention()", f"{call.__name__}()") + message
+        assert isinstance(info.value, ValueError)
+
+
+def test_unknown_keyword_values_are_shown_short() -> None:
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(sdpa_flash.AttentionInputError, match=r"but got attn_bias=<tensor \(1, 2, 8, 4\) float32> "
+                                                             r"instead\. sdpa_flash spells attn_bias= as attn_mask="):
+        sdpa_flash.attention(q, q, q, attn_bias=q)
