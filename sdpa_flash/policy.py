@@ -176,15 +176,30 @@ def resolve_policy(
         return _intern(Policy(names[0], (), fb, budget, **extra))  # type: ignore[arg-type]
     unknown = [n for n in names if n not in BACKENDS]
     if unknown or not names:
-        raise AttentionInputError(
-            f"Expected policy to be one of {', '.join(NAMED_POLICIES)} or backend names "
-            f"({', '.join(sorted(BACKENDS))}), but got {policy!r} instead."
-        )
+        raise AttentionInputError(_unknown_policy(policy, unknown))
     if len(set(names)) != len(names):
         raise AttentionInputError(f"Expected each backend at most once in policy, but got {names!r} instead.")
     if len(names) == 1:
         return _intern(Policy(names[0], (names[0],), fb, budget, **extra))  # type: ignore[arg-type]
     return _intern(Policy("custom", tuple(names), fb, budget, **extra))  # type: ignore[arg-type]
+
+
+def _unknown_policy(policy: object, unknown: list[str]) -> str:
+    """The message for unknown policy names: every name listed once, and the closest for each misspelling."""
+    import difflib
+
+    known = list(dict.fromkeys(("auto", "fused", *BACKENDS)))
+    msg = (f"Expected policy to be one of {', '.join(known)}, or a comma-separated list of backend names, but got "
+           f"{policy!r} instead.")
+    for name in unknown:
+        if name in NAMED_POLICIES:
+            msg += f" {name!r} is a policy of its own, not a backend: it stands alone, not in a list."
+            continue
+        pool = known if len(unknown) == 1 and isinstance(policy, str) and "," not in policy else list(BACKENDS)
+        close = difflib.get_close_matches(name.lower(), pool, n=1)
+        if close:
+            msg += f" Did you mean {close[0]!r} for {name!r}?"
+    return msg
 
 
 _interned: dict[Policy, Policy] = {}

@@ -75,7 +75,8 @@ def test_resolve_policy_instance() -> None:
 
 
 BAD_POLICIES: dict[str, tuple[Any, dict[str, Any], str]] = {
-    "unknown-name": ("fastest", {}, r"Expected policy to be one of auto, flash, fused, math .* got 'fastest'"),
+    "unknown-name": ("fastest", {}, r"Expected policy to be one of auto, fused, fa4, cudnn, flash, efficient, math, "
+                                    r"chunked, .* got 'fastest'"),
     "unknown-in-list": ("flash,fastest", {}, r"got 'flash,fastest'"),
     "empty-list": ([], {}, r"Expected policy to be one of .* got \[\]"),
     "duplicate": (["flash", "flash"], {}, r"Expected each backend at most once in policy, .*\['flash', 'flash'\]"),
@@ -470,3 +471,19 @@ def test_chunked_route_is_not_called_an_aten_op() -> None:
     # a backend outside a single-backend policy that could run is "not allowed"; one that cannot says why
     assert p.reasons["flash"] == ("not allowed by policy chunked",)
     assert p.reasons["cudnn"] == ("not available on device type 'cpu' (has kernels for: cuda)",)
+
+
+@pytest.mark.parametrize(("policy", "message"), [
+    ("flsh", "but got 'flsh' instead. Did you mean 'flash' for 'flsh'?"),
+    ("fusd", "but got 'fusd' instead. Did you mean 'fused' for 'fusd'?"),
+    ("cudnn,chunkd", "but got 'cudnn,chunkd' instead. Did you mean 'chunked' for 'chunkd'?"),
+    (["math", "efficent"], "but got ['math', 'efficent'] instead. Did you mean 'efficient' for 'efficent'?"),
+    ("auto,flash", "but got 'auto,flash' instead. 'auto' is a policy of its own, not a backend: it stands alone, "
+                   "not in a list."),
+    ("bogus", "but got 'bogus' instead."),
+])
+def test_misspelt_policies_get_a_suggestion_and_each_name_once(policy: object, message: str) -> None:
+    with pytest.raises(AttentionInputError) as info:
+        resolve_policy(policy)  # type: ignore[arg-type]
+    assert str(info.value) == ("Expected policy to be one of auto, fused, fa4, cudnn, flash, efficient, math, "
+                               "chunked, or a comma-separated list of backend names, " + message)
