@@ -260,3 +260,41 @@ def test_no_numpy_warning_on_the_command_line(tmp_path: pathlib.Path) -> None:
     r = run_cli("--no-check", PYTHONPATH=path)
     assert r.returncode == 0, r.stderr
     assert "NumPy" not in r.stderr and r.stdout.startswith("sdpa_flash ")
+
+
+# ------------------------------------------------------------------------------------- the self-check's rule
+def test_self_check_header_states_the_rule_and_lines_the_bound(capsys: pytest.CaptureFixture[str]) -> None:
+    from sdpa_flash.__main__ import _print_self_check
+
+    errors = {"out": {"error": 7.2e-07, "bound": 2.1e-06, "ratio": 0.86, "floor": 4.4e-07},
+              "dq": {"error": 2.9e-06, "bound": 4.1e-06, "ratio": 3.37, "floor": 2.4e-06}}
+    bad = {"dv": {"error": 9e-06, "bound": 4.1e-06, "ratio": 5.0, "floor": 2.4e-06}}
+    _print_self_check([
+        {"backend": "chunked", "case": "causal GQA 8/2 (2, 8, 256, 64)", "dtype": "float32", "status": "PASS",
+         "errors": errors},
+        {"backend": "flash", "case": "non-causal (2, 8, 256, 64)", "dtype": "float32", "status": "FAIL",
+         "errors": bad},
+        {"backend": "cudnn", "case": "non-causal (2, 8, 256, 64)", "status": "SKIP", "dtype": "float32",
+         "reasons": ["not available on device type 'cpu' (has kernels for: cuda)"]},
+    ])
+    assert capsys.readouterr().out.splitlines() == [
+        "self-check against float64 math, forward + backward:",
+        "  a tensor passes when its largest error <= 2x the same-dtype math error + a floor of 8 eps "
+        "max(1, max|reference|)",
+        "  (float32: eps 1.2e-07); (xR) = error / same-dtype math error; where R > 2, the bound that applied is shown",
+        "  chunked    causal GQA 8/2 (2, 8, 256, 64)   PASS  float32  out 7.2e-07 (x0.86)  "
+        "dq 2.9e-06 (x3.37, within 2x + floor 2.4e-06 = 4.1e-06)",
+        "  flash      non-causal (2, 8, 256, 64)       FAIL  float32  "
+        "dv 9e-06 (x5.00, over 2x + floor 2.4e-06 = 4.1e-06)",
+        "  cudnn      non-causal (2, 8, 256, 64)       SKIP  "
+        "(not available on device type 'cpu' (has kernels for: cuda))",
+    ]
+
+
+def test_self_check_rows_carry_the_floor() -> None:
+    rows = [r for r in sdpa_flash.__main__.self_check(torch.device("cpu"), torch.float32) if r["status"] != "SKIP"]
+    assert rows and all(r["status"] == "PASS" for r in rows)
+    for r in rows:
+        for e in r["errors"].values():
+            assert e["floor"] > 0 and e["error"] <= e["bound"]
+            assert e["ratio"] <= 2 or e["error"] <= e["bound"]  # over 2x only within the floor
