@@ -235,21 +235,43 @@ def _print_torch_features(rep: dict[str, Any]) -> None:
         print(f"  {name:<20} {'found' if found else 'not found'}  {' / '.join(apis)}{detail}")
 
 
+_USAGE = """\
+python -m sdpa_flash [--device DEVICE] [--json] [--no-check] [--require POLICY]
+       python -m sdpa_flash bench [PRESET] [options]"""
+
+_COMMANDS = """\
+What this machine can run, and a self-check; paste the output into bug reports.
+
+commands:
+  python -m sdpa_flash                  the report: versions, device, policy, ranking, every backend for a
+                                        probe call, FlashAttention-4, then the self-check (every backend that
+                                        runs here against float64 math, forward + backward; --no-check skips
+                                        it, --json prints the report as data)
+  python -m sdpa_flash --require POLICY a startup check: exit 1 with the reasons unless POLICY runs on the
+                                        current CUDA GPU (--device cpu checks the CPU)
+  python -m sdpa_flash bench [PRESET]   the benchmarks: every attention path side by side (bench --help,
+                                        bench --list for presets and paths)
+  python -m sdpa_flash bench report R.json ...
+                                        a results page, CSV and plots from saved runs"""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
-    ap = argparse.ArgumentParser(prog="python -m sdpa_flash", description=__doc__.splitlines()[0],
-                                 epilog="python -m sdpa_flash bench --help: the benchmarks")
-    ap.add_argument("--device", help="cpu, cuda or cuda:N (default: the current CUDA device, else cpu)")
+    ap = argparse.ArgumentParser(prog="python -m sdpa_flash", usage=_USAGE, description=_COMMANDS,
+                                 epilog="python -m sdpa_flash bench --help: the benchmarks' presets and options",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", help="cpu, cuda or cuda:N (default: the current CUDA device, else cpu; with "
+                                     "--require: the current CUDA GPU)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--require", metavar="POLICY",
-                    help="exit 1 with the reasons unless POLICY (auto, flash, fused, math, cudnn, efficient, or "
-                         "a comma-separated list) can run a typical call on the current CUDA GPU, or on --device "
-                         "(--device cpu checks the CPU; without a GPU and without --device the requirement is not "
-                         "met)")
+                    help="exit 1 with the reasons unless POLICY (auto, fused, or a backend: fa4, cudnn, flash, "
+                         "efficient, math, chunked; or a comma-separated list of backends) can run a typical call "
+                         "on the current CUDA GPU, or on --device (--device cpu checks the CPU; without a GPU and "
+                         "without --device the requirement is not met)")
     ap.add_argument("--no-check", action="store_true", help="skip the self-check")
     args = ap.parse_args(argv)
     try:

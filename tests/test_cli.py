@@ -298,3 +298,17 @@ def test_self_check_rows_carry_the_floor() -> None:
         for e in r["errors"].values():
             assert e["floor"] > 0 and e["error"] <= e["bound"]
             assert e["ratio"] <= 2 or e["error"] <= e["bound"]  # over 2x only within the floor
+
+
+def test_help_lists_the_commands_first(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m sdpa_flash [--device DEVICE] [--json] [--no-check] [--require POLICY]\n"
+                          "       python -m sdpa_flash bench [PRESET] [options]\n")
+    commands = out.split("commands:\n", 1)[1].split("options:", 1)[0]
+    for line in ("  python -m sdpa_flash                  the report:", "  python -m sdpa_flash --require POLICY a "
+                 "startup check:", "  python -m sdpa_flash bench [PRESET]   the benchmarks:",
+                 "  python -m sdpa_flash bench report R.json ..."):
+        assert line in commands

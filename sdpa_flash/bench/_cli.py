@@ -211,7 +211,7 @@ def write_outputs(docs: Sequence[dict[str, Any]], *, json_path: str | None = Non
         written.append(csv_path)
     plots: list[str] = []
     if plots_dir:
-        from ._plots import matplotlib_missing, write_plots
+        from ._plots import matplotlib_missing, nothing_to_plot, write_plots
 
         why = matplotlib_missing()
         if why:
@@ -219,6 +219,8 @@ def write_outputs(docs: Sequence[dict[str, Any]], *, json_path: str | None = Non
         else:
             plots = write_plots(docs, plots_dir)
             written += plots
+            if not plots:  # said whatever --quiet says: the user asked for plots
+                print(f"sdpa_flash bench: no plots written to {plots_dir}: {nothing_to_plot(docs)}", file=sys.stderr)
     if md_path:
         os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
         text = render_markdown(docs, plots=plots, md_path=md_path, notes=_keep_notes(md_path))
