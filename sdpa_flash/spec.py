@@ -77,14 +77,25 @@ class AttentionSpec:
             return "top_left"
         return self.causal
 
-    def describe(self) -> str:
-        """One line for error messages: ``query (2, 16, 4096, 128) bfloat16 on cuda, causal=top_left``."""
+    def describe(self, layout: str = "bhsd") -> str:
+        """One line for error messages: ``query (2, 16, 4096, 128) bfloat16 on cuda, causal=top_left``.
+
+        With ``layout="bshd"`` the shapes are given as the user passed them, ``(B, S, H, D)``, and the line says
+        ``layout=bshd``.
+        """
+        b = self.batch
+
+        def shape(h: int, s: int, d: int) -> tuple[int, int, int, int]:
+            return (b, s, h, d) if layout == "bshd" else (b, h, s, d)
+
         parts = [
-            f"query ({self.batch}, {self.heads_q}, {self.seqlen_q}, {self.head_dim})",
-            f"key ({self.batch}, {self.heads_kv}, {self.seqlen_k}, {self.head_dim})",
-            f"value ({self.batch}, {self.heads_kv}, {self.seqlen_k}, {self.head_dim_v})",
+            f"query {shape(self.heads_q, self.seqlen_q, self.head_dim)}",
+            f"key {shape(self.heads_kv, self.seqlen_k, self.head_dim)}",
+            f"value {shape(self.heads_kv, self.seqlen_k, self.head_dim_v)}",
             f"{dtype_name(self.dtype)} on {self.device_type}",
         ]
+        if layout == "bshd":
+            parts.append("layout=bshd")
         if self.causal:
             parts.append(f"causal={self.causal}")
         if self.mask:

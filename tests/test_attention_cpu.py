@@ -362,3 +362,21 @@ def test_unknown_keyword_values_are_shown_short() -> None:
     with pytest.raises(sdpa_flash.AttentionInputError, match=r"but got attn_bias=<tensor \(1, 2, 8, 4\) float32> "
                                                              r"instead\. sdpa_flash spells attn_bias= as attn_mask="):
         sdpa_flash.attention(q, q, q, attn_bias=q)
+
+
+def test_fallback_warning_and_error_give_shapes_in_the_users_layout() -> None:
+    # (B, S, H, D) in, (B, S, H, D) in the message: with layout="bshd" the shapes are not turned into (B, H, S, D)
+    q = torch.randn(2, 23, 3, 8)  # B=2, S=23, H=3, D=8: a shape no other test uses, so the warning is new
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sdpa_flash.attention(q, q, q, dropout_p=0.25, layout="bshd")
+    [msg] = [str(w.message) for w in caught if "fell back" in str(w.message)]
+    assert msg.startswith("sdpa_flash fell back to the math backend (O(N^2) memory) for query (2, 23, 3, 8), key "
+                          "(2, 23, 3, 8), value (2, 23, 3, 8), float32 on cpu, layout=bshd, dropout because flash: "
+                          "dropout_p > 0 is not supported.")
+    for call in (sdpa_flash.attention, sdpa_flash.explain):
+        with pytest.raises(sdpa_flash.BackendUnavailableError) as info:
+            call(q, q, q, dropout_p=0.25, layout="bshd", policy="flash")
+        assert info.value.inputs == ("query (2, 23, 3, 8), key (2, 23, 3, 8), value (2, 23, 3, 8), float32 on cpu, "
+                                     "layout=bshd, dropout")
+        assert "  inputs: query (2, 23, 3, 8), key" in str(info.value)

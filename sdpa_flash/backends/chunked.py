@@ -9,8 +9,10 @@ each block's probabilities from that log-sum-exp (FlashAttention-2's backward eq
 
 So no (Sq, Sk) matrix is ever materialised: the peak extra memory is one (B, H, block_q, block_k) block. It is
 what ``"auto"`` runs when no fused kernel can take a call and the math backend would materialise more than the
-policy's memory budget; it accepts what math accepts except dropout (declined: its random stream would not match
-math's, and an inexact dropout is not offered). Fully masked query rows give zeros, like PyTorch's math backend.
+policy's memory budget; it accepts what math accepts except dropout. Dropout is declined, not approximated: it
+would need its own mask stream, regenerated tile by tile in the backward (the same distribution as math's, other
+bits), which is not implemented; under "auto" math (ranked above chunked on every device) runs dropout calls
+anyway. Fully masked query rows give zeros, like PyTorch's math backend.
 """
 
 from __future__ import annotations
