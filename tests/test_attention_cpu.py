@@ -380,3 +380,12 @@ def test_fallback_warning_and_error_give_shapes_in_the_users_layout() -> None:
         assert info.value.inputs == ("query (2, 23, 3, 8), key (2, 23, 3, 8), value (2, 23, 3, 8), float32 on cpu, "
                                      "layout=bshd, dropout")
         assert "  inputs: query (2, 23, 3, 8), key" in str(info.value)
+
+
+def test_cpu_flash_kernel_has_no_dropout() -> None:
+    # Why CPU dropout calls run on math: PyTorch's CPU flash kernel refuses dropout_p > 0 (torch 2.13). If a torch
+    # release starts accepting it, this fails: then check its masks and set dropout=True in flash's CPU requirements.
+    q = torch.randn(1, 2, 32, 8)
+    with pytest.raises(RuntimeError, match="Currently do not support dropout > 0"):
+        torch._scaled_dot_product_flash_attention_for_cpu(q, q, q, 0.1, False)
+    assert sdpa_flash.backends.BACKENDS["flash"].requirements("cpu").dropout is False
