@@ -33,6 +33,7 @@ import torch
 import sdpa_flash
 import sdpa_flash.compat as C
 from sdpa_flash.bench._timing import Settings, Stats, Timed, cleanup, interleave
+from sdpa_flash.capability import format_cudnn_version
 from sdpa_flash.compat._common import features
 from sdpa_flash.compat._exact import Geometry
 from sdpa_flash.compat._run import feature_mask
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     table: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     caps = sdpa_flash.capabilities(DEV)
-    print(f"{caps.name} ({caps.arch}), torch {caps.torch_version}, cuDNN {caps.cudnn_version}", flush=True)
+    print(f"{caps.name} ({caps.arch}), torch {caps.torch_version}, "
+          f"cuDNN {format_cudnn_version(caps.cudnn_version)}", flush=True)
     overhead(table, settings, args.quick)
     features_vs_masked(table, settings, args.quick)
     decode(table, settings, args.quick)

@@ -34,8 +34,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.kv_heads, max_position_embeddings=256, pad_token_id=0)
     torch.manual_seed(0)
+    # One config object per model: transformers keeps attn_implementation on the config, and models built from one
+    # object share it, so building `ref` from `config` itself would switch `ours` to "sdpa" too, silently
+    # (sdpa_flash would then never be called; route_counts() would stay {}). check() raises if that happened.
     ours = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa_flash", dtype=dtype)
     ref = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=dtype)
+    sdpa_flash_hf.check(ours)
     ref.load_state_dict(ours.state_dict())
     ours, ref = ours.to(device).eval(), ref.to(device).eval()
 

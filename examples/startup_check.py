@@ -1,8 +1,11 @@
 """Fail a job early, with reasons, when the attention kernel it expects is not available.
 
-    python examples/startup_check.py                   # require a fused (O(N)-memory) kernel here
-    python examples/startup_check.py --require flash   # require SDPBackend.FLASH_ATTENTION on the GPU
-Exit status 0 when the requirement is met, 1 (with every backend's reasons on stderr) when it is not.
+    python examples/startup_check.py                      # require a fused (O(N)-memory) kernel on the GPU
+    python examples/startup_check.py --require flash      # require SDPBackend.FLASH_ATTENTION on the GPU
+    python examples/startup_check.py --device cpu         # check the CPU instead (PyTorch's CPU flash is fused)
+Without ``--device`` the check is for the current CUDA GPU: on a machine where none is visible it fails, since a
+job that expects a GPU has landed on the wrong machine.
+Exit status 0 when the requirement is met, 1 (with the reasons on stderr) when it is not.
 The same check from a shell: ``python -m sdpa_flash --require flash --no-check``.
 """
 
@@ -19,7 +22,8 @@ import sdpa_flash
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--require", default="fused", help="a policy (auto, fused, flash, ...) or backend name")
-    ap.add_argument("--device", default=None, help="default: the current CUDA device, else the CPU")
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the current CUDA GPU; "
+                    "without one the check fails)")
     ap.add_argument("--head-dim", type=int, default=128)
     args = ap.parse_args(argv)
     try:

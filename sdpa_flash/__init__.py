@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from . import _torch_import  # noqa: F401  (first: imports torch without its NumPy warning on the command line)
 from ._warmup import WarmupResult, warmup
 from .attention import attention, explain
 from .backends import Backend, Requirements, register_backend, unregister_backend

@@ -143,7 +143,7 @@ def dense_explain(
     if isinstance(query, torch.Tensor) and _autocast_enabled(query.device.type):
         query, key, value, attn_mask = _autocast_inputs(query, key, value, attn_mask)
     spec = _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
-    p = plan(spec, capabilities(query.device), pol)
+    p = _plan_in_layout(spec, capabilities(query.device), pol, layout)
     why = _interception(query, key, value)
     if why:
         return _sdpa_plan(p, why)
@@ -154,12 +154,23 @@ def dense_explain(
 
 
 # ----------------------------------------------------------------------------------------------- build
+def _plan_in_layout(spec: AttentionSpec, caps: Any, pol: Policy, layout: str) -> Plan:
+    """:func:`plan`, with the inputs of a ``BackendUnavailableError`` described in the user's layout."""
+    try:
+        return plan(spec, caps, pol)
+    except BackendUnavailableError as exc:
+        if layout != "bshd":
+            raise
+        raise BackendUnavailableError(str(exc).split("\n", 1)[0], inputs=spec.describe(layout),
+                                      reasons=exc.reasons) from None
+
+
 def _build(
     ck: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
     causal: bool | str, dropout_p: float, scale: float | None, layout: str, pol: Policy,
 ) -> tuple[Callable[..., torch.Tensor], tuple[str, str, str | None] | None, Policy, Any]:
     spec = _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
-    p = plan(spec, capabilities(query.device), pol)
+    p = _plan_in_layout(spec, capabilities(query.device), pol, layout)
     run = BACKENDS[p.backend].runner(spec, p.prep)
     copied = _needs_copy(p.backend, spec.device_type, query, key, value)
     if any(copied):
@@ -169,7 +180,7 @@ def _build(
     if p.deterministic == "warn" and _policy._nondeterministic(p.backend, p.caps):
         warnings.warn(f"sdpa_flash: the {p.backend} backend's backward is not deterministic, and "
                       "torch.use_deterministic_algorithms(True, warn_only=True) is set: it runs anyway for "
-                      f"{spec.describe()}. With warn_only=False sdpa_flash picks a backend whose backward is "
+                      f"{spec.describe(layout)}. With warn_only=False sdpa_flash picks a backend whose backward is "
                       "deterministic.", UserWarning, stacklevel=3)
     if layout == "bshd":
         # A kernel that reads (B, S, H, D) itself (FA4) takes the tensors as they are when nothing is adapted.
@@ -189,7 +200,7 @@ def _build(
         blocked = "; ".join(f"{n}: {r[0]}" for n, r in p.reasons.items() if n in p.order[: p.order.index(p.backend)])
         message = (
             f"sdpa_flash fell back to the {p.backend} backend ({BACKENDS[p.backend].memory} memory) for "
-            f"{spec.describe()} because {blocked}. sdpa_flash.explain(...) shows every reason; "
+            f"{spec.describe(layout)} because {blocked}. sdpa_flash.explain(...) shows every reason; "
             "fallback='error' makes this an error, fallback='silent' silences it."
         )
         fallback = (p.backend, blocked, message if p.policy.fallback == "warn_once" else None)

@@ -17,7 +17,7 @@ from packaging.version import Version
 from .backends import BACKENDS
 from .capability import Capabilities
 from .errors import AttentionInputError
-from .spec import AttentionSpec
+from .spec import AttentionSpec, cudnn_release
 
 __all__ = ["DenylistEntry", "RankingRule"]
 
@@ -176,8 +176,7 @@ class DenylistEntry:
         if self.cudnn is not None:
             if caps.cudnn_version is None:
                 return False
-            v = caps.cudnn_version
-            if not _version_in(f"{v // 10000}.{v // 100 % 100}.{v % 100}", self.cudnn):
+            if not _version_in(cudnn_release(caps.cudnn_version), self.cudnn):
                 return False
         if self.kernel is not None:
             installed = caps.kernel_version(self.backend)

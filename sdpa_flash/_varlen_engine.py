@@ -263,9 +263,8 @@ class VarlenPlan:
             bits.append(f"{len(self.groups)} {self.backend} group call(s), padded work x{self.padded_work:.2f}")
         if self.varlen_members:
             bits.append(f"{len(self.varlen_members)} sequence(s) in one {self.varlen_backend} varlen call")
-        why = "; ".join(f"{k}: {v[0]}" for k, v in self.reasons.items() if v)
         head = f"varlen {self.path}: " + (", ".join(bits) or "nothing to compute")
-        return f"{head}  ({why})" if why else head
+        return "\n".join((head, *(f"  {k}: {v[0]}" for k, v in self.reasons.items() if v)))
 
     def explain(self) -> str:
         lines = [f"path:    {self.path}", f"policy:  {self.policy}", f"inputs:  {self.spec.describe()}"]

@@ -32,6 +32,7 @@ def attention(
     layout: str = "bhsd",
     policy: PolicyLike | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    **unknown: Any,
 ) -> torch.Tensor:
     """Scaled dot-product attention on the fastest kernel the policy allows, with autograd.
 
@@ -64,7 +65,9 @@ def attention(
         The attention output.
 
     Raises:
-        AttentionInputError: the inputs are invalid (the message names the argument and the fix).
+        AttentionInputError: the inputs are invalid (the message names the argument and the fix), or a keyword
+            is not one of the above (``is_causal=`` names ``causal=``; other spellings of PyTorch, flash-attn and
+            xformers name theirs here).
         BackendUnavailableError: no backend the policy allows can run these inputs here.
         ShadowMismatchError: only with shadow checking on and ``shadow_action="raise"`` (see
             :class:`sdpa_flash.Policy`): the backend's output disagreed with the math reference.
@@ -74,6 +77,8 @@ def attention(
         >>> attention(q, k, v, causal=True).shape
         torch.Size([2, 8, 128, 64])
     """
+    if unknown:
+        raise _unknown_keywords("attention", unknown)
     if key_padding_mask is not None:
         return _padded(query, key, value, key_padding_mask, attn_mask, causal, dropout_p, scale, layout, policy)
     return dense_attention(query, key, value, attn_mask, causal, dropout_p, scale, layout, policy)  # positional: fast
@@ -91,19 +96,68 @@ def explain(
     layout: str = "bhsd",
     policy: PolicyLike | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    **unknown: Any,
 ) -> Any:
     """The :class:`Plan` that :func:`attention` would follow for these arguments, without running anything.
 
-    ``str(plan)`` is one line (``"cudnn via direct aten op  (flash: ranked below cudnn ...; ...)"``) and
-    ``plan.explain()`` a full account. Raises what :func:`attention` would raise. With ``key_padding_mask``
+    ``str(plan)`` is short: the backend and route on its first line (``"cudnn via direct aten op"``), then
+    each other backend's first reason, one a line (``"  flash: ranked below cudnn for sm90 by the policy"``);
+    ``plan.explain()`` is the full account. Raises what :func:`attention` would raise. With ``key_padding_mask``
     it is the varlen engine's plan (:class:`sdpa_flash.varlen.VarlenPlan`, or a :class:`Plan` for the dense
     fallback it notes).
     """
+    if unknown:
+        raise _unknown_keywords("explain", unknown)
     if key_padding_mask is not None:
         return _padded(query, key, value, key_padding_mask, attn_mask, causal, dropout_p, scale, layout, policy,
                        explain_only=True)
     return dense_explain(query, key, value, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p, scale=scale,
                          layout=layout, policy=policy)
+
+# ------------------------------------------------------------------------------------ unknown keywords
+_KEYWORDS = ("attn_mask", "causal", "dropout_p", "scale", "layout", "policy", "key_padding_mask")
+# Other libraries' spellings of attention()'s keywords: name -> (ours, how to port the value).
+_SPELLINGS = {
+    "is_causal": ("causal", "True or 'top_left' is F.scaled_dot_product_attention's is_causal=True; "
+                            "'bottom_right' is flash-attn's convention"),
+    "enable_gqa": (None, "GQA/MQA needs no flag: pass key and value with fewer heads than the query (Hq % Hkv == 0) "
+                         "and drop enable_gqa="),
+    "softmax_scale": ("scale", "None means 1/sqrt(D)"),
+    "dropout": ("dropout_p", "the dropout probability"),
+    "p": ("dropout_p", "the dropout probability"),
+    "attn_bias": ("attn_mask", "a boolean mask, True = attend, or an additive float bias"),
+    "mask": ("attn_mask", "a boolean mask, True = attend, or an additive float bias"),
+    "padding_mask": ("key_padding_mask", "(B, Sk) boolean, True = a real token"),
+}
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}>"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _unknown_keywords(fn: str, unknown: dict[str, Any]) -> AttentionInputError:
+    """The error for keywords ``fn`` does not take: each with ours (another library's spelling), the closest
+    (a misspelling), or nothing more."""
+    import difflib
+
+    hints = []
+    for name in unknown:
+        ours, how = _SPELLINGS.get(name, (None, ""))
+        if ours is not None:
+            hints.append(f"sdpa_flash spells {name}= as {ours}= ({how}).")
+        elif how:
+            hints.append(f"{how}.")
+        else:
+            close = difflib.get_close_matches(name, _KEYWORDS, n=1)
+            if close:
+                hints.append(f"Did you mean {close[0]}= for {name}=?")
+    got = ", ".join(f"{name}={_short(value)}" for name, value in unknown.items())
+    return AttentionInputError(" ".join((
+        f"Expected {fn}()'s keyword arguments to be among {', '.join(_KEYWORDS)}, but got {got} instead.", *hints)))
+
 
 # ------------------------------------------------------------------------------------ key padding mask
 _mask_layouts: dict[int, tuple[Any, int, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]] = {}

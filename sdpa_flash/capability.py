@@ -17,8 +17,9 @@ import torch
 
 from . import _caches
 from .backends import BACKENDS
+from .spec import cudnn_release, format_cudnn_version
 
-__all__ = ["Capabilities", "capabilities"]
+__all__ = ["Capabilities", "capabilities", "cudnn_release", "format_cudnn_version"]
 
 
 @dataclasses.dataclass(frozen=True)

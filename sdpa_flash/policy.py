@@ -178,15 +178,30 @@ def resolve_policy(
         return _intern(Policy(names[0], (), fb, budget, **extra))
     unknown = [n for n in names if n not in BACKENDS]
     if unknown or not names:
-        raise AttentionInputError(
-            f"Expected policy to be one of {', '.join(NAMED_POLICIES)} or backend names "
-            f"({', '.join(sorted(BACKENDS))}), but got {policy!r} instead."
-        )
+        raise AttentionInputError(_unknown_policy(policy, unknown))
     if len(set(names)) != len(names):
         raise AttentionInputError(f"Expected each backend at most once in policy, but got {names!r} instead.")
     if len(names) == 1:
         return _intern(Policy(names[0], (names[0],), fb, budget, **extra))
     return _intern(Policy("custom", tuple(names), fb, budget, **extra))
+
+
+def _unknown_policy(policy: object, unknown: list[str]) -> str:
+    """The message for unknown policy names: every name listed once, and the closest for each misspelling."""
+    import difflib
+
+    known = list(dict.fromkeys(("auto", "fused", *BACKENDS)))
+    msg = (f"Expected policy to be one of {', '.join(known)}, or a comma-separated list of backend names, but got "
+           f"{policy!r} instead.")
+    for name in unknown:
+        if name in NAMED_POLICIES:
+            msg += f" {name!r} is a policy of its own, not a backend: it stands alone, not in a list."
+            continue
+        pool = known if len(unknown) == 1 and isinstance(policy, str) and "," not in policy else list(BACKENDS)
+        close = difflib.get_close_matches(name.lower(), pool, n=1)
+        if close:
+            msg += f" Did you mean {close[0]!r} for {name!r}?"
+    return msg
 
 
 _interned: dict[Policy, Policy] = {}
@@ -400,12 +415,12 @@ class Plan:
     prep: Prep = dataclasses.field(default_factory=Prep, repr=False, compare=False)
 
     def __str__(self) -> str:
-        why = "; ".join(f"{name}: {r[0]}" for name, r in self.reasons.items() if r)
+        """``"flash via direct aten op"`` on the first line, then each other backend's first reason, one a line."""
         how = BACKENDS[self.backend].DIRECT_LABEL if self.route == "direct" else "F.scaled_dot_product_attention"
         head = f"{self.backend} via {how}"
         if self.fallback:
             head += " [fallback]"
-        return f"{head}  ({why})" if why else head
+        return "\n".join((head, *(f"  {name}: {r[0]}" for name, r in self.reasons.items() if r)))
 
     def explain(self) -> str:
         """A multi-line account: the inputs, the decision, each other backend's reasons, adaptations, route."""
@@ -571,7 +586,12 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
         reasons[name] = tuple(why) if why else (f"ranked below {chosen} for {caps.arch} by the policy",)
     for name in BACKENDS:
         if name not in reasons and name != chosen:
-            why = BACKENDS[name].not_supported_reasons(spec, caps) if policy.name == "auto" else []
+            # A backend that cannot run here says why in its own words (cuDNN on the CPU: not available on the
+            # device), whatever the policy; one that could run but is outside the policy says that.
+            why = BACKENDS[name].not_supported_reasons(spec, caps)
+            if not why and policy.name == "fused" and not BACKENDS[name].fused:
+                why = [f"not a fused kernel ({BACKENDS[name].memory} memory), and policy fused allows only fused "
+                       "kernels"]
             reasons[name] = tuple(why) or (f"not allowed by policy {policy}",)
     prep = BACKENDS[chosen].prep(spec, caps.device_type)
     notes = prep.notes(spec)

@@ -54,10 +54,20 @@ def require(
     causal: bool = True,
     needs_grad: bool = True,
 ) -> Plan:
-    """Check that ``policy`` can run a typical attention call on ``device``; return the plan it would follow.
+    """Check that ``policy`` can run one typical attention call on ``device``; return the plan it would follow.
 
-    The call checked is ``(1, heads, seqlen, head_dim)`` in ``dtype`` (default: bfloat16 on GPUs that support
-    it, float16 on older ones, float32 on the CPU), causal, with a backward, unless told otherwise.
+    A startup check: it is meant to fail a job that landed on the wrong machine, so ``device=None`` means the
+    current CUDA GPU and raises where no CUDA GPU is visible, even though PyTorch has CPU kernels. Pass
+    ``device="cpu"`` to check the CPU (``require("fused", "cpu")`` passes there: PyTorch's CPU flash kernel is
+    fused, with O(N) memory).
+
+    It checks exactly one call shape: query, key and value ``(1, heads, seqlen, head_dim)`` (``kv_heads`` key/value
+    heads when given) in ``dtype`` (default: bfloat16 on GPUs that support it, float16 on older ones, float32 on
+    the CPU), causal when ``causal``, with a backward when ``needs_grad`` — by default ``(1, 16, 1024, 128)``,
+    causal, with a backward. Other calls may decide differently: on the CPU, PyTorch's flash kernel is
+    denylisted for calls with fewer than 16 keys (8 in float64; pytorch/pytorch#141128) — ``"auto"`` reroutes
+    them to math, ``"flash"`` refuses them — so ``require("flash", "cpu", seqlen=8)`` raises. Pass the
+    parameters of the calls your job makes to check those.
 
     Example:
         >>> sdpa_flash.require("flash", "cpu", dtype=torch.float32).backend
@@ -65,7 +75,7 @@ def require(
 
     Raises:
         BackendUnavailableError: the policy cannot run such a call here (the message lists every backend
-            tried and why), or the device does not exist.
+            tried and why), ``device`` is ``None`` and no CUDA GPU is visible, or the device does not exist.
     """
     pol = resolve_policy(policy)
     if dtype is not None and dtype not in FLOAT_DTYPES:
@@ -77,6 +87,11 @@ def require(
     if kv_heads is not None and (type(kv_heads) is not int or kv_heads <= 0 or heads % kv_heads):
         raise AttentionInputError(f"Expected kv_heads to be None or a positive divisor of heads={heads} (GQA/MQA), "
                                   f"but got {kv_heads!r} instead.")
+    if device is None and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            f"Expected a CUDA GPU for policy {pol} (device=None means the current CUDA GPU), but no CUDA GPU is "
+            f"visible to this PyTorch ({torch.__version__}; CUDA build: {torch.version.cuda}) instead. To check "
+            "the CPU, pass device='cpu' (on the command line: --device cpu).")
     try:
         dev = parse_device(device)
     except BackendUnavailableError as exc:

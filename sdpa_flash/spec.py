@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 __all__ = ["CAUSAL_KINDS", "FLOAT_DTYPES", "AttentionSpec", "CausalKind", "MaskKind", "causal_mask_tensor",
-           "format_bytes"]
+           "cudnn_release", "format_bytes", "format_cudnn_version"]
 
 CausalKind = str | None
 """``None`` (no causal masking), ``"top_left"`` (PyTorch's ``is_causal``) or ``"bottom_right"`` (flash-attn)."""
@@ -30,6 +30,23 @@ def causal_mask_tensor(kind: str, sq: int, sk: int, device: torch.device) -> tor
     """
     offset = 0 if kind == "top_left" else sk - sq
     return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+def cudnn_release(v: int) -> str:
+    """cuDNN's integer version as its release: ``91900`` -> ``"9.19.0"``, ``8907`` -> ``"8.9.7"``.
+
+    cuDNN 9 encodes ``major * 10000 + minor * 100 + patch``; cuDNN 8 and earlier ``major * 1000 + minor * 100 +
+    patch``.
+    """
+    if v >= 10000:
+        return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+    return f"{v // 1000}.{v // 100 % 10}.{v % 100}"
+
+
+def format_cudnn_version(v: int | None) -> str:
+    """cuDNN's integer version as users read it, with the integer too: ``92400`` -> ``"9.24.0 (92400)"``,
+    ``8907`` -> ``"8.9.7 (8907)"``, ``None`` -> ``"none"``."""
+    return "none" if v is None else f"{cudnn_release(v)} ({v})"
 
 
 def format_bytes(n: int) -> str:
@@ -103,14 +120,25 @@ class AttentionSpec:
             return "top_left"
         return self.causal
 
-    def describe(self) -> str:
-        """One line for error messages: ``query (2, 16, 4096, 128) bfloat16 on cuda, causal=top_left``."""
+    def describe(self, layout: str = "bhsd") -> str:
+        """One line for error messages: ``query (2, 16, 4096, 128) bfloat16 on cuda, causal=top_left``.
+
+        With ``layout="bshd"`` the shapes are given as the user passed them, ``(B, S, H, D)``, and the line says
+        ``layout=bshd``.
+        """
+        b = self.batch
+
+        def shape(h: int, s: int, d: int) -> tuple[int, int, int, int]:
+            return (b, s, h, d) if layout == "bshd" else (b, h, s, d)
+
         parts = [
-            f"query ({self.batch}, {self.heads_q}, {self.seqlen_q}, {self.head_dim})",
-            f"key ({self.batch}, {self.heads_kv}, {self.seqlen_k}, {self.head_dim})",
-            f"value ({self.batch}, {self.heads_kv}, {self.seqlen_k}, {self.head_dim_v})",
+            f"query {shape(self.heads_q, self.seqlen_q, self.head_dim)}",
+            f"key {shape(self.heads_kv, self.seqlen_k, self.head_dim)}",
+            f"value {shape(self.heads_kv, self.seqlen_k, self.head_dim_v)}",
             f"{dtype_name(self.dtype)} on {self.device_type}",
         ]
+        if layout == "bshd":
+            parts.append("layout=bshd")
         if self.causal:
             parts.append(f"causal={self.causal}")
         if self.mask:

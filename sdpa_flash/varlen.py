@@ -143,14 +143,27 @@ class VarlenBatch:
 
     def to_nested(self) -> torch.Tensor:
         """A jagged nested tensor ``(B, H, j, D)`` (SDPA's layout) over the same storage."""
-        nt = torch.nested.nested_tensor_from_jagged(self.values, offsets=self.cu_seqlens.long(),
-                                                    max_seqlen=self.max_seqlen)
-        return nt.transpose(1, 2)
+        return _jagged_view(self.values, self.cu_seqlens.long(), self.max_seqlen).transpose(1, 2)
 
     def __repr__(self) -> str:
         lens = list(self.seqlens[:8]) + (["..."] if len(self.seqlens) > 8 else [])
         return (f"VarlenBatch(values={tuple(self.values.shape)} {self.values.dtype} on {self.values.device}, "
                 f"seqlens={lens}, max_seqlen={self.max_seqlen})")
+
+
+def _jagged_view(values: torch.Tensor, offsets: torch.Tensor, max_seqlen: int | None = None) -> torch.Tensor:
+    """``torch.nested.nested_tensor_from_jagged(values, offsets, max_seqlen=...)`` without its log line.
+
+    The public function first asks ``torch.fx``'s ``is_fx_tracing()``, which logs a deprecation line
+    (``W... is_fx_tracing will return true for both fx.symbolic_trace and torch.export ...``, torch 2.13) once per
+    process; the view it then builds is made here the same way. Torch builds without that helper use the public
+    function.
+    """
+    try:
+        from torch.nested._internal.nested_tensor import nested_view_from_values_offsets_lengths as view
+    except ImportError:  # pragma: no cover - a torch that moved it
+        return torch.nested.nested_tensor_from_jagged(values, offsets=offsets, max_seqlen=max_seqlen)
+    return view(values, offsets, None, ragged_idx=1, max_seqlen=max_seqlen)
 
 
 # ------------------------------------------------------------------------------------------ constructors

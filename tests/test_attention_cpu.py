@@ -330,3 +330,62 @@ def test_learned_float_mask_gets_its_gradient_from_a_backend_that_gives_one() ->
     with torch.no_grad():
         assert sdpa_flash.explain(q, k, v, attn_mask=bias).backend == "flash"
         sdpa_flash.attention(q, k, v, attn_mask=bias, policy="flash")  # forward only: fine
+
+
+# ------------------------------------------------------------------------------------ other libraries' keywords
+_KW_HEAD = ("Expected attention()'s keyword arguments to be among attn_mask, causal, dropout_p, scale, layout, "
+            "policy, key_padding_mask, but got ")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"is_causal": True}, "is_causal=True instead. sdpa_flash spells is_causal= as causal= (True or 'top_left' is "
+                          "F.scaled_dot_product_attention's is_causal=True; 'bottom_right' is flash-attn's "
+                          "convention)."),
+    ({"casual": True}, "casual=True instead. Did you mean causal= for casual=?"),
+    ({"enable_gqa": True}, "enable_gqa=True instead. GQA/MQA needs no flag: pass key and value with fewer heads than "
+                           "the query (Hq % Hkv == 0) and drop enable_gqa=."),
+    ({"softmax_scale": 0.5}, "softmax_scale=0.5 instead. sdpa_flash spells softmax_scale= as scale= (None means "
+                             "1/sqrt(D))."),
+    ({"frobnicate": 1}, "frobnicate=1 instead."),
+])
+def test_unknown_keywords_name_our_spelling(kwargs: dict[str, object], message: str) -> None:
+    q = torch.randn(1, 2, 8, 4)
+    for call in (sdpa_flash.attention, sdpa_flash.explain):
+        with pytest.raises(sdpa_flash.AttentionInputError) as info:
+            call(q, q, q, **kwargs)
+        assert str(info.value) == _KW_HEAD.replace("attention()", f"{call.__name__}()") + message
+        assert isinstance(info.value, ValueError)
+
+
+def test_unknown_keyword_values_are_shown_short() -> None:
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(sdpa_flash.AttentionInputError, match=r"but got attn_bias=<tensor \(1, 2, 8, 4\) float32> "
+                                                             r"instead\. sdpa_flash spells attn_bias= as attn_mask="):
+        sdpa_flash.attention(q, q, q, attn_bias=q)
+
+
+def test_fallback_warning_and_error_give_shapes_in_the_users_layout() -> None:
+    # (B, S, H, D) in, (B, S, H, D) in the message: with layout="bshd" the shapes are not turned into (B, H, S, D)
+    q = torch.randn(2, 23, 3, 8)  # B=2, S=23, H=3, D=8: a shape no other test uses, so the warning is new
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sdpa_flash.attention(q, q, q, dropout_p=0.25, layout="bshd")
+    [msg] = [str(w.message) for w in caught if "fell back" in str(w.message)]
+    assert msg.startswith("sdpa_flash fell back to the math backend (O(N^2) memory) for query (2, 23, 3, 8), key "
+                          "(2, 23, 3, 8), value (2, 23, 3, 8), float32 on cpu, layout=bshd, dropout because flash: "
+                          "dropout_p > 0 is not supported.")
+    for call in (sdpa_flash.attention, sdpa_flash.explain):
+        with pytest.raises(sdpa_flash.BackendUnavailableError) as info:
+            call(q, q, q, dropout_p=0.25, layout="bshd", policy="flash")
+        assert info.value.inputs == ("query (2, 23, 3, 8), key (2, 23, 3, 8), value (2, 23, 3, 8), float32 on cpu, "
+                                     "layout=bshd, dropout")
+        assert "  inputs: query (2, 23, 3, 8), key" in str(info.value)
+
+
+def test_cpu_flash_kernel_has_no_dropout() -> None:
+    # Why CPU dropout calls run on math: PyTorch's CPU flash kernel refuses dropout_p > 0 (torch 2.13). If a torch
+    # release starts accepting it, this fails: then check its masks and set dropout=True in flash's CPU requirements.
+    q = torch.randn(1, 2, 32, 8)
+    with pytest.raises(RuntimeError, match="Currently do not support dropout > 0"):
+        torch._scaled_dot_product_flash_attention_for_cpu(q, q, q, 0.1, False)
+    assert sdpa_flash.backends.BACKENDS["flash"].requirements("cpu").dropout is False

@@ -84,15 +84,27 @@ def test_report_on_the_gpu_passes_self_check_for_every_available_backend() -> No
     assert all(row["status"] == "PASS" for row in ran.values()), ran
 
 
-def test_require_flash_met() -> None:
-    r = run_cli("--require", "flash", "--no-check")
+def test_require_flash_met_on_the_cpu_when_asked_for() -> None:
+    r = run_cli("--require", "flash", "--device", "cpu", "--no-check")
     assert r.returncode == 0, r.stderr
     assert "requirement 'flash' met" in r.stdout
     assert "self-check" not in r.stdout
 
 
+@pytest.mark.parametrize("policy", ["flash", "fused", "auto"])
+def test_require_without_device_means_the_gpu(policy: str) -> None:
+    # A startup check is for a job that expects a GPU: without one (and without --device cpu) it is not met,
+    # even though PyTorch's CPU flash kernel would run the call.
+    r = run_cli("--require", policy, "--no-check")
+    assert r.returncode == 1, r.stdout
+    assert f"requirement '{policy}' not met" in r.stderr
+    assert "no CUDA GPU is visible to this PyTorch" in r.stderr
+    assert "To check the CPU, pass device='cpu' (on the command line: --device cpu)." in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_require_cudnn_not_met() -> None:
-    r = run_cli("--require", "cudnn", "--no-check")
+    r = run_cli("--require", "cudnn", "--device", "cpu", "--no-check")
     assert r.returncode == 1
     assert "cudnn" in r.stderr
     assert "not available on device type 'cpu'" in r.stderr
@@ -130,7 +142,7 @@ def default_policy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.mark.usefixtures("default_policy")
 def test_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--require", "flash", "--no-check"]) == 0
+    assert main(["--require", "flash", "--device", "cpu", "--no-check"]) == 0
     assert "requirement 'flash' met" in capsys.readouterr().out
 
     assert main(["--require", "cudnn", "--device", "cpu", "--no-check"]) == 1
@@ -143,7 +155,8 @@ def test_main_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     rep = json.loads(capsys.readouterr().out)
     assert rep["chosen"] == "flash" and "self_check" not in rep
 
-    assert main(["--require", "math", "--json", "--no-check"]) == 0  # --json: the report, not the one-liner
+    # --json: the report, not the one-liner
+    assert main(["--require", "math", "--device", "cpu", "--json", "--no-check"]) == 0
     assert json.loads(capsys.readouterr().out)["policy"] == "auto"
 
     assert main([]) == 0
@@ -196,3 +209,106 @@ def test_import_touches_no_gpu_and_imports_no_optional_module() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
                           check=True)
     assert proc.stdout.split("\n")[0] == "[] False", proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------- examples/startup_check.py
+@pytest.mark.parametrize(("args", "status", "expected"), [
+    ([], 1, "no CUDA GPU is visible to this PyTorch"),
+    (["--require", "flash"], 1, "To check the CPU, pass device='cpu' (on the command line: --device cpu)."),
+    (["--device", "cpu"], 0, "policy 'fused' runs flash"),
+    (["--require", "flash", "--device", "cpu"], 0, "policy 'flash' runs flash"),
+])
+def test_startup_check_example_follows_require(args: list[str], status: int, expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDPA_FLASH_")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the machine without a GPU, on any machine
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "startup_check.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    assert proc.returncode == status, proc.stderr
+    assert expected in (proc.stdout if status == 0 else proc.stderr)
+
+
+# ------------------------------------------------------------------------------------- cuDNN versions as read
+@pytest.mark.parametrize(("v", "text"), [(92400, "9.24.0 (92400)"), (91900, "9.19.0 (91900)"),
+                                         (90000, "9.0.0 (90000)"), (8907, "8.9.7 (8907)"), (8600, "8.6.0 (8600)"),
+                                         (7605, "7.6.5 (7605)"), (None, "none")])
+def test_cudnn_versions_are_shown_as_releases(v: int | None, text: str) -> None:
+    from sdpa_flash.capability import format_cudnn_version
+
+    assert format_cudnn_version(v) == text
+
+
+def test_cudnn_reason_and_report_header_use_the_release() -> None:
+    old = sdpa_flash.Capabilities.synthetic("cuda", (9, 0), cudnn_version=8907)
+    spec = sdpa_flash.AttentionSpec("cuda", torch.bfloat16, 1, 8, 8, 128, 128, 64, 64)
+    from sdpa_flash.backends import BACKENDS
+
+    assert "requires cuDNN >= 9.0.0 (90000), this build has 8.9.7 (8907)" in (
+        BACKENDS["cudnn"].not_supported_reasons(spec, old))
+    r = run_cli("--no-check")
+    assert re.search(r"  cuDNN (none|\d+\.\d+\.\d+ \(\d+\))  Python ", r.stdout), r.stdout.splitlines()[0]
+
+
+# ------------------------------------------------------------------------------------- a first run's noise
+def test_no_numpy_warning_on_the_command_line(tmp_path: pathlib.Path) -> None:
+    # `import torch` warns "Failed to initialize NumPy" where numpy is absent (pip install sdpa_flash does not
+    # install it); the command line imports torch with exactly that warning ignored. numpy is hidden here by a
+    # package that fails to import, as a missing one does.
+    fake = tmp_path / "numpy"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'numpy'\", name='numpy')\n")
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    r = run_cli("--no-check", PYTHONPATH=path)
+    assert r.returncode == 0, r.stderr
+    assert "NumPy" not in r.stderr and r.stdout.startswith("sdpa_flash ")
+
+
+# ------------------------------------------------------------------------------------- the self-check's rule
+def test_self_check_header_states_the_rule_and_lines_the_bound(capsys: pytest.CaptureFixture[str]) -> None:
+    from sdpa_flash.__main__ import _print_self_check
+
+    errors = {"out": {"error": 7.2e-07, "bound": 2.1e-06, "ratio": 0.86, "floor": 4.4e-07},
+              "dq": {"error": 2.9e-06, "bound": 4.1e-06, "ratio": 3.37, "floor": 2.4e-06}}
+    bad = {"dv": {"error": 9e-06, "bound": 4.1e-06, "ratio": 5.0, "floor": 2.4e-06}}
+    _print_self_check([
+        {"backend": "chunked", "case": "causal GQA 8/2 (2, 8, 256, 64)", "dtype": "float32", "status": "PASS",
+         "errors": errors},
+        {"backend": "flash", "case": "non-causal (2, 8, 256, 64)", "dtype": "float32", "status": "FAIL",
+         "errors": bad},
+        {"backend": "cudnn", "case": "non-causal (2, 8, 256, 64)", "status": "SKIP", "dtype": "float32",
+         "reasons": ["not available on device type 'cpu' (has kernels for: cuda)"]},
+    ])
+    assert capsys.readouterr().out.splitlines() == [
+        "self-check against float64 math, forward + backward:",
+        "  a tensor passes when its largest error <= 2x the same-dtype math error + a floor of 8 eps "
+        "max(1, max|reference|)",
+        "  (float32: eps 1.2e-07); (xR) = error / same-dtype math error; where R > 2, the bound that applied is shown",
+        "  chunked    causal GQA 8/2 (2, 8, 256, 64)   PASS  float32  out 7.2e-07 (x0.86)  "
+        "dq 2.9e-06 (x3.37, within 2x + floor 2.4e-06 = 4.1e-06)",
+        "  flash      non-causal (2, 8, 256, 64)       FAIL  float32  "
+        "dv 9e-06 (x5.00, over 2x + floor 2.4e-06 = 4.1e-06)",
+        "  cudnn      non-causal (2, 8, 256, 64)       SKIP  "
+        "(not available on device type 'cpu' (has kernels for: cuda))",
+    ]
+
+
+def test_self_check_rows_carry_the_floor() -> None:
+    rows = [r for r in sdpa_flash.__main__.self_check(torch.device("cpu"), torch.float32) if r["status"] != "SKIP"]
+    assert rows and all(r["status"] == "PASS" for r in rows)
+    for r in rows:
+        for e in r["errors"].values():
+            assert e["floor"] > 0 and e["error"] <= e["bound"]
+            assert e["ratio"] <= 2 or e["error"] <= e["bound"]  # over 2x only within the floor
+
+
+def test_help_lists_the_commands_first(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m sdpa_flash [--device DEVICE] [--json] [--no-check] [--require POLICY]\n"
+                          "       python -m sdpa_flash bench [PRESET] [options]\n")
+    commands = out.split("commands:\n", 1)[1].split("options:", 1)[0]
+    for line in ("  python -m sdpa_flash                  the report:", "  python -m sdpa_flash --require POLICY a "
+                 "startup check:", "  python -m sdpa_flash bench [PRESET]   the benchmarks:",
+                 "  python -m sdpa_flash bench report R.json ..."):
+        assert line in commands

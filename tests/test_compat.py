@@ -404,6 +404,31 @@ def test_install_resolves_flash_attn_only_while_installed() -> None:
             import flash_attn
 
 
+def test_submodules_compat_does_not_provide_say_what_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = sys.modules.get("flash_attn")
+    spec = importlib.util.find_spec("flash_attn") if before is None else before.__spec__
+    if spec is not None and spec.origin not in (None, "namespace") and not C.installed():
+        pytest.skip("the real flash-attn is installed here")
+    try:
+        assert C.install()
+        for stmt, missing in (("import flash_attn.layers.rotary", "flash_attn.layers"),
+                              ("from flash_attn.ops.triton.rotary import apply_rotary", "flash_attn.ops"),
+                              ("import flash_attn.modules.mha", "flash_attn.modules")):
+            with pytest.raises(ModuleNotFoundError) as info:
+                exec(stmt, {})
+            assert isinstance(info.value, C.NotProvidedError) and info.value.name == missing
+            assert str(info.value) == (
+                f"No module named {missing!r}: flash_attn here is sdpa_flash's drop-in (sdpa_flash.compat.install(); "
+                "the real flash-attn package is not installed), and it provides flash-attn 2.8's public attention "
+                "API only: flash_attn (flash_attn_func, the qkvpacked/kvpacked and varlen variants, "
+                "flash_attn_with_kvcache), flash_attn.flash_attn_interface and flash_attn.bert_padding. For "
+                "flash_attn's layers, modules and ops (rotary, MHA, fused dense, ...) install flash-attn itself.")
+        assert importlib.import_module("flash_attn.bert_padding").unpad_input is bp.unpad_input  # still imports
+    finally:
+        C.uninstall()
+    assert sys.modules.get("flash_attn") is before
+
+
 def _fake_fa4_tree(root: pathlib.Path) -> None:
     """FlashAttention-4's layout: flash_attn/cute/ with no flash_attn/__init__.py (a namespace package)."""
     (root / "flash_attn" / "cute").mkdir(parents=True)

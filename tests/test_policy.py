@@ -75,7 +75,8 @@ def test_resolve_policy_instance() -> None:
 
 
 BAD_POLICIES: dict[str, tuple[Any, dict[str, Any], str]] = {
-    "unknown-name": ("fastest", {}, r"Expected policy to be one of auto, flash, fused, math .* got 'fastest'"),
+    "unknown-name": ("fastest", {}, r"Expected policy to be one of auto, fused, fa4, cudnn, flash, efficient, math, "
+                                    r"chunked, .* got 'fastest'"),
     "unknown-in-list": ("flash,fastest", {}, r"got 'flash,fastest'"),
     "empty-list": ([], {}, r"Expected policy to be one of .* got \[\]"),
     "duplicate": (["flash", "flash"], {}, r"Expected each backend at most once in policy, .*\['flash', 'flash'\]"),
@@ -414,3 +415,75 @@ def test_use_policy_blocks_reuse_the_call_cache() -> None:
         with use_policy("math"):
             sdpa_flash.attention(q, k, v)
     assert len(cache) == size
+
+
+# ------------------------------------------------------------------------------------- require(): startup check
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no CUDA GPU is visible")
+@pytest.mark.parametrize("policy", ["flash", "fused", "auto", "math"])
+def test_require_without_a_device_means_the_gpu(policy: str) -> None:
+    # A startup check fails a job that landed on the wrong machine: device=None is the current CUDA GPU, even
+    # though PyTorch's CPU flash kernel could run the call on the CPU.
+    with pytest.raises(BackendUnavailableError) as info:
+        sdpa_flash.require(policy)
+    msg = str(info.value)
+    assert msg.startswith(f"Expected a CUDA GPU for policy {policy} (device=None means the current CUDA GPU), but "
+                          "no CUDA GPU is visible to this PyTorch (")
+    assert msg.endswith("instead. To check the CPU, pass device='cpu' (on the command line: --device cpu).")
+
+
+def test_require_on_the_cpu_when_named() -> None:
+    # PyTorch's CPU flash kernel is fused (O(N) memory): "fused" is met on the CPU when the CPU is asked for.
+    assert sdpa_flash.require("fused", "cpu").backend == "flash"
+    assert sdpa_flash.require("flash", "cpu").backend == "flash"
+    assert sdpa_flash.require("flash", "cpu", seqlen=16).backend == "flash"
+
+
+@pytest.mark.parametrize(("dtype", "short", "enough"), [(torch.float32, 15, 16), (torch.float64, 7, 8)])
+def test_require_checks_the_call_shape_it_is_given(dtype: torch.dtype, short: int, enough: int) -> None:
+    # On the CPU under "flash", calls with fewer keys than one SIMD vector are denylisted (pytorch/pytorch#141128,
+    # rerouted to math under "auto"): require() with that seqlen says so, the default 1024-token probe does not.
+    with pytest.raises(BackendUnavailableError, match=r"denylisted: .*\[pytorch/pytorch#141128\]"):
+        sdpa_flash.require("flash", "cpu", seqlen=short, dtype=dtype)
+    assert sdpa_flash.require("flash", "cpu", seqlen=enough, dtype=dtype).backend == "flash"
+    assert sdpa_flash.require("auto", "cpu", seqlen=short, dtype=dtype).backend == "math"
+
+
+# ------------------------------------------------------------------------------------- str(plan), reasons' words
+def test_str_of_a_plan_is_a_short_head_and_one_reason_a_line() -> None:
+    q = torch.randn(1, 2, 32, 16)
+    text = str(sdpa_flash.explain(q, q, q, policy="fused"))
+    assert text.splitlines() == [
+        "flash via direct aten op",
+        "  fa4: not available on device type 'cpu' (has kernels for: cuda)",
+        "  cudnn: not available on device type 'cpu' (has kernels for: cuda)",
+        "  efficient: not available on device type 'cpu' (has kernels for: cuda)",
+        "  math: not a fused kernel (O(N^2) memory), and policy fused allows only fused kernels",
+        "  chunked: not a fused kernel (O(N) memory), and policy fused allows only fused kernels",
+    ]
+
+
+def test_chunked_route_is_not_called_an_aten_op() -> None:
+    q = torch.randn(1, 2, 32, 16)
+    p = sdpa_flash.explain(q, q, q, policy="chunked")
+    assert str(p).splitlines()[0] == "chunked via pure-PyTorch tiles"
+    assert "route:   direct - the tiled online softmax runs as ordinary PyTorch ops in this process" in p.explain()
+    assert "aten" not in str(p)
+    # a backend outside a single-backend policy that could run is "not allowed"; one that cannot says why
+    assert p.reasons["flash"] == ("not allowed by policy chunked",)
+    assert p.reasons["cudnn"] == ("not available on device type 'cpu' (has kernels for: cuda)",)
+
+
+@pytest.mark.parametrize(("policy", "message"), [
+    ("flsh", "but got 'flsh' instead. Did you mean 'flash' for 'flsh'?"),
+    ("fusd", "but got 'fusd' instead. Did you mean 'fused' for 'fusd'?"),
+    ("cudnn,chunkd", "but got 'cudnn,chunkd' instead. Did you mean 'chunked' for 'chunkd'?"),
+    (["math", "efficent"], "but got ['math', 'efficent'] instead. Did you mean 'efficient' for 'efficent'?"),
+    ("auto,flash", "but got 'auto,flash' instead. 'auto' is a policy of its own, not a backend: it stands alone, "
+                   "not in a list."),
+    ("bogus", "but got 'bogus' instead."),
+])
+def test_misspelt_policies_get_a_suggestion_and_each_name_once(policy: object, message: str) -> None:
+    with pytest.raises(AttentionInputError) as info:
+        resolve_policy(policy)  # type: ignore[arg-type]
+    assert str(info.value) == ("Expected policy to be one of auto, fused, fa4, cudnn, flash, efficient, math, "
+                               "chunked, or a comma-separated list of backend names, " + message)

@@ -461,3 +461,66 @@ def test_replace_sdpa_routes_transformers_own_name_through_sdpa_flash() -> None:
     with hf.record() as routes, torch.no_grad():
         models["sdpa"](ids, attention_mask=mask)
     assert routes == [] and not hf.restore_sdpa()
+
+
+# ------------------------------------------------------------------------------------ registration and config state
+def test_register_is_idempotent_and_keeps_the_registered_function() -> None:
+    from transformers import AttentionInterface
+
+    hf.register("sdpa_flash")
+    first = AttentionInterface._global_mapping["sdpa_flash"]
+    assert hf.register("sdpa_flash") == "sdpa_flash"
+    assert AttentionInterface._global_mapping["sdpa_flash"] is first  # no new function: no recompiles either
+    hf.register("sdpa_flash", policy="math")  # another policy: a new function under the same name
+    assert AttentionInterface._global_mapping["sdpa_flash"] is not first
+    assert hf.registered()["sdpa_flash"] == "math"
+    hf.register("sdpa_flash")
+    assert hf.registered()["sdpa_flash"] is None
+
+
+def test_check_names_the_shared_config_switch() -> None:
+    config = llama_config()
+    ours = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa_flash")
+    assert hf.check(ours) == "sdpa_flash"
+    other = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")  # same config object
+    assert ours.config is other.config and ours.config._attn_implementation == "sdpa"  # transformers' behaviour
+    with pytest.raises(sdpa_flash.AttentionInputError) as info:
+        hf.check(ours)
+    assert str(info.value) == (
+        "Expected LlamaForCausalLM's attention to run through sdpa_flash ('sdpa_flash', 'sdpa_policy'), but its "
+        "config says attn_implementation='sdpa' instead. transformers keeps the implementation on the config "
+        "object, which every model built from it shares and reads at each call: building another model from the "
+        "same config object with another attn_implementation (or set_attn_implementation on any of them) switches "
+        "them all. Build each model from its own copy (copy.deepcopy(config)); "
+        "model.set_attn_implementation('sdpa_flash') switches this one back.")
+    hf.reset_route_counts()
+    with torch.no_grad():
+        ours(torch.randint(3, 128, (1, 6)))
+    assert hf.route_counts() == {}  # sdpa_flash was never called: the only trace, hence check()
+    separate = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa_flash")
+    AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
+    assert hf.check(separate) == "sdpa_flash"
+
+
+def test_check_without_register(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = AutoModelForCausalLM.from_config(llama_config(), attn_implementation="sdpa")
+    monkeypatch.setattr(hf, "_registered", {})
+    with pytest.raises(sdpa_flash.AttentionInputError, match=r"^Expected sdpa_flash to be registered with "
+                       r"transformers, but nothing was registered in this process instead \(LlamaForCausalLM runs "
+                       r"'sdpa'\): call sdpa_flash\.integrations\.transformers\.register\(\) before building the "
+                       r"model\.$"):
+        hf.check(model)
+
+
+@needs_v5
+def test_forgetting_register_is_transformers_own_error() -> None:
+    # transformers validates attn_implementation itself, with no hook for a library to add to its message: the
+    # docs quote this error (which never names sdpa_flash) so that a search for it finds register().
+    code = ("from transformers import AutoModelForCausalLM, LlamaConfig\n"
+            "cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, "
+            "num_attention_heads=4, num_key_value_heads=2)\n"
+            "try:\n    AutoModelForCausalLM.from_config(cfg, attn_implementation='sdpa_flash')\n"
+            "except ValueError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.startswith('Specified `attn_implementation="sdpa_flash"` is not supported. The only possible '
+                                  'arguments are `attn_implementation="eager"`')

@@ -223,6 +223,23 @@ def test_nested_in_nested_out() -> None:
     assert torch.equal(varlen.from_nested(out).values, want.values)
 
 
+def test_to_nested_logs_nothing() -> None:
+    # torch.nested.nested_tensor_from_jagged asks torch.fx's is_fx_tracing(), which logs a deprecation line once
+    # per process ("W... is_fx_tracing will return true ..."): to_nested() builds the same view without it. In a
+    # child process, since the line is logged once per process.
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom sdpa_flash import varlen\n"
+            "b = varlen.pack([torch.randn(n, 2, 8) for n in (3, 5, 1)])\nnt = b.to_nested()\n"
+            "assert nt.is_nested and nt.layout == torch.jagged and nt.size(0) == 3\n"
+            "assert torch.equal(varlen.from_nested(nt).values, b.values)\n"
+            "assert nt._values.data_ptr() == b.values.data_ptr()\nprint('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
+    assert "is_fx_tracing" not in done.stderr and done.stderr == ""
+
+
 def test_explain_names_the_path_and_reasons() -> None:
     b = varlen.pack(seqs([5, 9, 9, 2]))
     p = varlen.explain_varlen(b, b, b, causal=True)

@@ -18,7 +18,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from ..spec import AttentionSpec, causal_mask_tensor, dtype_name
+from ..spec import AttentionSpec, causal_mask_tensor, dtype_name, format_cudnn_version
 
 __all__ = ["Backend", "Device", "KernelFn", "Requirements", "Runner"]
 
@@ -270,7 +270,8 @@ class Backend:
             if req.max_cc is not None and cc > req.max_cc:
                 reasons.append(f"requires compute capability <= {_fmt_cc(req.max_cc)}, this GPU has {_fmt_cc(cc)}")
         if req.min_cudnn is not None and (caps.cudnn_version or 0) < req.min_cudnn:
-            reasons.append(f"requires cuDNN >= {req.min_cudnn}, this build has {caps.cudnn_version}")
+            reasons.append(f"requires cuDNN >= {format_cudnn_version(req.min_cudnn)}, this build has "
+                           f"{format_cudnn_version(caps.cudnn_version)}")
         if spec.dtype not in req.dtypes:
             names = ", ".join(sorted(dtype_name(d) for d in req.dtypes))
             reasons.append(f"dtype={dtype_name(spec.dtype)} (supported: {names})")

@@ -9,8 +9,10 @@ each block's probabilities from that log-sum-exp (FlashAttention-2's backward eq
 
 So no (Sq, Sk) matrix is ever materialised: the peak extra memory is one (B, H, block_q, block_k) block. It is
 what ``"auto"`` runs when no fused kernel can take a call and the math backend would materialise more than the
-policy's memory budget; it accepts what math accepts except dropout (declined: its random stream would not match
-math's, and an inexact dropout is not offered). Fully masked query rows give zeros, like PyTorch's math backend.
+policy's memory budget; it accepts what math accepts except dropout. Dropout is declined, not approximated: it
+would need its own mask stream, regenerated tile by tile in the backward (the same distribution as math's, other
+bits), which is not implemented; under "auto" math (ranked above chunked on every device) runs dropout calls
+anyway. Fully masked query rows give zeros, like PyTorch's math backend.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class ChunkedBackend(Backend):
     _REQ = Requirements(dtypes=_ANY_FLOAT, mask=True, dropout=False, native_gqa=False, kernel_causal="any",
                         mask_with_causal=True, deterministic_backward=True)  # plain ops, fixed order
     REQUIREMENTS: ClassVar[dict[str, Requirements]] = {"cuda": _REQ, "cpu": _REQ, "mps": _REQ, "xpu": _REQ}
+    DIRECT_LABEL = "pure-PyTorch tiles"
+    ROUTE_REASON = ("the tiled online softmax runs as ordinary PyTorch ops in this process (no fused kernel, no "
+                    "dispatcher, no global flags change)")
 
     def kernel(self, device_type: str, *, traced: bool = False) -> KernelFn:
         return _call

@@ -31,7 +31,9 @@ class FlashBackend(Backend):
             # PyTorch passes deterministic=True to FlashAttention-2's backward under deterministic mode.
             deterministic_backward=True,
         ),
-        # The CPU kernel: blocked online softmax; masks yes, dropout no, any head dim, top-left causal.
+        # The CPU kernel: blocked online softmax; masks yes, dropout no, any head dim, top-left causal. Dropout: torch
+        # 2.13's aten._scaled_dot_product_flash_attention_for_cpu raises "Currently do not support dropout > 0"
+        # (checked), so CPU dropout calls run on math (a fallback under "auto", with its warning).
         "cpu": Requirements(
             dtypes=frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64)),
             same_head_dim_v=True,

@@ -185,6 +185,7 @@ _ASSUMED_TFLOPS = {
     ("math", "bfloat16"): 20.0, ("chunked", "bfloat16"): 60.0, ("flex", "bfloat16"): 350.0,
     ("naive", "bfloat16"): 20.0, ("efficient", "float32"): 25.0, ("math", "float32"): 15.0,
     ("chunked", "float32"): 15.0, ("flex", "float32"): 25.0, ("naive", "float32"): 15.0,
+    ("fa4", "bfloat16"): 550.0,
 }
 _GPU_MEMORY = 140 * 2**30
 _FLEX_COMPILE_S = 15.0
@@ -197,9 +198,9 @@ def _kernel_for(path: str, case: Case) -> str | None:
     best = "cudnn" if dt == "bfloat16" else "efficient"
     if path in ("sdpa", "attention(auto)", "attention(fused)", "compat"):
         return best
-    for name in ("cudnn", "flash", "efficient", "math", "chunked"):
+    for name in ("cudnn", "flash", "efficient", "math", "chunked", "fa4"):
         if path in (f"sdpa[{name}]", f"attention({name})"):
-            if name in ("cudnn", "flash") and dt == "float32":
+            if name in ("cudnn", "flash", "fa4") and dt == "float32":
                 return None
             return name
     if path in ("flex", "naive"):

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ..capability import format_cudnn_version
 from ._cases import MODES, Case, human_seconds, parse_dtype, tokens_rule_case
 from ._paths import CATALOGUE
 from ._report import (
@@ -210,7 +211,7 @@ def write_outputs(docs: Sequence[dict[str, Any]], *, json_path: str | None = Non
         written.append(csv_path)
     plots: list[str] = []
     if plots_dir:
-        from ._plots import matplotlib_missing, write_plots
+        from ._plots import matplotlib_missing, nothing_to_plot, write_plots
 
         why = matplotlib_missing()
         if why:
@@ -218,6 +219,8 @@ def write_outputs(docs: Sequence[dict[str, Any]], *, json_path: str | None = Non
         else:
             plots = write_plots(docs, plots_dir)
             written += plots
+            if not plots:  # said whatever --quiet says: the user asked for plots
+                print(f"sdpa_flash bench: no plots written to {plots_dir}: {nothing_to_plot(docs)}", file=sys.stderr)
     if md_path:
         os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
         text = render_markdown(docs, plots=plots, md_path=md_path, notes=_keep_notes(md_path))
@@ -233,7 +236,8 @@ def print_doc(doc: dict[str, Any]) -> None:
     """The terminal report: each section's table, then the headline ratios."""
     meta = doc["meta"]
     where = meta["device"] if meta["device_type"] == "cuda" else f"CPU ({meta['cpu']}, {meta['cpu_threads']} threads)"
-    print(f"{where}; torch {meta['torch']}, CUDA {meta['cuda']}, cuDNN {meta['cudnn']}, driver {meta.get('driver')}; "
+    print(f"{where}; torch {meta['torch']}, CUDA {meta['cuda']}, cuDNN {format_cudnn_version(meta['cudnn'])}, "
+          f"driver {meta.get('driver')}; "
           f"sdpa_flash {meta['sdpa_flash']}; {meta['date']}")
     mm = meta.get("matmul")
     if mm and "tflops" in mm:

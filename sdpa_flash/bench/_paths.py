@@ -59,6 +59,10 @@ CATALOGUE: tuple[PathDef, ...] = (
       for b in ("cudnn", "flash", "efficient", "math")),
     *(PathDef(f"attention({p})", "policy", p, f"sdpa_flash.attention(..., policy={p!r})")
       for p in ("auto", "fused", "cudnn", "flash", "efficient", "math", "chunked")),
+    # FlashAttention-4 through the fa4 backend; without flash-attn-4 (or off sm90/sm100) every row is n/a with the
+    # backend's own reason ("flash-attn-4 is not installed (pip install 'sdpa_flash[fa4]')"), as for any policy.
+    PathDef("attention(fa4)", "policy", "fa4", "sdpa_flash.attention(..., policy='fa4'): FlashAttention-4 "
+                                               "(flash-attn-4, sm90/sm100; n/a with the reason elsewhere)"),
     PathDef("flex", "flex", description="FlexAttention, torch.compile(flex_attention, dynamic=False), block mask "
                                         "built once per shape (CUDA; on the CPU only when named)"),
     PathDef("compat", "compat", description="sdpa_flash.compat.flash_attn_func (flash-attn 2 API), when present"),

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["matplotlib_missing", "write_plots"]
+__all__ = ["matplotlib_missing", "nothing_to_plot", "write_plots"]
 
 _PRIORITY = {"sweep": 0, "curves": 1, "grid": 2, "quick": 3, "custom": 4}
 _MODE_LABEL = {"fwd": "forward", "bwd": "backward", "fwdbwd": "forward+backward"}
@@ -25,6 +25,27 @@ def matplotlib_missing() -> str:
     except ImportError:
         return "matplotlib is not installed: pip install 'sdpa_flash[bench]' (or matplotlib) to get the PNG plots"
     return ""
+
+
+def nothing_to_plot(docs: Sequence[dict[str, Any]]) -> str:
+    """Why :func:`write_plots` drew nothing for these results, and which runs do draw plots."""
+    dense = [r for d in docs for s in d.get("sections", []) if s.get("kind") == "dense" for r in s.get("rows", [])]
+    seqs = sorted({r["s"] for r in dense})
+    have = (f"these results have sequence length{'s' if len(seqs) != 1 else ''} "
+            f"{', '.join(map(str, seqs))}, none twice for one head dim, causal setting, dtype and mode"
+            if dense else "these results have no dense rows")
+    return (f"the TFLOP/s plots need at least two sequence lengths for one head dim, causal setting, dtype and mode "
+            f"({have}), and the memory plot needs the memory preset. The curves, memory and results presets draw "
+            "plots (python -m sdpa_flash bench curves --plots DIR), as do custom runs with several --seq.")
+
+
+def _title(fig: Any, head: str, where: str) -> None:
+    """A figure title with ``where`` wrapped to the figure's width, so that a long device name is not cut off
+    (``tight_layout`` then makes room for however many lines it takes)."""
+    import textwrap
+
+    width_in = fig.get_size_inches()[0]
+    fig.suptitle("\n".join([head, *textwrap.wrap(where, width=max(30, int(width_in * 13)))]), fontsize=10)
 
 
 def _seq_label(s: int) -> str:
@@ -40,7 +61,8 @@ def _style(path: str) -> dict[str, Any]:
 
 
 def write_plots(docs: Sequence[dict[str, Any]], outdir: str) -> list[str]:
-    """Draw what the result files support into ``outdir``; return the files written (empty when nothing fits).
+    """Draw what the result files support into ``outdir``; return the files written (empty when nothing fits,
+    and then ``outdir`` is not created; :func:`nothing_to_plot` says why).
 
     Raises:
         ImportError: matplotlib is not installed (see :func:`matplotlib_missing`).
@@ -50,7 +72,6 @@ def write_plots(docs: Sequence[dict[str, Any]], outdir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(outdir, exist_ok=True)
     meta = docs[0]["meta"]
     where = f"{meta.get('device', '?')}, torch {meta.get('torch')}, {meta.get('date', '')}"
     written: list[str] = []
@@ -104,8 +125,9 @@ def write_plots(docs: Sequence[dict[str, Any]], outdir: str) -> list[str]:
                         handles.append(hh)
                         labels.append(ll)
             fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
-            fig.suptitle(f"{_MODE_LABEL[mode]} TFLOP/s, {dtype} ({where})", fontsize=10)
-            fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 6), 1, 0.95))
+            _title(fig, f"{_MODE_LABEL[mode]} TFLOP/s, {dtype}", where)
+            fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 6), 1, 1))
+            os.makedirs(outdir, exist_ok=True)
             name = os.path.join(outdir, f"tflops_{mode}_{dtype}.png")
             fig.savefig(name, dpi=110)
             plt.close(fig)
@@ -137,8 +159,9 @@ def write_plots(docs: Sequence[dict[str, Any]], outdir: str) -> list[str]:
             ax.set_xlabel("sequence length S")
             ax.set_ylabel("peak MiB beyond the inputs")
         axes[0][0].legend(fontsize=7, frameon=False)
-        fig.suptitle(f"peak memory ({where})", fontsize=10)
-        fig.tight_layout(rect=(0, 0, 1, 0.94))
+        _title(fig, "peak memory", where)
+        fig.tight_layout()
+        os.makedirs(outdir, exist_ok=True)
         name = os.path.join(outdir, "memory.png")
         fig.savefig(name, dpi=110)
         plt.close(fig)

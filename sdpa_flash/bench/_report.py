@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ..capability import format_cudnn_version
 from ._paths import CATALOGUE
 
 __all__ = ["format_dense", "format_overhead", "format_summary", "format_varlen", "render_markdown", "summarize",
@@ -405,7 +406,8 @@ def render_markdown(docs: Sequence[dict[str, Any]], *, plots: Sequence[str] = ()
     else:
         dev = f"CPU: {meta.get('cpu')} ({meta.get('cpu_threads')} threads)"
     lines += [f"Measured {meta.get('date')} on {dev}; torch {meta.get('torch')}, CUDA {meta.get('cuda')}, "
-              f"cuDNN {meta.get('cudnn')}, Triton {meta.get('triton')}, Python {meta.get('python')}, "
+              f"cuDNN {format_cudnn_version(meta.get('cudnn'))}, Triton {meta.get('triton')}, "
+              f"Python {meta.get('python')}, "
               f"sdpa_flash {meta.get('sdpa_flash')}" + (f" (commit `{commit}`{dirty})" if commit else "") + ".", ""]
     lines += ["Commands (each wrote one of the result files, JSON and CSV next to the plots):", "", "```bash"]
     lines += list(dict.fromkeys(d["meta"].get("command", "") for d in docs))

@@ -36,7 +36,10 @@ Contract decisions (where flash-attn leaves room, or where its kernel and its do
 ``flash_attn.flash_attn_interface`` and ``flash_attn.bert_padding``, with the public names above. flash-attn's private
 kernel entry points (``flash_attn_gpu``, ``_flash_attn_forward``, ``_flash_attn_varlen_forward``, their backwards,
 ``_get_block_size_n``) are deliberately not provided: importing one raises :class:`NotProvidedError` (an
-``ImportError``) saying so.
+``ImportError``) saying so. Neither are flash-attn's other submodules (``flash_attn.layers.rotary``,
+``flash_attn.modules.mha``, ``flash_attn.ops``, ...): importing one raises a :class:`NotProvidedError` that is also
+a ``ModuleNotFoundError``, naming what this layer provides (``importlib.util.find_spec`` on such a name raises it
+too, while the layer is installed).
 """
 
 from __future__ import annotations

@@ -41,6 +41,19 @@ class NotProvidedError(SdpaFlashError, ImportError):
     """A private flash-attn name that :func:`install` deliberately does not provide (raised on import/access)."""
 
 
+class _ModuleNotProvided(NotProvidedError, ModuleNotFoundError):
+    """A ``flash_attn`` submodule that this layer does not provide (``flash_attn.layers.rotary``, ...)."""
+
+
+def _no_module(fullname: str) -> _ModuleNotProvided:
+    return _ModuleNotProvided(
+        f"No module named {fullname!r}: flash_attn here is sdpa_flash's drop-in (sdpa_flash.compat.install(); the "
+        "real flash-attn package is not installed), and it provides flash-attn 2.8's public attention API only: "
+        "flash_attn (flash_attn_func, the qkvpacked/kvpacked and varlen variants, flash_attn_with_kvcache), "
+        "flash_attn.flash_attn_interface and flash_attn.bert_padding. For flash_attn's layers, modules and ops "
+        "(rotary, MHA, fused dense, ...) install flash-attn itself.", name=fullname)
+
+
 def _missing(module: str) -> Any:
     def __getattr__(name: str) -> Any:
         if name in _PRIVATE:
@@ -102,7 +115,16 @@ class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Sequence[str] | None, target: Any = None
                   ) -> importlib.machinery.ModuleSpec | None:
         if fullname not in _NAMES:
-            return None
+            if not fullname.startswith("flash_attn.") or not getattr(sys.modules.get("flash_attn"), _MARK, False):
+                return None
+            # A submodule of our flash_attn: another finder may have it (FlashAttention-4's flash_attn.cute, where
+            # this finder goes first); else it is one this layer does not provide, and the error says so.
+            for finder in sys.meta_path:
+                find = getattr(finder, "find_spec", None) if finder is not self else None
+                spec = find(fullname, path, target) if find is not None else None
+                if spec is not None:
+                    return spec
+            raise _no_module(fullname)
         return importlib.machinery.ModuleSpec(fullname, _LOADER, is_package=fullname == "flash_attn",
                                               origin="sdpa_flash.compat")
 

@@ -119,9 +119,8 @@ class CompatPlan:
     fallback: bool = False
 
     def __str__(self) -> str:
-        why = "; ".join(f"{name}: {r[0]}" for name, r in self.reasons.items() if r)
         head = self.path + (" [fallback]" if self.fallback else "")
-        return f"{head}  ({why})" if why else head
+        return "\n".join((head, *(f"  {name}: {r[0]}" for name, r in self.reasons.items() if r)))
 
     def explain(self) -> str:
         """A multi-line account: inputs, the path, how, and each other path's reasons."""

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import sys
 import threading
 import warnings
 import weakref
@@ -71,6 +72,7 @@ __all__ = [
     "Route",
     "RouteStat",
     "attention_forward",
+    "check",
     "explain",
     "make_attention_forward",
     "mask_function",
@@ -89,6 +91,7 @@ MIN_TRANSFORMERS = "4.53"
 
 _compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
 _registered: dict[str, Any] = {}  # name -> policy
+_forwards: dict[str, Any] = {}  # name -> the attention function registered under it (kept: re-registering is a no-op)
 _sdpa_originals: dict[str, tuple[Any, Any]] = {}  # "sdpa" -> transformers' own (attention, mask) functions
 _lock = threading.Lock()
 _counts: dict[tuple[str, str], int] = {}
@@ -135,7 +138,12 @@ class RouteStat:
 
 
 def route_counts() -> dict[str, int]:
-    """Calls per path (``"varlen"``, ``"dense"``, ...) since the start or :func:`reset_route_counts`."""
+    """Calls per path (``"varlen"``, ``"dense"``, ...) since the start or :func:`reset_route_counts`.
+
+    Only calls that reached sdpa_flash are counted: ``{}`` after a forward pass means the model's attention did not
+    run here. :func:`check` says why (most often: another model was built from the same config object, which
+    switched this one's ``attn_implementation``).
+    """
     out: dict[str, int] = {}
     with _lock:
         for (path, _), n in _counts.items():
@@ -595,6 +603,10 @@ def register(name: str = "sdpa_flash", *, policy: PolicyLike | None = None, repl
 
     Afterwards ``AutoModel*.from_pretrained(..., attn_implementation=name)`` (or ``from_config``, or
     ``model.set_attn_implementation(name)``) runs every attention layer through :func:`sdpa_flash.attention`.
+    Without it transformers raises its own ``ValueError: Specified `attn_implementation="sdpa_flash"` is not
+    supported. The only possible arguments are ...`` (it validates the name itself; nothing of sdpa_flash runs
+    there). Calling it again with the same arguments does nothing (sub-microsecond; the function transformers holds
+    stays the same object).
 
     Args:
         name: the ``attn_implementation`` to register. A name containing ``"flash"`` (the default does) is
@@ -618,6 +630,8 @@ def register(name: str = "sdpa_flash", *, policy: PolicyLike | None = None, repl
             name.startswith(("flash_attention_", "paged|")):
         raise AttentionInputError(f"Expected a new attn_implementation name, but got {name!r}, which is empty or "
                                   "one of transformers' own implementations.")
+    if _registered.get(name, _NOTHING) == policy and not replace_sdpa and _still_registered(name):
+        return name  # already in place: nothing to do (and the function object transformers holds stays the same)
     try:
         import transformers
         from transformers import AttentionInterface
@@ -631,6 +645,7 @@ def register(name: str = "sdpa_flash", *, policy: PolicyLike | None = None, repl
                           f"{transformers.__version__} has none: pip install -U transformers") from exc
     _masking_utils()
     forward = make_attention_forward(policy)
+    _forwards[name] = forward
     AttentionInterface.register(name, forward)
     AttentionMaskInterface.register(name, mask_function)
     if _flash_named(name):
@@ -642,6 +657,62 @@ def register(name: str = "sdpa_flash", *, policy: PolicyLike | None = None, repl
         AttentionInterface.register("sdpa", forward)
         AttentionMaskInterface.register("sdpa", mask_function)
     return name
+
+
+_NOTHING = object()
+
+
+def _still_registered(name: str) -> bool:
+    """Whether transformers' interfaces still map ``name`` to what :func:`register` put there (imports nothing)."""
+    mu = _MASKING_UTILS
+    attn = getattr(sys.modules.get("transformers.modeling_utils"), "AttentionInterface", None)
+    if mu is None or attn is None:
+        return False
+    return (attn._global_mapping.get(name) is _forwards.get(name)
+            and mu.AttentionMaskInterface._global_mapping.get(name) is mask_function)
+
+
+def check(model: Any) -> str:
+    """The sdpa_flash name ``model``'s attention runs under; raises with the reason when it does not.
+
+    transformers keeps a model's ``attn_implementation`` on its config object and reads it at every call. Models
+    built from one config object (``from_config(config)``, ``Model(config)``) share it, so building a second model
+    from the same config object with another ``attn_implementation=``, or ``set_attn_implementation`` on either
+    one, switches both, silently: sdpa_flash is then simply not called (and :func:`route_counts` stays ``{}``).
+    Build each model from its own copy (``copy.deepcopy(config)``), and call ``check(model)`` where it matters.
+
+    Args:
+        model: a transformers model (its ``config`` and every submodule's ``config`` are read).
+
+    Returns:
+        The registered name (``"sdpa_flash"``; ``"sdpa"`` after ``register(replace_sdpa=True)``).
+
+    Raises:
+        AttentionInputError: a config of the model names an implementation sdpa_flash did not register here, or
+            nothing was registered (call :func:`register` first).
+    """
+    configs = {id(c): c for c in (getattr(model, "config", None),
+                                  *(getattr(m, "config", None) for m in getattr(model, "modules", list)()))
+               if c is not None and hasattr(c, "_attn_implementation")}
+    ours = set(_registered) | ({"sdpa"} if "sdpa" in _sdpa_originals else set())
+    found = list(dict.fromkeys(getattr(c, "_attn_implementation", None) for c in configs.values()))
+    other = [impl for impl in found if impl not in ours]
+    where = type(model).__name__
+    if not _registered:
+        raise AttentionInputError(
+            f"Expected sdpa_flash to be registered with transformers, but nothing was registered in this process "
+            f"instead ({where} runs {', '.join(map(repr, found)) or 'no attention'}): call "
+            "sdpa_flash.integrations.transformers.register() before building the model.")
+    if other or not found:
+        raise AttentionInputError(
+            f"Expected {where}'s attention to run through sdpa_flash ({', '.join(map(repr, sorted(ours)))}), but its "
+            f"config says attn_implementation={other[0] if other else None!r} instead. transformers keeps the "
+            "implementation on the config object, which every model built from it shares and reads at each call: "
+            "building another model from the same config object with another attn_implementation (or "
+            "set_attn_implementation on any of them) switches them all. Build each model from its own copy "
+            f"(copy.deepcopy(config)); model.set_attn_implementation({sorted(_registered)[0]!r}) switches this one "
+            "back.")
+    return str(found[0])
 
 
 def restore_sdpa() -> bool:
@@ -668,6 +739,7 @@ def unregister(name: str = "sdpa_flash") -> None:
     if loader is not None:
         loader._sdpa_flash_names.discard(name)
     _registered.pop(name, None)
+    _forwards.pop(name, None)
 
 
 def registered() -> dict[str, Any]:
