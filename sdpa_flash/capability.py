@@ -34,7 +34,8 @@ class Capabilities:
         torch_version: ``torch.__version__`` without the local part (``"2.11.0"``).
         cuda_version: the CUDA runtime PyTorch was built with, or ``None``.
         hip_version: the ROCm/HIP version PyTorch was built with, or ``None``.
-        cudnn_version: cuDNN's version as an integer (``91900`` for 9.19.0), or ``None``.
+        cudnn_version: cuDNN's version as an integer (``91900`` for 9.19.0, ``8907`` for 8.9.7; see
+            :func:`cudnn_version_tuple`), or ``None``.
         backends: the SDPA backends this build has for this device (``"flash"``, ``"cudnn"``, ...).
         flash_impl: the flash implementation registered with PyTorch (torch >= 2.10), e.g. ``"FA3"``;
             ``None`` means PyTorch's built-in FlashAttention-2 (or no flash kernel at all).
@@ -103,6 +104,18 @@ class Capabilities:
             probed=False,
             **extra,
         )
+
+
+def cudnn_version_tuple(version: int) -> tuple[int, int, int]:
+    """``(major, minor, patch)`` of cuDNN's integer version, as ``torch.backends.cudnn.version()`` returns it.
+
+    cuDNN 9 and later encode ``major * 10000 + minor * 100 + patch`` (``91900`` is 9.19.0, ``90100`` 9.1.0);
+    cuDNN 8 and earlier ``major * 1000 + minor * 100 + patch`` (``8907`` is 8.9.7). The old scheme stops below
+    10000 and the new one starts at 90000, so the integers of both still order as the versions do.
+    """
+    if version >= 10000:
+        return version // 10000, version // 100 % 100, version % 100
+    return version // 1000, version // 100 % 10, version % 100
 
 
 def _torch_version() -> str:
@@ -271,4 +284,4 @@ def torch_features() -> TorchFeatures:
                          missing=tuple(a for a, ok in found.items() if not ok))
 
 
-__all__ += ["TORCH_FEATURE_APIS", "TorchFeatures", "torch_features"]
+__all__ += ["TORCH_FEATURE_APIS", "TorchFeatures", "cudnn_version_tuple", "torch_features"]

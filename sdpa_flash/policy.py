@@ -24,7 +24,7 @@ from packaging.version import Version
 
 from .backends import BACKENDS
 from .backends._base import Prep
-from .capability import Capabilities
+from .capability import Capabilities, cudnn_version_tuple
 from .errors import AttentionInputError, BackendUnavailableError
 from .spec import AttentionSpec
 
@@ -479,8 +479,7 @@ class DenylistEntry:
         if self.cudnn is not None:
             if caps.cudnn_version is None:
                 return False
-            v = caps.cudnn_version
-            if not _version_in(f"{v // 10000}.{v // 100 % 100}.{v % 100}", self.cudnn):
+            if not _version_in(".".join(map(str, cudnn_version_tuple(caps.cudnn_version))), self.cudnn):
                 return False
         if self.kernel is not None:
             installed = getattr(caps, _PACKAGES[self.backend])
