@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import required_backends
 
 import sdpa_flash
 from sdpa_flash import policy as policy_mod
@@ -81,6 +82,8 @@ def test_report_on_the_gpu_passes_self_check_for_every_available_backend() -> No
     ran = {row["backend"]: row for row in rep["self_check"] if row["status"] != "SKIP"}
     available = {name for name, b in rep["backends"].items() if b["available"]}
     assert "math" in ran and set(ran) <= available
+    built_in = required_backends() - {"fa4"}  # what torch's own facts say this GPU has (conftest)
+    assert built_in <= available and built_in <= set(ran), (built_in, available, set(ran))
     assert all(row["status"] == "PASS" for row in ran.values()), ran
 
 

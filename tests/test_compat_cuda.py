@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import skip_unless_optional_missing
 
 import sdpa_flash
 import sdpa_flash.compat as C
@@ -51,7 +52,7 @@ def test_dense_path_on_every_backend(backend: str, shape: tuple[int, ...], causa
         try:
             sdpa_flash.explain(q, k, v, causal="bottom_right" if causal else False, layout="bshd")
         except BackendUnavailableError as exc:
-            pytest.skip(f"{backend} cannot run this here: {str(exc).splitlines()[-1]}")
+            skip_unless_optional_missing(backend, exc)
         assert C.explain_flash_attn(C.flash_attn_func, q, k, v, causal=causal).path == "sdpa"
         outs, lse, g = fwd_bwd(C.flash_attn_func, q, k, v, grad, causal=causal)
     assert_flash_close(outs, q, k, v, grad_out=g, lse=lse, causal=causal)
