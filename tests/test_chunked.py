@@ -104,8 +104,9 @@ def test_default_tiles_at_the_diagonal(
 
 
 def test_fully_masked_rows_are_zero_with_zero_gradient() -> None:
-    q = torch.randn(1, 1, 6, 8, dtype=torch.float64, requires_grad=True)
-    kv = torch.randn(1, 1, 3, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 6, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    kv = torch.randn(1, 1, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
     out = sdpa_flash.attention(q, kv, kv, causal="bottom_right", policy="chunked")  # rows 0-2 see no key
     assert torch.equal(out[0, 0, :3], torch.zeros(3, 8, dtype=torch.float64))
     out.sum().backward()
@@ -114,13 +115,13 @@ def test_fully_masked_rows_are_zero_with_zero_gradient() -> None:
 
 
 def test_dropout_is_declined_with_a_reason() -> None:
-    q = torch.randn(1, 1, 8, 8)
+    q = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with pytest.raises(BackendUnavailableError, match="dropout_p > 0 is not supported"):
         sdpa_flash.attention(q, q, q, dropout_p=0.1, policy="chunked")
 
 
 def test_auto_prefers_chunked_when_math_exceeds_the_budget() -> None:
-    q = torch.randn(1, 2, 64, 8)
+    q = torch.randn(1, 2, 64, 8, generator=torch.Generator().manual_seed(0))
     pol = resolve_policy("auto", memory_budget=1000)
     assert sdpa_flash.explain(q, q, q, policy=pol).backend == "flash"  # fused kernels first; the budget is math's
     # CPU flash has no dropout, so "auto" would fall to math, which is over budget here: chunked declines
@@ -139,7 +140,7 @@ def test_auto_prefers_chunked_when_math_exceeds_the_budget() -> None:
 
 
 def test_budget_from_use_policy_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    q = torch.randn(1, 2, 64, 8, dtype=torch.float64)
+    q = torch.randn(1, 2, 64, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with sdpa_flash.use_policy(["math", "chunked"], memory_budget="1KiB"):
         assert sdpa_flash.explain(q, q, q).backend == "chunked"
         with pytest.warns(UserWarning, match="fell back to the chunked backend"):
@@ -169,7 +170,7 @@ def test_parse_bytes_rejects(bad: object) -> None:
 
 
 def test_chunked_refuses_a_mask_that_needs_grad() -> None:
-    q = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    q = torch.randn(1, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     bias = torch.zeros(8, 8, dtype=torch.float64, requires_grad=True)
     with pytest.raises(BackendUnavailableError, match="attn_mask requires grad"):
         sdpa_flash.attention(q, q, q, attn_mask=bias, policy="chunked")  # refused by the plan, with the reason
