@@ -17,9 +17,9 @@ import torch
 
 from . import _caches
 from .backends import BACKENDS
-from .spec import cudnn_release, format_cudnn_version
+from .spec import cudnn_release, cudnn_version_tuple, format_cudnn_version
 
-__all__ = ["Capabilities", "capabilities", "cudnn_release", "format_cudnn_version"]
+__all__ = ["Capabilities", "capabilities", "cudnn_release", "cudnn_version_tuple", "format_cudnn_version"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +36,10 @@ class Capabilities:
         torch_version: ``torch.__version__`` without the local part (``"2.11.0"``).
         cuda_version: the CUDA runtime PyTorch was built with, or ``None``.
         hip_version: the ROCm/HIP version PyTorch was built with, or ``None``.
-        cudnn_version: cuDNN's version as an integer (``91900`` for 9.19.0), or ``None``.
+        cudnn_version: cuDNN's version as an integer (``91900`` for 9.19.0, ``8907`` for 8.9.7; see
+            :func:`cudnn_version_tuple`), or ``None``.
         backends: the backends this build and install have for this device (``"flash"``, ``"cudnn"``, ...), as
-            each registered backend's own probe (``Backend.available``) finds them.
+            each registered backend's own probe (``Backend.missing_reason``) finds them.
         flash_impl: the flash implementation registered with PyTorch (torch >= 2.10), e.g. ``"FA3"``;
             ``None`` means PyTorch's built-in FlashAttention-2 (or no flash kernel at all).
         kernels: ``(backend, version)`` of each backend installed as its own package (``("fa4", "4.0.0b36")``
@@ -286,4 +287,4 @@ def torch_features() -> TorchFeatures:
                          missing=tuple(a for a, ok in found.items() if not ok))
 
 
-__all__ += ["TORCH_FEATURE_APIS", "TorchFeatures", "torch_features"]
+__all__ += ["TORCH_FEATURE_APIS", "TorchFeatures", "cudnn_version_tuple", "torch_features"]

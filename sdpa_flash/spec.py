@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 __all__ = ["CAUSAL_KINDS", "FLOAT_DTYPES", "AttentionSpec", "CausalKind", "MaskKind", "causal_mask_tensor",
-           "cudnn_release", "format_bytes", "format_cudnn_version"]
+           "cudnn_release", "cudnn_version_tuple", "format_bytes", "format_cudnn_version"]
 
 CausalKind = str | None
 """``None`` (no causal masking), ``"top_left"`` (PyTorch's ``is_causal``) or ``"bottom_right"`` (flash-attn)."""
@@ -32,15 +32,21 @@ def causal_mask_tensor(kind: str, sq: int, sk: int, device: torch.device) -> tor
     return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=offset)
 
 
-def cudnn_release(v: int) -> str:
-    """cuDNN's integer version as its release: ``91900`` -> ``"9.19.0"``, ``8907`` -> ``"8.9.7"``.
+def cudnn_version_tuple(version: int) -> tuple[int, int, int]:
+    """``(major, minor, patch)`` of cuDNN's integer version, as ``torch.backends.cudnn.version()`` returns it.
 
-    cuDNN 9 encodes ``major * 10000 + minor * 100 + patch``; cuDNN 8 and earlier ``major * 1000 + minor * 100 +
-    patch``.
+    cuDNN 9 and later encode ``major * 10000 + minor * 100 + patch`` (``91900`` is 9.19.0, ``90100`` 9.1.0);
+    cuDNN 8 and earlier ``major * 1000 + minor * 100 + patch`` (``8907`` is 8.9.7). The old scheme stops below
+    10000 and the new one starts at 90000, so the integers of both still order as the versions do.
     """
-    if v >= 10000:
-        return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
-    return f"{v // 1000}.{v // 100 % 10}.{v % 100}"
+    if version >= 10000:
+        return version // 10000, version // 100 % 100, version % 100
+    return version // 1000, version // 100 % 10, version % 100
+
+
+def cudnn_release(v: int) -> str:
+    """cuDNN's integer version as its release: ``91900`` -> ``"9.19.0"``, ``8907`` -> ``"8.9.7"``."""
+    return ".".join(map(str, cudnn_version_tuple(v)))
 
 
 def format_cudnn_version(v: int | None) -> str:

@@ -300,6 +300,9 @@ def assert_close_to_reference(
 
     Returns:
         One :class:`Comparison` per tensor.
+
+    Raises:
+        ValueError: lists of different lengths (or fewer ``names`` than tensors): every tensor given is compared.
     """
     if isinstance(same_dtype, AttentionProblem):
         results = compare_attention(same_dtype, candidate, references=references, k=k)
@@ -307,12 +310,17 @@ def assert_close_to_reference(
     else:
         if ref64 is None:
             raise TypeError("assert_close_to_reference needs ref64 when not given an AttentionProblem")
-        if isinstance(candidate, torch.Tensor):
-            # one tensor each (the API's contract: one candidate, one of each reference)
-            candidate, same_dtype, ref64 = [candidate], [same_dtype], [ref64]  # type: ignore[list-item]
+        cands, sames, refs = ([t] if isinstance(t, torch.Tensor) else list(t)  # type: ignore[arg-type]
+                              for t in (candidate, same_dtype, ref64))
+        if not len(cands) == len(sames) == len(refs):  # a tensor left out of the comparison must not pass
+            raise ValueError(f"Expected as many candidates as references, but got {len(cands)} candidates, "
+                             f"{len(sames)} same-dtype and {len(refs)} float64 references instead.")
+        if len(names) < len(cands):
+            raise ValueError(f"Expected a name for each of the {len(cands)} tensors, but got {len(names)} names "
+                             f"({', '.join(names)}) instead.")
         results = [
             compare_to_reference(c, s, r, name=n, k=k)
-            for c, s, r, n in zip(candidate, same_dtype, ref64, names, strict=False)
+            for c, s, r, n in zip(cands, sames, refs, names[: len(cands)], strict=True)
         ]
         context = ""
     failed = [str(c) for c in results if not c.passed]

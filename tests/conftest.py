@@ -1,6 +1,10 @@
 """Skip markers, defined once: ``@pytest.mark.cuda`` needs a CUDA GPU, ``@pytest.mark.sm80`` / ``sm90`` that
 compute capability or newer. Tests carrying them are skipped, with the reason, where the hardware is absent.
 
+On the GPU, a backend that refuses a test's call is a skip only where that is legitimate:
+:func:`skip_unless_optional_missing` (imported by the GPU test modules: ``from conftest import ...``) fails the
+test when a backend that :func:`required_backends` says this machine must run refused it for any other reason.
+
 Also the property-test budget: the hypothesis profile named by ``SDPA_FLASH_HYPOTHESIS_PROFILE`` (see
 ``sdpa_flash.testing.PropertyProfile``) is loaded before any test module is imported, and the ``property_log``
 fixture counts the cases the property tests generate. The count ends the run as ``hypothesis: N generated
@@ -11,10 +15,12 @@ cases``, with the largest share of its bound any accuracy comparison used, per b
 from __future__ import annotations
 
 import collections
+import importlib.metadata
 import json
 import os
+import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import torch
@@ -49,6 +55,73 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for name, need in _CC_MARKS.items():
             if item.get_closest_marker(name) and cc is not None and cc < need:
                 item.add_marker(pytest.mark.skip(reason=f"needs compute capability >= {need}, this GPU has {cc}"))
+
+
+# ----------------------------------------------------------------------- backends this machine must run
+def required_backends() -> frozenset[str]:
+    """The backends the current CUDA device must run a plain call on (bf16 from sm80, else fp16; head dim <= 128;
+    no mask, no dropout), from torch's own facts, never from sdpa_flash's probe or planner (they are what the GPU
+    tests check). Empty without CUDA.
+
+    * ``math``, ``chunked``: plain PyTorch ops; ``efficient``: every GPU a CUDA build of torch supports (sm50+).
+    * ``flash``: compute capability 8.0 or newer, where the build has it
+      (``torch.backends.cuda.is_flash_attention_available()``; stock builds do).
+    * ``cudnn``: compute capability 8.0 or newer with cuDNN 9 or newer, not on ROCm (cuDNN's integer versions order
+      as the versions do across its two encodings: 8907 < 90000).
+    * ``fa4``: sm90 to sm103 where the optional ``flash-attn-4`` package is installed.
+    """
+    if not torch.cuda.is_available():
+        return frozenset()
+    if getattr(torch.version, "hip", None):
+        return frozenset(("math", "chunked"))  # ROCm's flash/efficient (AOTriton) depend on the GPU: not required
+    cc = torch.cuda.get_device_capability()
+    need = {"math", "chunked", "efficient"}
+    flash_built = getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)()
+    if cc >= (8, 0) and flash_built:
+        need.add("flash")
+    if cc >= (8, 0) and torch.backends.cudnn.is_available() and (torch.backends.cudnn.version() or 0) >= 90000:
+        need.add("cudnn")
+    try:
+        importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    else:
+        if (9, 0) <= cc <= (10, 3):
+            need.add("fa4")
+    return frozenset(need)
+
+
+# Denylist entries (their ``source``) known to apply on a GPU, by compute capability: a refusal citing one is that
+# machine's known kernel bug, not a regression. The H200 (sm90) has none for the GPU tests' calls.
+MACHINE_VETOES: dict[tuple[int, int], tuple[str, ...]] = {
+    (10, 0): ("pytorch/pytorch#193893",),  # B200: cuDNN with GQA/MQA of fewer than 8 key/value heads
+}
+
+
+def skip_unless_optional_missing(backend: str, exc: BaseException, *, limitation: str | None = None) -> NoReturn:
+    """Skip the test for a refusal of ``backend`` that is legitimate here; otherwise fail it with the reasons.
+
+    Legitimate: ``backend`` is not one this machine must run (an optional kernel not installed, or hardware or a
+    build without it: see :func:`required_backends`); or every reason it gave matches ``limitation``, a regular
+    expression for what the test's call asks that the backend does not do (``"attn_mask is not supported"`` for
+    flash), or cites a denylist entry of :data:`MACHINE_VETOES` for this GPU. Anything else — a built-in backend
+    this machine must run refusing the call for a wrong requirement, version check or denylist entry — would have
+    turned a regression into a skip, and fails instead.
+    """
+    reasons: tuple[str, ...] = tuple(getattr(exc, "reasons", {}).get(backend, ()))
+    if backend not in required_backends():
+        pytest.skip(f"{backend} is not required on this machine (optional, or the hardware or build lacks it): "
+                    f"{'; '.join(reasons) or exc}")
+    cc = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    known = MACHINE_VETOES.get(cc, ()) if cc is not None else ()
+
+    def legitimate(reason: str) -> bool:
+        return bool(limitation and re.search(limitation, reason)) or any(f"{src}]" in reason for src in known)
+
+    if reasons and all(legitimate(r) for r in reasons):
+        pytest.skip(f"{backend} does not take this call: {'; '.join(reasons)}")
+    raise AssertionError(f"{backend} must run here (it is required on this machine: "
+                         f"{', '.join(sorted(required_backends()))}) but was refused:\n{exc}") from exc
 
 
 # ------------------------------------------------------------------------------------------ property log

@@ -85,5 +85,5 @@ def test_fa4_is_a_bench_path_skipped_with_its_reason() -> None:
     for r in rows:
         if caps.device_type == "cpu":
             assert r["status"] != "ok" and r["reason"] == "not available on device type 'cpu' (has kernels for: cuda)"
-        elif caps.fa4_version is None:
+        elif caps.kernel_version("fa4") is None:
             assert r["status"] != "ok" and r["reason"].startswith("flash-attn-4 is not installed")

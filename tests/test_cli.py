@@ -3,6 +3,8 @@ not met or self-check failed, 2 bad usage), run as a user runs it; plus in-proce
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import required_backends
 
 import sdpa_flash
 from sdpa_flash import policy as policy_mod
@@ -81,6 +84,8 @@ def test_report_on_the_gpu_passes_self_check_for_every_available_backend() -> No
     ran = {row["backend"]: row for row in rep["self_check"] if row["status"] != "SKIP"}
     available = {name for name, b in rep["backends"].items() if b["available"]}
     assert "math" in ran and set(ran) <= available
+    built_in = required_backends() - {"fa4"}  # what torch's own facts say this GPU has (conftest)
+    assert built_in <= available and built_in <= set(ran), (built_in, available, set(ran))
     assert all(row["status"] == "PASS" for row in ran.values()), ran
 
 
@@ -181,13 +186,23 @@ def test_report_lists_the_optional_torch_apis_it_found() -> None:
     assert set(rep["torch_features"]) == {"flash_impl_registry", "varlen_attn", "cudnn_attention", "flex_attention"}
 
 
+def _exists(dotted: str) -> bool:
+    """Whether ``dotted`` names something, found here without the code under test: import the parent module and
+    look for the attribute, or locate a submodule not imported yet."""
+    parent, _, name = dotted.rpartition(".")
+    try:
+        return hasattr(importlib.import_module(parent), name) or importlib.util.find_spec(dotted) is not None
+    except ImportError:  # a parent that is not there (or not a package)
+        return False
+
+
 def test_torch_features_are_found_by_looking_not_by_version(monkeypatch: pytest.MonkeyPatch) -> None:
     from sdpa_flash import capability
 
     monkeypatch.setattr(torch, "__version__", "99.0.0")  # a version says nothing
     capability.torch_features.cache_clear()
     try:
-        truth = {api: capability._has_api(api) for apis in capability.TORCH_FEATURE_APIS.values() for api in apis}
+        truth = {api: _exists(api) for apis in capability.TORCH_FEATURE_APIS.values() for api in apis}
         assert capability.torch_features().as_dict() == {
             name: all(truth[a] for a in apis) for name, apis in capability.TORCH_FEATURE_APIS.items()}
         if truth["torch.backends.cuda.can_use_cudnn_attention"]:

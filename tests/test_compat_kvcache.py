@@ -138,12 +138,16 @@ FEATURES = {
 }
 
 
-@pytest.mark.parametrize("path", [None, "masked", "exact"])
-@pytest.mark.parametrize("case", list(FEATURES), ids=list(FEATURES))
+# Every feature on every path that has it. The masked path has no softcap (c * tanh(s / c) is a non-linear function
+# of the scores, which no additive mask expresses; the planner says so, tests/test_compat.py checks that reason), so
+# those pairs are not cases: a case that can only skip would hide nothing but a hole.
+FEATURE_PATHS = [(case, path) for case in FEATURES for path in (None, "masked", "exact")
+                 if not (path == "masked" and "softcap" in FEATURES[case])]
+
+
+@pytest.mark.parametrize(("case", "path"), FEATURE_PATHS, ids=[f"{c}-{p}" for c, p in FEATURE_PATHS])
 def test_features_with_per_row_lengths(case: str, path: str | None) -> None:
     kw = dict(FEATURES[case])
-    if path == "masked" and "softcap" in kw:
-        pytest.skip("softcap has no masked form")
     check(3, 2, 2, [6, 1, 14], torch.float32, path=path, **kw)
     check(2, 4, 4, [9, 9], torch.float32, path=path, as_int=True, **kw)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import required_backends, skip_unless_optional_missing
 
 import sdpa_flash
 from sdpa_flash import AttentionInputError, BackendUnavailableError
@@ -17,6 +18,10 @@ from sdpa_flash.testing import assert_close_to_reference, reference_attention
 pytestmark = pytest.mark.cuda
 
 BACKENDS = ["cudnn", "flash", "efficient", "math", "chunked"]
+_NO_MASK = "^attn_mask is not supported"
+# What a backend may refuse of a case wherever it runs (a regular expression over its reasons); any other refusal
+# of a backend this machine must run fails the test (see conftest.skip_unless_optional_missing).
+LIMITS = {("flash", "bool_mask"): _NO_MASK, ("flash", "float_mask_causal"): _NO_MASK}
 CASES: dict[str, dict[str, Any]] = {
     "dense": {},
     "causal": {"causal": True},
@@ -64,7 +69,7 @@ def test_forced_backend_matches_float64_math(backend: str, case: str, dtype: tor
     try:
         plan = sdpa_flash.explain(*leaves, attn_mask=mask, policy=backend, **kw)
     except BackendUnavailableError as exc:
-        pytest.skip(f"{backend} cannot run {case}: {exc.reasons}")
+        skip_unless_optional_missing(backend, exc, limitation=LIMITS.get((backend, case)))
     assert plan.backend == backend
     out = sdpa_flash.attention(*leaves, attn_mask=mask, policy=backend, **kw)
     grad = data["grad"].to(dtype)
@@ -78,12 +83,27 @@ def test_forced_backend_matches_float64_math(backend: str, case: str, dtype: tor
     assert_close_to_reference([out, *grads], [same, *same_grads], [ref, *ref_grads])
 
 
+def test_every_backend_this_machine_must_run_is_planned() -> None:
+    """The backends torch's own facts say this GPU has (conftest.required_backends: flash and cuDNN from sm80 with
+    cuDNN 9, FA4 where installed on sm90-sm103, ...) each plan a plain causal training call, forward-only too."""
+    required = required_backends()
+    assert {"math", "chunked"} <= required
+    dtype = torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
+    q = torch.randn(2, 16, 1024, 128, device="cuda", dtype=dtype, requires_grad=True)
+    for name in sorted(required):
+        for x in (q, q.detach()):
+            try:
+                p = sdpa_flash.explain(x, x, x, causal=True, policy=name)
+            except BackendUnavailableError as exc:
+                raise AssertionError(f"{name} is required on this machine but refused a plain call:\n{exc}") from None
+            assert p.backend == name
+
+
 @pytest.mark.sm90
 def test_hopper_availability_and_auto_choice() -> None:
     q = torch.randn(2, 16, 1024, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    for name in BACKENDS:
-        if name == "fa4" and not sdpa_flash.capabilities("cuda").kernel_version("fa4"):
-            continue  # optional: not installed here
+    assert {"cudnn", "flash", "efficient", "math", "chunked"} <= required_backends()  # a stock build on Hopper
+    for name in sorted(required_backends()):  # fa4 too where it is installed
         assert sdpa_flash.explain(q, q, q, causal=True, policy=name).backend == name
     plan = sdpa_flash.explain(q, q, q, causal=True)
     # S=1024 training: cuDNN ranks first on Hopper (FA4 measured 0.96-1.03x there), with or without FA4
@@ -142,7 +162,10 @@ def test_rows_that_see_no_key_are_zero(backend: str) -> None:
     mask[2] = False
     try:
         out = sdpa_flash.attention(q, q, q, attn_mask=mask, policy=backend)
-    except BackendUnavailableError:
+    except BackendUnavailableError as exc:
+        if backend != "flash":
+            skip_unless_optional_missing(backend, exc)
+        assert all(r.startswith("attn_mask is not supported") for r in exc.reasons["flash"]), exc
         out = None  # flash takes no mask; its causal corner case is checked below
     if out is not None:
         assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))

@@ -258,6 +258,31 @@ def test_shapes_and_dtypes_are_checked() -> None:
         compare_attention(problem, [out, dq], references=attention_references(problem, backward=False))
 
 
+def test_lists_of_different_lengths_are_refused() -> None:
+    """Every tensor given is compared: an extra candidate (here 100 off) is not dropped by a zip that stops early."""
+    a = torch.randn(2, 2, 8, 4, generator=torch.Generator().manual_seed(0))
+    assert_close_to_reference([a], [a], [a.double()])  # the rule itself passes a == reference
+    with pytest.raises(ValueError, match="2 candidates, 1 same-dtype and 1 float64 references"):
+        assert_close_to_reference([a, a + 100], [a], [a.double()])
+    with pytest.raises(ValueError, match="1 candidates, 2 same-dtype and 2 float64 references"):
+        assert_close_to_reference([a], [a, a], [a.double(), a.double()])
+    with pytest.raises(ValueError, match="1 candidates, 1 same-dtype and 2 float64 references"):
+        assert_close_to_reference(a, a, [a.double(), a.double()])
+    with pytest.raises(ValueError, match="a name for each of the 5 tensors, but got 4 names"):
+        assert_close_to_reference([a] * 5, [a] * 5, [a.double()] * 5)  # default names: out, dq, dk, dv
+    named = assert_close_to_reference([a] * 5, [a] * 5, [a.double()] * 5, names=("out", "dq", "dk", "dv", "dbias"))
+    assert [c.name for c in named] == ["out", "dq", "dk", "dv", "dbias"]
+
+
+def test_compat_comparison_refuses_more_tensors_than_it_compares() -> None:
+    from sdpa_flash.compat.testing import compare_flash
+
+    q = torch.randn(1, 8, 2, 16, generator=torch.Generator().manual_seed(0))
+    out = sdpa_flash.attention(q, q, q, layout="bshd")
+    with pytest.raises(ValueError, match="got 5 tensors"):
+        compare_flash([out, q, q, q, q + 100], q, q, q, grad_out=torch.ones_like(out))
+
+
 def test_bad_input_rows_are_compared_as_what_they_are() -> None:
     """With a NaN key row the floor stays finite: the rows that cannot see it are still compared, and a row that
     hides the NaN (0 instead) fails."""

@@ -209,6 +209,8 @@ def compare_flash(
     Returns:
         One :class:`~sdpa_flash.testing.Comparison` per tensor (``out``, ``dq``, ``dk``, ``dv``, ``lse``).
     """
+    if len(candidate) > 4:  # a tensor beyond dv would be left out of the comparison
+        raise ValueError(f"Expected [out] or [out, dq, dk, dv], but got {len(candidate)} tensors instead.")
     backward = grad_out is not None and len(candidate) > 1
     leaves64 = [t.detach().double().requires_grad_(backward) for t in (q, k, v)]
     opts64 = {**options}
