@@ -310,7 +310,7 @@ def assert_close_to_reference(
     else:
         if ref64 is None:
             raise TypeError("assert_close_to_reference needs ref64 when not given an AttentionProblem")
-        cands, sames, refs = ([t] if isinstance(t, torch.Tensor) else list(t)  # type: ignore[arg-type]
+        cands, sames, refs = ([t] if isinstance(t, torch.Tensor) else list(t)
                               for t in (candidate, same_dtype, ref64))
         if not len(cands) == len(sames) == len(refs):  # a tensor left out of the comparison must not pass
             raise ValueError(f"Expected as many candidates as references, but got {len(cands)} candidates, "
