@@ -13,6 +13,7 @@ import pathlib
 import re
 import runpy
 import sys
+import types
 from typing import Any, NamedTuple
 
 import pytest
@@ -81,10 +82,14 @@ def test_readme_has_python_examples() -> None:
 
 @pytest.mark.parametrize("block", _block_params())
 def test_doc_example_runs(block: Block) -> None:
+    # A real module in sys.modules: torch.compile looks a traced function's globals up by its module's name (torch
+    # 2.11 fails with ModuleNotFoundError otherwise).
+    module = types.ModuleType("docs_example")
+    sys.modules["docs_example"] = module
     try:
-        exec(compile(block.code, f"{block.id} (python block {block.index} of {block.file})", "exec"),
-             {"__name__": "docs_example"})
+        exec(compile(block.code, f"{block.id} (python block {block.index} of {block.file})", "exec"), module.__dict__)
     finally:  # leave no trace for the other tests: the drop-in example installs `import flash_attn`; policies
+        sys.modules.pop("docs_example", None)
         compat = sys.modules.get("sdpa_flash.compat")
         if compat is not None:
             compat.uninstall()
