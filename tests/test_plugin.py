@@ -4,6 +4,7 @@ shadow-checked, denylisted and compiled like a built-in backend (the example plu
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import warnings
 from collections.abc import Iterator
@@ -191,3 +192,16 @@ def test_no_warning_for_a_plugin_under_a_custom_policy_first(einsum: Any) -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sdpa_flash.attention(q, q, q, policy=["einsum", "flash"])
+
+
+def test_the_bench_compares_a_plug_in(einsum: Any, tmp_path: Path) -> None:
+    from sdpa_flash.bench import CATALOGUE, catalogue, main
+
+    assert "attention(einsum)" in [p.name for p in catalogue()]
+    assert "attention(einsum)" not in [p.name for p in CATALOGUE]  # the built-in list stays as it was
+    out = tmp_path / "r.json"
+    assert main(["--device", "cpu", "--shape", "1x2x64x16", "--paths", "einsum,attention(math)", "--dtype", "fp32",
+                 "--modes", "fwd", "--rounds", "2", "--json", str(out), "--quiet"]) == 0
+    rows = {r["path"]: r for r in json.loads(out.read_text())["sections"][0]["rows"]}
+    assert rows["attention(einsum)"]["backend"] == "einsum" and rows["attention(einsum)"]["status"] == "ok"
+    assert rows["attention(einsum)"]["ms"] > 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from ._cases import MODES, Case
 from ._cli import main, print_doc, write_outputs
-from ._paths import CATALOGUE, PathDef
+from ._paths import CATALOGUE, PathDef, catalogue
 from ._report import render_markdown, summarize
 from ._run import PRESETS, SCHEMA, Preset, run
 from ._timing import Settings
@@ -37,6 +37,7 @@ __all__ = [
     "PathDef",
     "Preset",
     "Settings",
+    "catalogue",
     "main",
     "print_doc",
     "render_markdown",

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..capability import format_cudnn_version
 from ._cases import MODES, Case, human_seconds, parse_dtype, tokens_rule_case
-from ._paths import CATALOGUE
+from ._paths import catalogue
 from ._report import (
     NOTES_BEGIN,
     NOTES_END,
@@ -141,7 +141,7 @@ def _list() -> str:
     lines = ["presets:"]
     lines += [f"  {n:<9} {p.description}" for n, p in PRESETS.items()]
     lines += ["", "paths (dense presets):"]
-    lines += [f"  {p.name:<20} {p.description}" for p in CATALOGUE]
+    lines += [f"  {p.name:<20} {p.description}" for p in catalogue()]
     lines += ["", f"modes: {', '.join(MODES)} (fwd: forward without autograd; bwd: backward on a retained graph; "
                   "fwdbwd: both)"]
     return "\n".join(lines)

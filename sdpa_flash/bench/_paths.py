@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import attention, explain
+from ..backends import BACKENDS
 from ..errors import BackendUnavailableError, SdpaFlashError
 from ._cases import Case
 
-__all__ = ["CATALOGUE", "Built", "PathDef", "Unavailable", "build", "select_paths"]
+__all__ = ["CATALOGUE", "Built", "PathDef", "Unavailable", "build", "catalogue", "select_paths"]
 
 _SDP_NAMES = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
               "math": "MATH"}
@@ -53,7 +54,7 @@ class PathDef:
         return self.family == "forced" or (self.family == "policy" and self.arg not in ("auto", "fused"))
 
 
-CATALOGUE: tuple[PathDef, ...] = (
+_BUILTIN_PATHS: tuple[PathDef, ...] = (
     PathDef("sdpa", "sdpa", description="F.scaled_dot_product_attention, PyTorch's default dispatch"),
     *(PathDef(f"sdpa[{b}]", "forced", b, f"F.scaled_dot_product_attention inside sdpa_kernel([{_SDP_NAMES[b]}])")
       for b in ("cudnn", "flash", "efficient", "math")),
@@ -69,7 +70,24 @@ CATALOGUE: tuple[PathDef, ...] = (
     PathDef("naive", "naive", description="softmax(q @ k.T * scale, float32) @ v in the input dtype, as written "
                                           "by hand (the reference formulation)"),
 )
-_BY_NAME = {p.name: p for p in CATALOGUE}
+
+
+def catalogue() -> tuple[PathDef, ...]:
+    """Every path: the built-in ones, then ``attention(NAME)`` for each backend added with
+    :func:`sdpa_flash.register_backend` (read from the registry at each call, so a plug-in is benchmarked like the
+    built-in backends)."""
+    known = {p.arg for p in _BUILTIN_PATHS if p.family == "policy"}
+    plugged = tuple(PathDef(f"attention({n})", "policy", n, f"sdpa_flash.attention(..., policy={n!r}): "
+                            f"{type(b).__name__}, a registered plug-in")
+                    for n, b in BACKENDS.items() if n not in known)
+    if not plugged:
+        return _BUILTIN_PATHS
+    cut = max(i for i, p in enumerate(_BUILTIN_PATHS) if p.family == "policy") + 1
+    return (*_BUILTIN_PATHS[:cut], *plugged, *_BUILTIN_PATHS[cut:])
+
+
+CATALOGUE = _BUILTIN_PATHS
+"""The built-in paths (:func:`catalogue` adds the registered plug-ins)."""
 
 
 class Unavailable(Exception):
@@ -91,7 +109,7 @@ def select_paths(spec: str | Sequence[str] | None, default: Sequence[str]) -> tu
         op, pat = (raw[0], raw[1:]) if raw[0] in "+-" else ("+", raw)
         names = _expand([pat])
         if not names:
-            known = ", ".join(p.name for p in CATALOGUE)
+            known = ", ".join(p.name for p in catalogue())
             raise ValueError(f"Expected path names or patterns among {known}, but got {pat!r} instead.")
         if op == "-":
             chosen -= set(names)
@@ -99,18 +117,20 @@ def select_paths(spec: str | Sequence[str] | None, default: Sequence[str]) -> tu
             chosen |= set(names)
             if len(names) == 1 and not any(ch in pat for ch in "*?["):
                 explicit |= set(names)
-    return [p for p in CATALOGUE if p.name in chosen], explicit
+    return [p for p in catalogue() if p.name in chosen], explicit
 
 
 def _expand(patterns: Sequence[str]) -> list[str]:
+    paths = catalogue()
+    names = {p.name for p in paths}
     out: list[str] = []
     for pat in patterns:
-        if pat in _BY_NAME:
+        if pat in names:
             out.append(pat)
-        elif f"attention({pat})" in _BY_NAME:
+        elif f"attention({pat})" in names:
             out.append(f"attention({pat})")
         else:
-            out += [p.name for p in CATALOGUE if fnmatch.fnmatchcase(p.name, pat)]
+            out += [p.name for p in paths if fnmatch.fnmatchcase(p.name, pat)]
     return out
 
 

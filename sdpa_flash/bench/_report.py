@@ -12,13 +12,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..capability import format_cudnn_version
-from ._paths import CATALOGUE
+from ._paths import catalogue
 
 __all__ = ["format_dense", "format_overhead", "format_summary", "format_varlen", "render_markdown", "summarize",
            "write_csv"]
 
 Row = dict[str, Any]
-_SINGLE = {p.name for p in CATALOGUE if p.single_backend}
 _MODE_LABEL = {"fwd": "fwd", "bwd": "bwd", "fwdbwd": "fwd+bwd"}
 GOAL = 0.97
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept when the page is regenerated -->", "<!-- /notes -->"
@@ -66,7 +65,8 @@ def summarize(rows: Sequence[Row], matmul_tflops: float | None = None) -> dict[s
             ent: dict[str, Any] = {"case": case, "mode": mode, "s": auto["s"], "d": auto["d"],
                                    "causal": auto["causal"], "dtype": auto["dtype"], "auto_tflops": auto["tflops"],
                                    "auto_backend": auto["backend"]}
-            singles = {p: r for p, r in paths.items() if p in _SINGLE}
+            single = {p.name for p in catalogue() if p.single_backend}
+            singles = {p: r for p, r in paths.items() if p in single}
             if singles:
                 best = max(singles, key=lambda p: singles[p]["tflops"])
                 ent["best_single"], ent["best_tflops"] = best, singles[best]["tflops"]
