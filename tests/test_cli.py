@@ -236,6 +236,7 @@ def test_import_touches_no_gpu_and_imports_no_optional_module() -> None:
 def test_startup_check_example_follows_require(args: list[str], status: int, expected: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDPA_FLASH_")}
     env["CUDA_VISIBLE_DEVICES"] = ""  # the machine without a GPU, on any machine
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))  # installed or not
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "startup_check.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT, check=False)
     assert proc.returncode == status, proc.stderr

@@ -131,13 +131,13 @@ def test_row_whose_visible_scores_are_all_minus_inf_from_the_data(backend: str) 
     Kernels differ: here (H200, torch 2.11) math answers NaN (it adds the mask's ``-inf`` to the hidden ``+inf``)
     and flash, efficient and chunked 0; in the property run's case flash and efficient gave NaN where the float64
     reference gave 0. Either is accepted and documented; nothing in between is."""
-    q = torch.randn(1, 3, 1, 32, device="cuda", dtype=torch.float16)
+    q = torch.randn(1, 3, 2, 32, device="cuda", dtype=torch.float16)  # Sq = Sk = 2: cuDNN takes it (not Sk=1)
     k = torch.rand(1, 1, 2, 32, device="cuda", dtype=torch.float16) + 0.5
     k[0, 0, 1, 0] = -1.0  # the hidden key's score is +inf
     v = torch.randn(1, 1, 2, 32, device="cuda", dtype=torch.float16)
     q[0, 0, 0, 0] = float("-inf")
-    _runs_or_skip(backend, q, k, v, causal=True)  # the call's own shapes (q alone has one key: cuDNN refuses Sk=1)
-    out = sdpa_flash.attention(q, k, v, causal=True, policy=backend)  # row 0 sees key 0 only
+    _runs_or_skip(backend, q, k, v, causal=True)  # the call's own shapes
+    out = sdpa_flash.attention(q, k, v, causal=True, policy=backend)  # row 0 sees key 0 only (row 1 both)
     row = out[0, 0, 0]
     assert torch.isnan(row).all() or torch.equal(row, torch.zeros_like(row)), row
     ref = reference_attention(q, k, v, causal=True)  # the other heads are untouched by the bad element

@@ -44,6 +44,9 @@ class CudnnBackend(Backend):
             reasons.append(f"head_dim={big} (supported: <= 128 on {caps.arch}; up to 256 on sm90/sm100)")
         if spec.seqlen_k == 1:
             reasons.append("seqlen_k=1 is not supported by cuDNN attention")
+        elif spec.seqlen_q == 1 and spec.effective_causal == "top_left":  # the call runs on its first key alone
+            reasons.append("seqlen_q=1 with top-left causal sees one key, and seqlen_k=1 is not supported by cuDNN "
+                           "attention (the call would run on the first key only)")
         if spec.seqlen_q == 1 and spec.dropout:
             reasons.append("seqlen_q=1 with dropout is not supported by cuDNN attention")
         if spec.batch > 65535 or spec.heads_q > 65535:
