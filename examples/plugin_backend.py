@@ -21,16 +21,17 @@ import sdpa_flash
 from sdpa_flash.testing import ProblemParams, assert_close_to_reference, attention_outputs
 
 
-def einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
-                     is_causal: bool | str, scale: float | None, needs_lse: bool) -> torch.Tensor:
-    """The kernel: q (B, H, Sq, D), k (B, H, Sk, D), v (B, H, Sk, Dv) -> (B, H, Sq, Dv), as sdpa_flash hands it over
-    (see ``sdpa_flash.backends.KernelFn``). Scores and softmax in float32 (float64 for float64); O(Sq * Sk) memory."""
+def einsum_attention(c: sdpa_flash.KernelCall) -> torch.Tensor:
+    """The kernel: ``c.q`` (B, H, Sq, D), ``c.k`` (B, H, Sk, D), ``c.v`` (B, H, Sk, Dv) -> (B, H, Sq, Dv), as
+    sdpa_flash hands them over (see ``sdpa_flash.KernelCall``). Scores and softmax in float32 (float64 for float64);
+    O(Sq * Sk) memory."""
+    q, k, v = c.q, c.k, c.v
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = 1.0 / math.sqrt(q.shape[-1]) if c.scale is None else c.scale
     scores = torch.einsum("bhqd,bhkd->bhqk", q.to(acc), k.to(acc)) * scale
-    if bias is not None:
-        scores = scores + bias.to(acc)
-    if is_causal:  # this kernel's corner is top-left: query i sees keys j <= i
+    if c.bias is not None:
+        scores = scores + c.bias.to(acc)
+    if c.causal:  # this kernel's corner is top-left: query i sees keys j <= i
         sq, sk = scores.shape[-2:]
         hidden = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(hidden, float("-inf"))

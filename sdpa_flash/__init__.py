@@ -13,7 +13,7 @@ from __future__ import annotations
 from . import _torch_import  # noqa: F401  (first: imports torch without its NumPy warning on the command line)
 from ._warmup import WarmupResult, warmup
 from .attention import attention, explain
-from .backends import Backend, Requirements, register_backend, unregister_backend
+from .backends import Backend, KernelCall, Requirements, register_backend, unregister_backend
 from .capability import Capabilities, capabilities
 from .errors import AttentionInputError, BackendUnavailableError, SdpaFlashError, ShadowMismatchError
 from .policy import (
@@ -42,6 +42,7 @@ __all__ = [
     "Capabilities",
     "DenylistEntry",
     "FallbackStat",
+    "KernelCall",
     "Plan",
     "Policy",
     "Requirements",

@@ -21,7 +21,6 @@ Two situations leave the fast path:
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import warnings
 from collections.abc import Callable
@@ -33,12 +32,13 @@ import torch.nn.functional as F
 from . import _caches, _shadow
 from . import policy as _policy
 from . import stats as _stats
+from ._validate import attention_fields, attention_spec
 from .backends import BACKENDS
-from .backends._base import make_runner, merge_causal
+from .backends._base import merge_causal
 from .capability import capabilities
 from .errors import AttentionInputError, BackendUnavailableError
 from .policy import Plan, Policy, PolicyLike, plan, resolve_policy
-from .spec import CAUSAL_KINDS, FLOAT_DTYPES, AttentionSpec, dtype_name
+from .spec import AttentionSpec
 
 __all__ = ["dense_attention", "dense_explain"]
 
@@ -114,7 +114,7 @@ def dense_attention(
     except KeyError:
         run, fallback, _, counter = _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, pol)
     except (AttributeError, TypeError):  # not tensors, or unhashable options: let validation say what is wrong
-        _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+        attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout)
         raise
     next(counter)
     if fallback is not None:
@@ -122,7 +122,7 @@ def dense_attention(
     try:
         return run(query, key, value, attn_mask, dropout_p, scale)
     except RuntimeError:
-        _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+        attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout)
         raise
 
 
@@ -142,7 +142,7 @@ def dense_explain(
     pol = _policy.get_policy() if policy is None else resolve_policy(policy)
     if isinstance(query, torch.Tensor) and _autocast_enabled(query.device.type):
         query, key, value, attn_mask = _autocast_inputs(query, key, value, attn_mask)
-    spec = _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+    spec = attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout)
     p = _plan_in_layout(spec, capabilities(query.device), pol, layout)
     why = _interception(query, key, value)
     if why:
@@ -169,7 +169,7 @@ def _build(
     ck: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
     causal: bool | str, dropout_p: float, scale: float | None, layout: str, pol: Policy,
 ) -> tuple[Callable[..., torch.Tensor], tuple[str, str, str | None] | None, Policy, Any]:
-    spec = _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+    spec = attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout)
     p = _plan_in_layout(spec, capabilities(query.device), pol, layout)
     run = BACKENDS[p.backend].runner(spec, p.prep)
     copied = _needs_copy(p.backend, spec.device_type, query, key, value)
@@ -306,7 +306,7 @@ def _special(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_m
             return dense_attention(query, key, value, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p,
                                    scale=scale, layout=layout, policy=pol)
     why = _interception(query, key, value)
-    spec = _validate(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+    spec = attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout)
     if not spec.nested:
         p = plan(spec, capabilities(query.device), pol)  # the policy still has to allow the call
         next(_stats.plan_counter(p.backend, "sdpa", spec.describe()))
@@ -325,24 +325,28 @@ def _special(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_m
 
 # ---------------------------------------------------------------------------------------- torch.compile
 _compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
-def _compile_choice(fields: tuple[Any, ...], device: torch.device, pol: tuple[Any, ...] | None) -> tuple[Any, ...]:
-    """Plan once, while torch.compile traces; the result is baked into the graph as constants."""
-    spec = AttentionSpec(*fields)
+def _compile_choice(fields: dict[str, Any], device: torch.device, pol: tuple[Any, ...] | None
+                    ) -> tuple[str, Any, Any]:
+    """Plan once, while torch.compile traces; the result is baked into the graph as constants: ``(backend, spec,
+    prep)``, or ``("", message, None)`` when no backend can run the call."""
+    spec = AttentionSpec(**fields)
     policy = _policy.get_policy() if pol is None else Policy(*pol)
     try:
         p = plan(spec, capabilities(device), policy)
     except BackendUnavailableError as exc:
-        return ("", str(exc))  # raised as a typed error by the traced code: dynamo wraps errors raised here
+        return ("", str(exc), None)  # raised as a typed error by the traced code: dynamo wraps errors raised here
     if p.fallback and p.policy.fallback == "warn_once":
         warnings.warn(f"sdpa_flash fell back to the {p.backend} backend for {spec.describe()} (decided while "
                       "compiling). Use sdpa_flash.explain(...) for details.", UserWarning, stacklevel=2)
-    b = BACKENDS[p.backend]
-    return (p.backend, b.MASKED_VALUE, b.ZERO_MASKED_ROWS, *dataclasses.astuple(p.prep))
+    return (p.backend, spec, p.prep)
 
 
 # What torch.compiler.assume_constant_result does (in torch 2.5 through 2.13), without importing torch._dynamo
 # (1.5 s) when sdpa_flash is imported: dynamo calls the function while tracing and bakes the result in.
 _compile_choice._dynamo_marked_constant = True  # type: ignore[attr-defined]  # a function attribute dynamo reads
+
+
+_SIZE_FIELDS = ("batch", "heads_q", "heads_kv", "seqlen_q", "seqlen_k", "head_dim", "head_dim_v")
 
 
 def _concrete_int(x: Any) -> int:
@@ -366,129 +370,29 @@ def _compiled(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
 
     The policy is the ``policy=`` argument, else the one in force when the function is compiled.
     """
-    fields = _validate_fields(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+    fields = attention_fields(query, key, value, attn_mask, causal, dropout_p, scale, layout)
     # The plan depends on the sizes, so they must reach _compile_choice as Python ints: with dynamic shapes
     # this specialises the graph on them (recompiling per distinct attention shape, as static shapes do).
     # (With dynamic=True dynamo also makes float defaults such as dropout_p symbolic: branch to a constant.)
-    fields = (*fields[:2], *(_concrete_int(f) for f in fields[2:9]), fields[9], fields[10],
-              True if fields[11] else False, *fields[12:])
-    if fields[-1]:
+    for name in _SIZE_FIELDS:
+        fields[name] = _concrete_int(fields[name])
+    fields["dropout"] = True if fields["dropout"] else False
+    if fields["nested"]:
         raise AttentionInputError("Expected dense tensors under torch.compile, but got nested tensors; call "
                                   "torch.nn.functional.scaled_dot_product_attention on them instead.")
     pol = None
     if policy is not None:
         resolved = policy if isinstance(policy, Policy) else resolve_policy(policy)
         pol = (resolved.name, resolved.backends, resolved.fallback, resolved.memory_budget)
-    choice = _compile_choice(fields, query.device, pol)
-    if not choice[0]:
-        raise BackendUnavailableError(choice[1])
-    name, masked_value, zero_rows, *prep = choice
+    name, spec, prep = _compile_choice(fields, query.device, pol)
+    if not name:
+        raise BackendUnavailableError(spec)
     # Under torch.compile the kernels are called through their aten overloads (or custom ops), which dynamo traces.
-    kernel = BACKENDS[name].kernel(fields[0], traced=True)
-    run = make_runner(kernel, fields[12], masked_value, zero_rows, fields[7], fields[8], fields[5], *prep)
-    copied = _needs_copy(name, fields[0], query, key, value)  # as eagerly; dynamo guards on the strides it reads
+    run = BACKENDS[name].runner(spec, prep, traced=True)
+    copied = _needs_copy(name, spec.device_type, query, key, value)  # as eagerly; dynamo guards on the strides it reads
     if any(copied):
         query, key, value = (t.contiguous() if c else t for t, c in zip((query, key, value), copied, strict=True))
     if layout == "bshd":
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         return run(q, k, v, attn_mask, dropout_p, scale).transpose(1, 2)
     return run(query, key, value, attn_mask, dropout_p, scale)
-
-
-# ------------------------------------------------------------------------------------------ validation
-# The arguments as the caller passed them (Any: checking them is the point)
-def _validate(query: Any, key: Any, value: Any, attn_mask: Any, causal: Any, dropout_p: Any, scale: Any,
-              layout: Any) -> AttentionSpec:
-    return AttentionSpec(*_validate_fields(query, key, value, attn_mask, causal, dropout_p, scale, layout))
-
-
-def _validate_fields(query: Any, key: Any, value: Any, attn_mask: Any, causal: Any, dropout_p: Any, scale: Any,
-                     layout: Any) -> tuple[Any, ...]:
-    """Check every argument (typed errors naming the problem) and return the AttentionSpec's fields."""
-
-    def fail(msg: str) -> AttentionInputError:
-        return AttentionInputError(msg)
-
-    if layout not in ("bhsd", "bshd"):
-        raise fail(f"Expected layout to be 'bhsd' (B, H, S, D) or 'bshd' (B, S, H, D), but got {layout!r} instead.")
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise fail(f"Expected {name} to be a torch.Tensor, but got {type(t).__name__} instead.")
-    shape_doc = "(B, H, S, D)" if layout == "bhsd" else "(B, S, H, D)"
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.dim() != 4:
-            raise fail(f"Expected {name} to be 4-D {shape_doc} for layout={layout!r}, but got a {t.dim()}-D "
-                       f"tensor of shape {tuple(t.shape)} instead.")
-        if t.dtype not in FLOAT_DTYPES:
-            raise fail(f"Expected {name} to be a floating-point tensor (float16, bfloat16, float32, float64), "
-                       f"but got dtype={dtype_name(t.dtype)} instead.")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise fail("Expected query, key and value to have one dtype, but got "
-                   f"{dtype_name(query.dtype)}, {dtype_name(key.dtype)}, {dtype_name(value.dtype)} instead; "
-                   "cast them to one dtype (or run under torch.autocast).")
-    if not (query.device == key.device == value.device):
-        raise fail(f"Expected query, key and value on one device, but got {query.device}, {key.device}, "
-                   f"{value.device} instead.")
-    nested = bool(getattr(query, "is_nested", False))
-    if nested:
-        if layout != "bhsd":
-            raise fail("Expected layout='bhsd' (B, H, j, D) for nested tensors, but got 'bshd' instead.")
-        b, hq, d = query.size(0), query.size(1), query.size(-1)
-        hk, dk, dv = key.size(1), key.size(-1), value.size(-1)
-        sq = sk = 1  # ragged; the spec's lengths are placeholders
-    else:
-        if layout == "bhsd":
-            b, hq, sq, d = query.shape
-            bk, hk, sk, dk = key.shape
-            bv, hv, sv, dv = value.shape
-        else:
-            b, sq, hq, d = query.shape
-            bk, sk, hk, dk = key.shape
-            bv, sv, hv, dv = value.shape
-        if not (b == bk == bv):
-            raise fail(f"Expected query, key and value to have one batch size, but got {b}, {bk}, {bv} instead.")
-        if hk != hv:
-            raise fail(f"Expected key and value to have the same number of heads, but got {hk} and {hv} instead.")
-        if sk != sv:
-            raise fail(f"Expected key and value to have the same sequence length, but got {sk} and {sv} instead.")
-    if d != dk:
-        raise fail(f"Expected query and key to have the same head dim, but got {d} and {dk} instead.")
-    if d == 0 or dv == 0:
-        raise fail(f"Expected non-zero head dims, but got query/key head dim {d} and value head dim {dv} instead.")
-    if (hk == 0 and hq != 0) or (hk and hq % hk):
-        raise fail(f"Expected the query heads ({hq}) to be a multiple of the key/value heads ({hk}) (GQA/MQA), "
-                   "but they are not.")
-    kind = CAUSAL_KINDS.get(causal, "invalid") if isinstance(causal, (int, str, type(None))) else "invalid"
-    if kind == "invalid":
-        raise fail(f"Expected causal to be False, True, 'top_left' or 'bottom_right', but got {causal!r} instead.")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise fail(f"Expected dropout_p to be a float in [0, 1), but got {dropout_p!r} instead.")
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
-        raise fail(f"Expected scale to be None or a finite float, but got {scale!r} instead.")
-    mask_kind = None
-    if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise fail(f"Expected attn_mask to be a torch.Tensor or None, but got {type(attn_mask).__name__} instead.")
-        if attn_mask.device != query.device:
-            raise fail(f"Expected attn_mask on {query.device} like the query, but got {attn_mask.device} instead.")
-        if attn_mask.dtype == torch.bool:
-            mask_kind = "bool"
-        elif attn_mask.dtype == query.dtype:
-            mask_kind = "float"
-        else:
-            raise fail(f"Expected attn_mask to be boolean or of the query's dtype {dtype_name(query.dtype)}, but got "
-                       f"dtype={dtype_name(attn_mask.dtype)} instead.")
-        full = (b, hq, sq, sk)
-        if nested:
-            raise fail("Expected attn_mask=None with nested tensors (their raggedness is the mask), but got a mask.")
-        ok = attn_mask.dim() <= 4 and all(
-            m in (1, f) for m, f in zip(reversed(attn_mask.shape), reversed(full), strict=False)
-        )
-        if not ok:
-            raise fail(f"Expected attn_mask to broadcast to (B, Hq, Sq, Sk) = {full}, but got shape "
-                       f"{tuple(attn_mask.shape)} instead.")
-    grad_on = torch.is_grad_enabled()
-    mask_grad = grad_on and attn_mask is not None and attn_mask.requires_grad
-    needs_grad = mask_grad or (grad_on and (query.requires_grad or key.requires_grad or value.requires_grad))
-    return (query.device.type, query.dtype, b, hq, hk, sq, sk, d, dv, kind, mask_kind, dropout_p > 0, needs_grad,
-            nested, mask_grad)

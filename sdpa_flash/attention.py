@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ._dense import _compiling, _validate, dense_attention, dense_explain
+from ._dense import _compiling, dense_attention, dense_explain
+from ._validate import attention_spec
 from .errors import AttentionInputError
 from .policy import PolicyLike
 
@@ -192,7 +193,7 @@ def _padded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kpm: to
     if attn_mask is not None:
         raise AttentionInputError("Expected either attn_mask or key_padding_mask, but got both; fold the key "
                                   "padding into attn_mask (True = attend), or pass only key_padding_mask.")
-    spec = _validate(query, key, value, None, causal, dropout_p, scale, layout)
+    spec = attention_spec(query, key, value, None, causal, dropout_p, scale, layout)
     if spec.nested:
         raise AttentionInputError("Expected dense tensors with key_padding_mask, but got nested tensors (their "
                                   "raggedness is already the mask).")

@@ -327,10 +327,10 @@ def _qkv(**kw: Any) -> tuple[torch.Tensor, ...]:
 BAD: dict[str, tuple[Any, str]] = {
     "rank-3-q": (lambda: C.flash_attn_func(_qkv()[0][0], *_qkv()[1:]), r"Expected q to be a 4-D tensor"),
     "k-not-tensor": (lambda: C.flash_attn_func(_qkv()[0], None, _qkv()[2]), r"Expected k to be a torch\.Tensor"),
-    "int-dtype": (lambda: C.flash_attn_func(_qkv()[0].long(), *_qkv()[1:]), r"Expected q to be float16"),
+    "int-dtype": (lambda: C.flash_attn_func(_qkv()[0].long(), *_qkv()[1:]), r"Expected q to be a floating-point tensor"),
     "dtype-mix": (lambda: C.flash_attn_func(_qkv()[0].double(), *_qkv()[1:]), r"one dtype"),
     "head-dim": (lambda: C.flash_attn_func(_qkv()[0], *_qkv(d=8)[1:]), r"same head dim, but got 16 and 8"),
-    "heads-not-multiple": (lambda: C.flash_attn_func(*make(1, 4, 4, 3, 2)[:3]), r"multiple of the number of key"),
+    "heads-not-multiple": (lambda: C.flash_attn_func(*make(1, 4, 4, 3, 2)[:3]), r"multiple of the key/value heads"),
     "batch": (lambda: C.flash_attn_func(_qkv()[0][:1], *_qkv()[1:]), r"one batch size, but got 1, 2, 2"),
     "window-float": (lambda: C.flash_attn_func(*_qkv(), window_size=(1.5, 2)), r"Expected window_size to be a pair"),
     "window-int": (lambda: C.flash_attn_func(*_qkv(), window_size=4), r"Expected window_size to be a pair"),

@@ -21,7 +21,7 @@ import torch
 
 import sdpa_flash
 from sdpa_flash import AttentionSpec, Capabilities, plan, varlen
-from sdpa_flash.backends import BACKENDS
+from sdpa_flash.backends import BACKENDS, KernelCall, KernelOptions
 from sdpa_flash.backends import fa4 as fa4_mod
 from sdpa_flash.policy import RANKING, RankingRule, resolve_policy
 
@@ -243,7 +243,8 @@ def test_traced_kernel_compiles_without_graph_breaks(fake_fa4) -> None:  # type:
     kernel = BACKENDS["fa4"].kernel("cuda", traced=True)
 
     def fn(q, k, v):  # type: ignore[no-untyped-def]
-        return kernel(q, k, v, None, 0.0, True, None, True).sum()
+        call = KernelCall(q, k, v, None, 0.0, None, KernelOptions(causal=True, needs_lse=True))
+        return kernel(call).sum()
 
     q, k, v = (torch.randn(1, 2, 12, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     explained = torch._dynamo.explain(fn)(q, k, v)

@@ -11,7 +11,7 @@ import re
 
 from .. import _caches
 from ..errors import AttentionInputError
-from ._base import Backend, Device, KernelFn, Prep, Requirements, Runner
+from ._base import Backend, Device, KernelCall, KernelFn, KernelOptions, Prep, Requirements, Runner
 from .chunked import ChunkedBackend
 from .cudnn import CudnnBackend
 from .efficient import EfficientBackend
@@ -23,7 +23,9 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "Device",
+    "KernelCall",
     "KernelFn",
+    "KernelOptions",
     "Prep",
     "Requirements",
     "Runner",

@@ -20,27 +20,50 @@ import torch
 
 from ..spec import AttentionSpec, causal_mask_tensor, dtype_name, format_cudnn_version
 
-__all__ = ["Backend", "Device", "KernelFn", "Requirements", "Runner"]
+__all__ = ["Backend", "Device", "KernelCall", "KernelFn", "KernelOptions", "Requirements", "Runner"]
 
 Runner = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, "float | None"], torch.Tensor
 ]
 """``run(q, k, v, attn_mask, dropout_p, scale) -> out``, all in (B, H, S, D) layout."""
 
-KernelFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, "bool | str", "float | None", bool],
-    torch.Tensor,
-]
-"""``kernel(q, k, v, bias, dropout_p, is_causal, scale, needs_lse) -> out``: one call of a backend's kernel.
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """What a kernel is told about one kind of call besides its tensors, decided once per call signature.
 
-q ``(B, Hq, Sq, D)``, k ``(B, Hkv, Sk, D)``, v ``(B, Hkv, Sk, Dv)`` -> ``(B, Hq, Sq, Dv)``, already adapted to the
-backend's :class:`Requirements` (head dims padded, K/V repeated unless ``native_gqa``). ``bias`` is ``None`` or an
-additive float mask broadcastable to ``(B, Hq, Sq, Sk)`` (only for backends with ``mask=True``); ``is_causal`` is
-``False``, ``True`` (the kernel's own corner, :attr:`Requirements.kernel_causal`) or, for ``kernel_causal="any"``,
-``"top_left"`` / ``"bottom_right"``; ``scale`` ``None`` means ``1 / sqrt(D)``; ``needs_lse``: autograd will need a
-backward (kernels that keep the log-sum-exp only for it may skip it otherwise). It must be differentiable with
-respect to q, k and v when the backend's requirements say ``backward=True``.
-"""
+    Attributes:
+        causal: ``False``; ``True`` for the kernel's own corner (:attr:`Requirements.kernel_causal`); or, for
+            ``kernel_causal="any"``, ``"top_left"`` / ``"bottom_right"``.
+        needs_lse: autograd will need a backward (kernels that keep the log-sum-exp only for it may skip it).
+    """
+
+    causal: bool | str = False
+    needs_lse: bool = False
+
+
+class KernelCall:
+    """One call of a backend's kernel: the tensors, already adapted to its :class:`Requirements`, and the options.
+
+    ``q`` ``(B, Hq, Sq, D)``, ``k`` ``(B, Hkv, Sk, D)``, ``v`` ``(B, Hkv, Sk, Dv)``: head dims padded and K/V repeated
+    unless the requirements say ``native_gqa``. ``bias`` is ``None`` or an additive float mask broadcastable to
+    ``(B, Hq, Sq, Sk)`` (only for backends with ``mask=True``). ``dropout_p``: the probability (0 unless the
+    backend takes dropout). ``scale``: ``None`` means ``1 / sqrt(D)``. ``causal`` and ``needs_lse``: see
+    :class:`KernelOptions`. An option a backend's requirements do not declare is never set on its calls (the
+    planner refuses such calls first), so a kernel reads only the attributes it knows.
+    """
+
+    __slots__ = ("bias", "causal", "dropout_p", "k", "needs_lse", "q", "scale", "v")
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
+                 scale: float | None, options: KernelOptions) -> None:
+        self.q, self.k, self.v, self.bias, self.dropout_p, self.scale = q, k, v, bias, dropout_p, scale
+        self.causal = options.causal
+        self.needs_lse = options.needs_lse
+
+
+KernelFn = Callable[[KernelCall], torch.Tensor]
+"""``kernel(call: KernelCall) -> out (B, Hq, Sq, Dv)``: one call of a backend's kernel. It must be differentiable
+with respect to ``call.q``, ``call.k`` and ``call.v`` when the backend's requirements say ``backward=True``."""
 
 
 class Device(Protocol):
@@ -448,48 +471,42 @@ class Backend:
         (B, H, S, D) runner in transposes)."""
         return None
 
-    def runner(self, spec: AttentionSpec, prep: Prep) -> Runner:
-        """A closure that runs this kernel on (B, H, S, D) inputs with ``prep`` applied."""
-        return make_runner(self.kernel(spec.device_type), spec.needs_grad, self.MASKED_VALUE, self.ZERO_MASKED_ROWS,
-                           spec.head_dim, spec.head_dim_v, spec.seqlen_q, *dataclasses.astuple(prep))
+    def runner(self, spec: AttentionSpec, prep: Prep, *, traced: bool = False) -> Runner:
+        """A closure that runs this kernel on (B, H, S, D) inputs with ``prep`` applied (``traced``: the variant
+        for ``torch.compile``, see :meth:`kernel`)."""
+        return make_runner(self.kernel(spec.device_type, traced=traced), spec, prep, masked_value=self.MASKED_VALUE,
+                           zero_masked_rows=self.ZERO_MASKED_ROWS)
 
 
-def make_runner(
-    call: Callable[..., torch.Tensor],
-    needs_lse: bool,
-    masked_value: float,
-    zero_masked_rows: bool,
-    head_dim: int,
-    head_dim_v: int,
-    seqlen_q: int,
-    repeat_kv: int,
-    pad_qk_to: int | None,
-    pad_v_to: int | None,
-    truncate_keys: bool,
-    causal_mask: str | None,
-    kernel_causal: bool,
-    float_bias: bool,
-) -> Runner:
-    """Build ``run(q, k, v, attn_mask, dropout_p, scale)`` for one kernel and one set of adaptations."""
-    is_causal = kernel_causal
+def make_runner(kernel: KernelFn, spec: AttentionSpec, prep: Prep, *, masked_value: float,
+                zero_masked_rows: bool) -> Runner:
+    """Build ``run(q, k, v, attn_mask, dropout_p, scale)`` for one kernel, one kind of call and its adaptations.
+
+    ``masked_value`` is what a boolean mask's False becomes in the additive bias; ``zero_masked_rows``: rows that
+    see no key are zeroed (kernels that give NaN there).
+    """
+    options = KernelOptions(causal=prep.kernel_causal, needs_lse=spec.needs_grad)
+    head_dim, head_dim_v, seqlen_q = spec.head_dim, spec.head_dim_v, spec.seqlen_q
+    repeat_kv, pad_qk_to, pad_v_to = prep.repeat_kv, prep.pad_qk_to, prep.pad_v_to
+    truncate_keys, causal_mask, float_bias = prep.truncate_keys, prep.causal_mask, prep.float_bias
     if (repeat_kv, pad_qk_to, pad_v_to, truncate_keys, causal_mask) == (1, None, None, False, None):
         if not float_bias:
             # The common case: nothing to adapt, one kernel call (kernels may supply a flatter closure).
-            plain: Callable[[bool | str, bool], Runner] | None = getattr(call, "plain", None)
+            plain: Callable[[KernelOptions], Runner] | None = getattr(kernel, "plain", None)
             if plain is not None:
-                return plain(is_causal, needs_lse)
+                return plain(options)
 
             def run_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                           dropout_p: float, scale: float | None) -> torch.Tensor:
-                return call(q, k, v, None, dropout_p, is_causal, scale, needs_lse)
+                return kernel(KernelCall(q, k, v, None, dropout_p, scale, options))
 
             return run_plain
 
         def run_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                        dropout_p: float, scale: float | None) -> torch.Tensor:
             # float_bias is set only for specs with a mask (Prep.float_bias=has_mask): attn_mask is never None here
-            out = call(q, k, v, _as_float_bias(attn_mask, q.dtype, masked_value),  # type: ignore[arg-type]
-                       dropout_p, is_causal, scale, needs_lse)
+            bias = _as_float_bias(attn_mask, q.dtype, masked_value)  # type: ignore[arg-type]
+            out = kernel(KernelCall(q, k, v, bias, dropout_p, scale, options))
             return out * _rows_alive(attn_mask) if zero_masked_rows else out  # type: ignore[arg-type]
 
         return run_masked
@@ -517,7 +534,7 @@ def make_runner(
         alive = _rows_alive(attn_mask) if zero_masked_rows and attn_mask is not None else None
         if float_bias and attn_mask is not None:
             attn_mask = _as_float_bias(attn_mask, q.dtype, masked_value)
-        out = call(q, k, v, attn_mask, dropout_p, is_causal, scale, needs_lse)
+        out = kernel(KernelCall(q, k, v, attn_mask, dropout_p, scale, options))
         if alive is not None:
             out = out * alive
         if pad_v_to is not None:
@@ -527,11 +544,10 @@ def make_runner(
     return run
 
 
-def with_plain(call: Callable[..., torch.Tensor], plain: Callable[[bool | str, bool], Runner]) -> Callable[
-    ..., torch.Tensor]:
-    """Attach ``plain(is_causal, needs_lse) -> Runner``, a one-frame runner for calls that need no adaptation."""
-    call.plain = plain  # type: ignore[attr-defined]  # a function attribute, read back with getattr()
-    return call
+def with_plain(kernel: Callable[[KernelCall], torch.Tensor], plain: Callable[[KernelOptions], Runner]) -> KernelFn:
+    """Attach ``plain(options) -> Runner``, a one-frame runner for calls that need no adaptation."""
+    kernel.plain = plain  # type: ignore[attr-defined]  # a function attribute, read back with getattr()
+    return kernel
 
 
 def merge_causal(mask: torch.Tensor | None, kind: str, sq: int, sk: int, device: torch.device) -> torch.Tensor:

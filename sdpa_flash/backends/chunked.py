@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import SdpaFlashError
-from ._base import Backend, KernelFn, Requirements
+from ._base import Backend, KernelCall, KernelFn, Requirements
 
 __all__ = ["ChunkedBackend", "chunked_attention"]
 
@@ -46,12 +46,11 @@ class ChunkedBackend(Backend):
         return _call
 
 
-def _call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
-          is_causal: bool | str, scale: float | None, needs_lse: bool) -> torch.Tensor:
-    if dropout_p:
+def _call(c: KernelCall) -> torch.Tensor:
+    if c.dropout_p:
         raise SdpaFlashError("the chunked backend does not implement dropout")
-    corner = is_causal if isinstance(is_causal, str) else ("top_left" if is_causal else None)
-    return chunked_attention(q, k, v, bias, corner, scale)
+    corner = c.causal if isinstance(c.causal, str) else ("top_left" if c.causal else None)
+    return chunked_attention(c.q, c.k, c.v, c.bias, corner, c.scale)
 
 
 def _block_sizes(b: int, h: int, sq: int, sk: int, itemsize: int) -> tuple[int, int]:

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._base import Backend, KernelFn, Requirements, Runner, with_plain
+from ._base import Backend, KernelCall, KernelFn, KernelOptions, Requirements, Runner, with_plain
 
 __all__ = ["EfficientBackend"]
 
@@ -38,13 +38,15 @@ class EfficientBackend(Backend):
 
 
 def _kernel(op: Callable[..., Any]) -> KernelFn:
-    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
-             is_causal: bool | str, scale: float | None, needs_lse: bool) -> torch.Tensor:
+    def call(c: KernelCall) -> torch.Tensor:
+        q, k, bias = c.q, c.k, c.bias
         if bias is not None:
             bias = _aligned_bias(bias, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        return op(q, k, v, bias, needs_lse, dropout_p, is_causal, scale=scale)[0]
+        return op(q, k, c.v, bias, c.needs_lse, c.dropout_p, c.causal, scale=c.scale)[0]
 
-    def plain(is_causal: bool | str, needs_lse: bool) -> Runner:
+    def plain(options: KernelOptions) -> Runner:
+        is_causal, needs_lse = options.causal, options.needs_lse
+
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                 dropout_p: float, scale: float | None) -> torch.Tensor:
             return op(q, k, v, None, needs_lse, dropout_p, is_causal, scale=scale)[0]

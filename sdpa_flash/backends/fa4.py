@@ -44,7 +44,18 @@ from torch import Tensor
 
 from ..errors import AttentionInputError
 from ..spec import AttentionSpec
-from ._base import Backend, Device, KernelFn, Prep, Requirements, Runner, make_runner, with_plain
+from ._base import (
+    Backend,
+    Device,
+    KernelCall,
+    KernelFn,
+    KernelOptions,
+    Prep,
+    Requirements,
+    Runner,
+    make_runner,
+    with_plain,
+)
 
 __all__ = ["DISTRIBUTION", "INSTALL_HINT", "CacheInfo", "FA4Backend", "cache_info", "installed_version", "load"]
 
@@ -251,10 +262,11 @@ class FA4Backend(Backend):
                 reasons.append(f"head dims ({d}, {dv}) on {caps.arch} (supported: <= 128, (192, 128) or (256, 256))")
         return reasons
 
-    def runner(self, spec: AttentionSpec, prep: Prep) -> Runner:
+    def runner(self, spec: AttentionSpec, prep: Prep, *, traced: bool = False) -> Runner:
+        if traced:
+            return super().runner(spec, prep, traced=True)
         call = _eager_kernel(load(), _deterministic(spec), _multi_gpu())
-        return make_runner(call, spec.needs_grad, self.MASKED_VALUE, self.ZERO_MASKED_ROWS, spec.head_dim,
-                           spec.head_dim_v, spec.seqlen_q, *dataclasses.astuple(prep))
+        return make_runner(call, spec, prep, masked_value=self.MASKED_VALUE, zero_masked_rows=self.ZERO_MASKED_ROWS)
 
     def bshd_runner(self, spec: AttentionSpec, prep: Prep) -> Runner | None:
         if prep != Prep(kernel_causal=prep.kernel_causal):
@@ -333,12 +345,11 @@ def _eager_kernel(mod: ModuleType, deterministic: bool, guard: bool) -> KernelFn
     autograd.Function; calls with nothing to adapt get :func:`_plain`."""
     fn = mod.flash_attn_func
 
-    def call(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout_p: float, is_causal: bool | str,
-             scale: float | None, needs_lse: bool) -> Tensor:
-        return _plain(fn, bool(is_causal), deterministic, guard, bhsd=True)(q, k, v, None, dropout_p, scale)
+    def call(c: KernelCall) -> Tensor:
+        return _plain(fn, bool(c.causal), deterministic, guard, bhsd=True)(c.q, c.k, c.v, None, c.dropout_p, c.scale)
 
-    def plain(is_causal: bool | str, needs_lse: bool) -> Runner:
-        return _plain(fn, bool(is_causal), deterministic, guard, bhsd=True)
+    def plain(options: KernelOptions) -> Runner:
+        return _plain(fn, bool(options.causal), deterministic, guard, bhsd=True)
 
     return with_plain(call, plain)
 
@@ -409,9 +420,9 @@ def _backward(ctx: Any, dout: Tensor, dlse: Tensor) -> tuple[Tensor | None, ...]
 fa4_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def _traced_call(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout_p: float, is_causal: bool | str,
-                 scale: float | None, needs_lse: bool) -> Tensor:
-    out = fa4_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, bool(is_causal), -1, -1, 0.0)[0]
+def _traced_call(c: KernelCall) -> Tensor:
+    out = fa4_fwd(c.q.transpose(1, 2), c.k.transpose(1, 2), c.v.transpose(1, 2), c.scale, bool(c.causal), -1, -1,
+                  0.0)[0]
     return out.transpose(1, 2)
 
 

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..spec import AttentionSpec
-from ._base import Backend, Device, KernelFn, Requirements, Runner, with_plain
+from ._base import Backend, Device, KernelCall, KernelFn, KernelOptions, Requirements, Runner, with_plain
 
 __all__ = ["FlashBackend"]
 
@@ -82,11 +82,12 @@ class FlashBackend(Backend):
 
 
 def _cuda_kernel(op: Callable[..., Any]) -> KernelFn:
-    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
-             is_causal: bool | str, scale: float | None, needs_lse: bool) -> torch.Tensor:
-        return op(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+    def call(c: KernelCall) -> torch.Tensor:
+        return op(c.q, c.k, c.v, c.dropout_p, c.causal, False, scale=c.scale)[0]
 
-    def plain(is_causal: bool | str, needs_lse: bool) -> Runner:
+    def plain(options: KernelOptions) -> Runner:
+        is_causal = options.causal
+
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                 dropout_p: float, scale: float | None) -> torch.Tensor:
             return op(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
@@ -97,13 +98,15 @@ def _cuda_kernel(op: Callable[..., Any]) -> KernelFn:
 
 
 def _cpu_kernel(op: Callable[..., Any]) -> KernelFn:
-    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
-             is_causal: bool | str, scale: float | None, needs_lse: bool) -> torch.Tensor:
+    def call(c: KernelCall) -> torch.Tensor:
+        bias = c.bias
         if bias is not None and bias.dim() not in (2, 4):  # the kernel takes 2-D or 4-D masks only
             bias = bias[(None,) * (4 - bias.dim())]
-        return op(q, k, v, dropout_p, is_causal, attn_mask=bias, scale=scale)[0]
+        return op(c.q, c.k, c.v, c.dropout_p, c.causal, attn_mask=bias, scale=c.scale)[0]
 
-    def plain(is_causal: bool | str, needs_lse: bool) -> Runner:
+    def plain(options: KernelOptions) -> Runner:
+        is_causal = options.causal
+
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                 dropout_p: float, scale: float | None) -> torch.Tensor:
             return op(q, k, v, dropout_p, is_causal, scale=scale)[0]

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._base import Backend, KernelFn, Requirements
+from ._base import Backend, KernelCall, KernelFn, Requirements
 
 __all__ = ["MathBackend"]
 
@@ -27,9 +27,8 @@ class MathBackend(Backend):
 
 
 def _kernel(op: Callable[..., Any]) -> KernelFn:
-    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
-             is_causal: bool | str, scale: float | None, needs_lse: bool) -> torch.Tensor:
-        return op(q, k, v, bias, dropout_p, is_causal, scale=scale)[0]
+    def call(c: KernelCall) -> torch.Tensor:
+        return op(c.q, c.k, c.v, c.bias, c.dropout_p, c.causal, scale=c.scale)[0]
 
     return call
 

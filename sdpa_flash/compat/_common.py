@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
+from .. import _validate
 from ..errors import AttentionInputError, SdpaFlashError
-from ..spec import FLOAT_DTYPES, dtype_name
+from ..spec import dtype_name
 
 __all__ = ["Features", "UnsupportedArgumentError"]
 
@@ -89,36 +90,15 @@ class Features:
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def check_tensor(name: str, t: Any, ndim: int, doc: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise fail(f"Expected {name} to be a torch.Tensor {doc}, but got {type(t).__name__} instead.")
-    if t.dim() != ndim:
-        raise fail(f"Expected {name} to be a {ndim}-D tensor {doc}, but got a {t.dim()}-D tensor of shape "
-                   f"{tuple(t.shape)} instead.")
-    if t.dtype not in FLOAT_DTYPES:
-        raise fail(f"Expected {name} to be float16, bfloat16, float32 or float64, but got "
-                   f"dtype={dtype_name(t.dtype)} instead.")
-    return t
+check_tensor = _validate.check_tensor
 
 
 def check_same(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: str = "q, k and v") -> None:
-    if not (q.dtype == k.dtype == v.dtype):
-        raise fail(f"Expected {names} to have one dtype, but got {dtype_name(q.dtype)}, {dtype_name(k.dtype)}, "
-                   f"{dtype_name(v.dtype)} instead.")
-    if not (q.device == k.device == v.device):
-        raise fail(f"Expected {names} on one device, but got {q.device}, {k.device}, {v.device} instead.")
+    _validate.check_same(q, k, v, names)
 
 
 def check_heads(hq: int, hk: int, hv: int, d: int, dk: int, dv: int) -> None:
-    if hk != hv:
-        raise fail(f"Expected k and v to have the same number of heads, but got {hk} and {hv} instead.")
-    if hk == 0 or hq % hk:
-        raise fail(f"Expected the number of query heads ({hq}) to be a multiple of the number of key/value heads "
-                   f"({hk}) (MQA/GQA), but it is not.")
-    if d != dk:
-        raise fail(f"Expected q and k to have the same head dim, but got {d} and {dk} instead.")
-    if d == 0 or dv == 0:
-        raise fail(f"Expected non-zero head dims, but got {d} (q/k) and {dv} (v) instead.")
+    _validate.check_heads(hq, hk, hv, d, dk, dv, ("q", "k", "v"))
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -128,21 +108,13 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_dropout(dropout_p: Any) -> float:
-    # numbers.Real declares no __ge__ (typeshed): float <= Real is an error to mypy, fine at run time
-    ok = (isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool)
-          and 0.0 <= dropout_p < 1.0)  # type: ignore[operator]
-    if not ok:
-        raise fail(f"Expected dropout_p to be a float in [0, 1), but got {dropout_p!r} instead.")
-    return float(dropout_p)
+    return _validate.check_dropout(dropout_p, bools=False)
 
 
 def check_scale(softmax_scale: Any, head_dim: int) -> float:
-    if softmax_scale is None:
-        return head_dim ** -0.5
-    ok = isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool)
-    if not ok or not math.isfinite(softmax_scale):
-        raise fail(f"Expected softmax_scale to be None or a finite float, but got {softmax_scale!r} instead.")
-    return float(softmax_scale)
+    """The softmax scale, ``1 / sqrt(head_dim)`` for ``None``."""
+    scale = _validate.check_scale(softmax_scale, "softmax_scale", bools=False)
+    return head_dim ** -0.5 if scale is None else scale
 
 
 def check_softcap(softcap: Any) -> float:

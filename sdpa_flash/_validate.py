@@ -1,0 +1,165 @@
+"""The one validator: every entry point's arguments are checked here, before any kernel runs.
+
+Each check raises :class:`~sdpa_flash.errors.AttentionInputError` with one sentence that names the argument, what
+was expected and what came (``Expected query to be a 4-D tensor (B, H, S, D) ..., but got a 3-D tensor ...``).
+The dense call (:func:`attention_fields`), the packed call (:mod:`sdpa_flash._varlen`) and the flash-attn API
+(:mod:`sdpa_flash.compat`) use the same checks with their own argument names (``query`` / ``q``, ``scale`` /
+``softmax_scale``), so one kind of mistake reads the same wherever it is made.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+
+from .errors import AttentionInputError
+from .spec import CAUSAL_KINDS, FLOAT_DTYPES, AttentionSpec, CausalKind, dtype_name
+
+__all__ = ["attention_fields", "attention_spec", "causal_kind", "check_dropout", "check_heads", "check_same",
+           "check_scale", "check_tensor", "fail"]
+
+
+def fail(message: str) -> AttentionInputError:
+    return AttentionInputError(message)
+
+
+def check_tensor(name: str, t: Any, ndim: int, doc: str) -> torch.Tensor:
+    """``t`` is a floating-point tensor with ``ndim`` dims (``doc`` describes them: ``"(B, H, S, D)"``)."""
+    if not isinstance(t, torch.Tensor):
+        raise fail(f"Expected {name} to be a torch.Tensor, but got {type(t).__name__} instead.")
+    if t.dim() != ndim:
+        raise fail(f"Expected {name} to be a {ndim}-D tensor {doc}, but got a {t.dim()}-D tensor of shape "
+                   f"{tuple(t.shape)} instead.")
+    if t.dtype not in FLOAT_DTYPES:
+        raise fail(f"Expected {name} to be a floating-point tensor (float16, bfloat16, float32, float64), but got "
+                   f"dtype={dtype_name(t.dtype)} instead.")
+    return t
+
+
+def check_same(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: str = "query, key and value") -> None:
+    """One dtype and one device for the three tensors."""
+    if not (q.dtype == k.dtype == v.dtype):
+        raise fail(f"Expected {names} to have one dtype, but got {dtype_name(q.dtype)}, {dtype_name(k.dtype)}, "
+                   f"{dtype_name(v.dtype)} instead; cast them to one dtype (or run under torch.autocast).")
+    if not (q.device == k.device == v.device):
+        raise fail(f"Expected {names} on one device, but got {q.device}, {k.device}, {v.device} instead.")
+
+
+def check_heads(hq: int, hk: int, hv: int, d: int, dk: int, dv: int, names: tuple[str, str, str] = (
+        "query", "key", "value")) -> None:
+    """Key and value heads agree, query heads are a multiple of them (GQA/MQA), head dims match and are non-zero."""
+    qn, kn, vn = names
+    if hk != hv:
+        raise fail(f"Expected {kn} and {vn} to have the same number of heads, but got {hk} and {hv} instead.")
+    if (hk == 0 and hq != 0) or (hk and hq % hk):
+        raise fail(f"Expected the query heads ({hq}) to be a multiple of the key/value heads ({hk}) (GQA/MQA), "
+                   "but they are not.")
+    if d != dk:
+        raise fail(f"Expected {qn} and {kn} to have the same head dim, but got {d} and {dk} instead.")
+    if d == 0 or dv == 0:
+        raise fail(f"Expected non-zero head dims, but got {qn}/{kn} head dim {d} and {vn} head dim {dv} instead.")
+
+
+def causal_kind(causal: Any) -> CausalKind:
+    """``False`` / ``True`` / ``"top_left"`` / ``"bottom_right"`` as a :data:`~sdpa_flash.spec.CausalKind`."""
+    kind = CAUSAL_KINDS.get(causal, "invalid") if isinstance(causal, (int, str, type(None))) else "invalid"
+    if kind == "invalid":
+        raise fail(f"Expected causal to be False, True, 'top_left' or 'bottom_right', but got {causal!r} instead.")
+    return kind
+
+
+def check_dropout(dropout_p: Any, *, bools: bool = True) -> float:
+    """A probability in [0, 1). ``bools``: ``False`` counts as 0 (Python's numeric alias, as in
+    :func:`sdpa_flash.attention`); the flash-attn API refuses bools, as flash-attn's type check does."""
+    ok = (isinstance(dropout_p, numbers.Real) and (bools or not isinstance(dropout_p, bool))
+          and 0.0 <= float(dropout_p) < 1.0)
+    if not ok:
+        raise fail(f"Expected dropout_p to be a float in [0, 1), but got {dropout_p!r} instead.")
+    return float(dropout_p)
+
+
+def check_scale(scale: Any, name: str = "scale", *, bools: bool = True) -> float | None:
+    """``None`` (``1 / sqrt(D)``) or a finite number (``bools``: ``True`` counts as 1, see :func:`check_dropout`)."""
+    if scale is None:
+        return None
+    if not (isinstance(scale, numbers.Real) and (bools or not isinstance(scale, bool))) or not math.isfinite(scale):
+        raise fail(f"Expected {name} to be None or a finite float, but got {scale!r} instead.")
+    return float(scale)
+
+
+# ------------------------------------------------------------------------------------------- the dense call
+def attention_spec(query: Any, key: Any, value: Any, attn_mask: Any, causal: Any, dropout_p: Any, scale: Any,
+                   layout: Any) -> AttentionSpec:
+    """Check the arguments of :func:`sdpa_flash.attention` and summarise them (see :func:`attention_fields`)."""
+    return AttentionSpec(**attention_fields(query, key, value, attn_mask, causal, dropout_p, scale, layout))
+
+
+def attention_fields(query: Any, key: Any, value: Any, attn_mask: Any, causal: Any, dropout_p: Any, scale: Any,
+                     layout: Any) -> dict[str, Any]:
+    """Check every argument of the dense call (the arguments as passed: checking them is the point) and return the
+    :class:`~sdpa_flash.spec.AttentionSpec`'s fields by name.
+
+    A dictionary of plain values rather than the spec itself: ``torch.compile`` traces this function and hands the
+    fields to a function it treats as constant, which builds the spec (dynamo cannot pass a dataclass it builds).
+    """
+    if layout not in ("bhsd", "bshd"):
+        raise fail(f"Expected layout to be 'bhsd' (B, H, S, D) or 'bshd' (B, S, H, D), but got {layout!r} instead.")
+    doc = f"{'(B, H, S, D)' if layout == 'bhsd' else '(B, S, H, D)'} for layout={layout!r}"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(name, t, 4, doc)
+    check_same(query, key, value)
+    nested = bool(getattr(query, "is_nested", False))
+    if nested:
+        if layout != "bhsd":
+            raise fail("Expected layout='bhsd' (B, H, j, D) for nested tensors, but got 'bshd' instead.")
+        b, hq, d = query.size(0), query.size(1), query.size(-1)
+        hk, hv, dk, dv = key.size(1), value.size(1), key.size(-1), value.size(-1)
+        sq = sk = 1  # ragged; the spec's lengths are placeholders
+    else:
+        if layout == "bhsd":
+            b, hq, sq, d = query.shape
+            bk, hk, sk, dk = key.shape
+            bv, hv, sv, dv = value.shape
+        else:
+            b, sq, hq, d = query.shape
+            bk, sk, hk, dk = key.shape
+            bv, sv, hv, dv = value.shape
+        if not (b == bk == bv):
+            raise fail(f"Expected query, key and value to have one batch size, but got {b}, {bk}, {bv} instead.")
+        if hk == hv and sk != sv:
+            raise fail(f"Expected key and value to have the same sequence length, but got {sk} and {sv} instead.")
+    check_heads(hq, hk, hv, d, dk, dv)
+    kind = causal_kind(causal)
+    check_dropout(dropout_p)
+    check_scale(scale)
+    mask_kind = None
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise fail(f"Expected attn_mask to be a torch.Tensor or None, but got {type(attn_mask).__name__} instead.")
+        if attn_mask.device != query.device:
+            raise fail(f"Expected attn_mask on {query.device} like the query, but got {attn_mask.device} instead.")
+        if attn_mask.dtype == torch.bool:
+            mask_kind = "bool"
+        elif attn_mask.dtype == query.dtype:
+            mask_kind = "float"
+        else:
+            raise fail(f"Expected attn_mask to be boolean or of the query's dtype {dtype_name(query.dtype)}, but got "
+                       f"dtype={dtype_name(attn_mask.dtype)} instead.")
+        if nested:
+            raise fail("Expected attn_mask=None with nested tensors (their raggedness is the mask), but got a mask.")
+        full = (b, hq, sq, sk)
+        ok = attn_mask.dim() <= 4 and all(
+            m in (1, f) for m, f in zip(reversed(attn_mask.shape), reversed(full), strict=False)
+        )
+        if not ok:
+            raise fail(f"Expected attn_mask to broadcast to (B, Hq, Sq, Sk) = {full}, but got shape "
+                       f"{tuple(attn_mask.shape)} instead.")
+    grad_on = torch.is_grad_enabled()
+    mask_grad = grad_on and attn_mask is not None and attn_mask.requires_grad
+    needs_grad = mask_grad or (grad_on and (query.requires_grad or key.requires_grad or value.requires_grad))
+    return {"device_type": query.device.type, "dtype": query.dtype, "batch": b, "heads_q": hq, "heads_kv": hk,
+            "seqlen_q": sq, "seqlen_k": sk, "head_dim": d, "head_dim_v": dv, "causal": kind, "mask": mask_kind,
+            "dropout": dropout_p > 0, "needs_grad": needs_grad, "nested": nested, "mask_grad": mask_grad}
