@@ -62,8 +62,9 @@ from . import _caches, _shadow
 from .backends import BACKENDS, ranked
 from .capability import Capabilities, capabilities
 from .errors import AttentionInputError, BackendUnavailableError
-from .policy import Policy, denylist_reasons, get_policy, ranking, resolve_policy
-from .policy import plan as dense_plan
+from .planner import denylist_reasons, ranking
+from .planner import plan as dense_plan
+from .policy import Policy, get_policy, resolve_policy
 from .spec import CAUSAL_KINDS, FLOAT_DTYPES, AttentionSpec, dtype_name
 from .stats import plan_counter as _plan_counter
 

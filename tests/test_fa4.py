@@ -23,7 +23,8 @@ import sdpa_flash
 from sdpa_flash import AttentionSpec, Capabilities, plan, varlen
 from sdpa_flash.backends import BACKENDS
 from sdpa_flash.backends import fa4 as fa4_mod
-from sdpa_flash.policy import RANKING, RankingRule, resolve_policy
+from sdpa_flash.planner import RANKING, RankingRule
+from sdpa_flash.policy import resolve_policy
 
 AUTO = resolve_policy("auto")
 SM90 = Capabilities.synthetic("cuda", (9, 0))
@@ -168,7 +169,7 @@ def test_ranking_rules_match_their_shape_class() -> None:
     assert not rule.matches(SM90, spec(seqlen_q=1, needs_grad=True))
     assert not rule.matches(SM90, spec(seqlen_q=2, needs_grad=False))
     assert not rule.matches(SM90, None)  # without a call, only device-wide rules apply
-    assert sdpa_flash.policy.ranking(SM90).order[0] == "fa4"
+    assert sdpa_flash.planner.ranking(SM90).order[0] == "fa4"
     for r in RANKING:
         assert r.evidence and len(set(r.order)) == len(r.order) and set(r.order) <= set(BACKENDS)
 
