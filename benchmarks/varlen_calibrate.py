@@ -21,7 +21,7 @@ import time
 import torch
 from varlen_probe import device_ms  # this folder: the scripts run as `python benchmarks/...`
 
-from sdpa_flash import _varlen_engine as E
+from sdpa_flash import _varlen as E
 from sdpa_flash import attention, varlen
 
 H, D = 16, 128

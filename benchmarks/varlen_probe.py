@@ -21,7 +21,7 @@ import time
 import torch
 from triton.testing import do_bench
 
-from sdpa_flash import _varlen_engine as E
+from sdpa_flash import _varlen as E
 from sdpa_flash import varlen
 
 aten = torch.ops.aten

@@ -16,18 +16,8 @@ from .attention import attention, explain
 from .backends import Backend, KernelCall, Requirements, register_backend, unregister_backend
 from .capability import Capabilities, capabilities
 from .errors import AttentionInputError, BackendUnavailableError, SdpaFlashError, ShadowMismatchError
-from .policy import (
-    DenylistEntry,
-    Plan,
-    Policy,
-    add_denylist_entry,
-    denylist,
-    get_policy,
-    plan,
-    remove_denylist_entry,
-    set_policy,
-    use_policy,
-)
+from .planner import DenylistEntry, Plan, add_denylist_entry, denylist, plan, remove_denylist_entry
+from .policy import Policy, get_policy, set_policy, use_policy
 from .require import require
 from .spec import AttentionSpec
 from .stats import FallbackStat, ShadowMismatch, ShadowStats, Stats, reset_stats, stats

@@ -23,7 +23,8 @@ from .attention import attention
 from .backends import BACKENDS
 from .capability import TORCH_FEATURE_APIS, Capabilities, capabilities, format_cudnn_version, torch_features
 from .errors import BackendUnavailableError, SdpaFlashError
-from .policy import denylist, get_policy, ranking, resolve_policy
+from .planner import denylist, ranking
+from .policy import get_policy, resolve_policy
 from .require import parse_device, require
 from .spec import AttentionSpec
 from .testing import _LEGACY_FLOOR_ULPS as _FLOOR_ULPS

@@ -37,7 +37,8 @@ from .backends import BACKENDS
 from .backends._base import merge_causal
 from .capability import capabilities
 from .errors import AttentionInputError, BackendUnavailableError
-from .policy import Plan, Policy, PolicyLike, plan, resolve_policy
+from .planner import Plan, _nondeterministic, plan
+from .policy import Policy, PolicyLike, resolve_policy
 from .spec import AttentionSpec
 
 __all__ = ["dense_attention", "dense_explain"]
@@ -177,7 +178,7 @@ def _build(
         run = _with_copies(run, copied)
     if pol.shadow and p.backend != "math" and not spec.dropout:
         run = _shadow.wrap(run, spec, p.backend, pol.shadow, pol.shadow_action)
-    if p.deterministic == "warn" and _policy._nondeterministic(p.backend, p.caps):
+    if p.deterministic == "warn" and _nondeterministic(p.backend, p.caps):
         warnings.warn(f"sdpa_flash: the {p.backend} backend's backward is not deterministic, and "
                       "torch.use_deterministic_algorithms(True, warn_only=True) is set: it runs anyway for "
                       f"{spec.describe(layout)}. With warn_only=False sdpa_flash picks a backend whose backward is "

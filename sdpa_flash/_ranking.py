@@ -1,6 +1,6 @@
 """The ranking: which backend ``auto`` tries first, per device and class of call, as data with its evidence.
 
-Rules are tried in order and the first that matches decides (see :class:`sdpa_flash.policy.RankingRule`). A
+Rules are tried in order and the first that matches decides (see :class:`sdpa_flash.planner.RankingRule`). A
 shape-class rule (head dim, sequence lengths, forward-only or training, GQA) is there because a measurement showed
 that class ordering differently from its device's general rule; ``benchmarks/fa4.py --sections grid`` is the
 measurement behind the FlashAttention-4 rules (run on the H200, it prints the rows they come from). A backend

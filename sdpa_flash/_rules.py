@@ -2,7 +2,7 @@
 class of call) and :class:`DenylistEntry` (a backend vetoed where a known bug bites).
 
 They sit below the data modules that use them (``_ranking.py``, ``_denylist.py``) and the planner
-(:mod:`sdpa_flash.policy`), which reads both; they know the backends only by their registered names.
+(:mod:`sdpa_flash.planner`), which reads both; they know the backends only by their registered names.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Without a key padding mask both go straight to :mod:`sdpa_flash._dense` (validate -> spec -> plan -> run, with
 the per-call cache). With one, the batch is packed and computed by the varlen engine
-(:mod:`sdpa_flash._varlen_engine`), which runs its dense groups through :mod:`sdpa_flash._dense` too: this
+(:mod:`sdpa_flash._varlen`), which runs its dense groups through :mod:`sdpa_flash._dense` too: this
 module sits above both, and neither of them imports it.
 """
 
@@ -187,7 +187,7 @@ def _padded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kpm: to
             attn_mask: torch.Tensor | None, causal: bool | str, dropout_p: float, scale: float | None, layout: str,
             policy: PolicyLike | None, *, explain_only: bool = False) -> Any:  # a Plan with explain_only
     """attention() with a key padding mask: pack, run the varlen engine, scatter back (zeros at padding)."""
-    from . import _varlen_engine
+    from . import _varlen as _varlen_engine
     from .varlen import _check_mask, varlen_attention_packed
 
     if attn_mask is not None:

@@ -6,7 +6,8 @@ import torch
 
 from .capability import capabilities
 from .errors import AttentionInputError, BackendUnavailableError
-from .policy import Plan, PolicyLike, plan, resolve_policy
+from .planner import Plan, plan
+from .policy import PolicyLike, resolve_policy
 from .spec import FLOAT_DTYPES, AttentionSpec
 
 __all__ = ["parse_device", "require"]

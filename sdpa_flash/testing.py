@@ -723,7 +723,8 @@ def attention_problems(
     from .backends import BACKENDS
     from .capability import capabilities as probe
     from .errors import BackendUnavailableError
-    from .policy import plan, resolve_policy
+    from .planner import plan
+    from .policy import resolve_policy
 
     dev = torch.device(device)
     caps = capabilities or probe(dev)

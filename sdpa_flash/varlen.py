@@ -24,7 +24,7 @@ The mask convention is SDPA's boolean ``attn_mask`` and Hugging Face's ``attenti
 token**. (``nn.MultiheadAttention``'s ``key_padding_mask`` is the opposite: pass ``~mask`` from there.)
 
 :func:`varlen_attention` computes attention within each sequence — never across sequences, never onto padding —
-with the engine in :mod:`sdpa_flash._varlen_engine` (see :func:`explain_varlen` for what it runs and why).
+with the engine in :mod:`sdpa_flash._varlen` (see :func:`explain_varlen` for what it runs and why).
 """
 
 from __future__ import annotations
@@ -428,11 +428,11 @@ def varlen_attention_packed(
     Returns:
         ``(T_q, Hq, Dv)``.
     """
-    from . import _varlen_engine
+    from . import _varlen
 
-    return _varlen_engine.run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              causal=causal, scale=scale, dropout_p=dropout_p, policy=policy,
-                              seqlens_q=seqlens_q, seqlens_k=seqlens_k)
+    return _varlen.run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       causal=causal, scale=scale, dropout_p=dropout_p, policy=policy,
+                       seqlens_q=seqlens_q, seqlens_k=seqlens_k)
 
 
 def explain_varlen(
@@ -444,13 +444,13 @@ def explain_varlen(
     dropout_p: float = 0.0,
     policy: Any = None,
 ) -> Any:
-    """The :class:`~sdpa_flash._varlen_engine.VarlenPlan` :func:`varlen_attention` would follow: which path
+    """The :class:`~sdpa_flash._varlen.VarlenPlan` :func:`varlen_attention` would follow: which path
     (grouped dense calls, the flash varlen kernel, or a hybrid), the groups, the estimated cost of each
     candidate path, and why the others were not chosen. Runs nothing."""
-    from . import _varlen_engine
+    from . import _varlen
 
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, VarlenBatch):
             raise _fail(f"Expected {name} to be a VarlenBatch, but got {type(t).__name__} instead.")
-    return _varlen_engine.explain(query.values, key.values, value.values, query.seqlens, key.seqlens,
-                                  causal=causal, dropout_p=dropout_p, policy=policy)
+    return _varlen.explain(query.values, key.values, value.values, query.seqlens, key.seqlens,
+                           causal=causal, dropout_p=dropout_p, policy=policy)

@@ -298,7 +298,7 @@ def test_zero_keys_returns_zeros(causal: bool | str, policy: str) -> None:
 
 @pytest.mark.parametrize("sizes", [{"b": 0}, {"sk": 0}], ids=["zero-batch", "zero-keys"])
 def test_zero_size_gqa(sizes: dict[str, int]) -> None:
-    # policy.plan() returns Plan("math", ...) with a default Prep() (repeat_kv=1) for zero-size problems, but
+    # planner.plan() returns Plan("math", ...) with a default Prep() (repeat_kv=1) for zero-size problems, but
     # the math kernel has no native GQA, so Hq=4 / Hkv=2 fails with a broadcasting RuntimeError instead of
     # returning an empty tensor / zeros.
     q, k, v = _qkv(**{"hq": 4, "hkv": 2, **sizes})

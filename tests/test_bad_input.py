@@ -55,7 +55,7 @@ BAD: dict[str, tuple[Callable[[], Call], str]] = {
     "key-not-tensor": (_args(lambda: (qkv()[0], None, qkv()[2])),
                        r"Expected key to be a torch\.Tensor, but got NoneType"),
     "rank-3": (_args(lambda: (qkv()[0][0], *qkv()[1:])), r"Expected query to be a 4-D tensor .* but got a 3-D tensor"),
-    "rank-5": (_args(lambda: (qkv()[0].unsqueeze(0), *qkv()[1:])), r"Expected query to be a 4-D tensor .* but got a 5-D tensor"),
+    "rank-5": (_args(lambda: (qkv()[0].unsqueeze(0), *qkv()[1:])), r"to be a 4-D tensor .* but got a 5-D tensor"),
     "batch-mismatch": (_args(lambda: (qkv()[0], *qkv(b=3)[1:])), r"one batch size, but got 2, 3, 3"),
     "kv-heads-mismatch": (_args(lambda: (*qkv()[:2], qkv(hkv=2)[2])),
                           r"key and value to have the same number of heads, but got 4 and 2"),

@@ -327,7 +327,7 @@ def _qkv(**kw: Any) -> tuple[torch.Tensor, ...]:
 BAD: dict[str, tuple[Any, str]] = {
     "rank-3-q": (lambda: C.flash_attn_func(_qkv()[0][0], *_qkv()[1:]), r"Expected q to be a 4-D tensor"),
     "k-not-tensor": (lambda: C.flash_attn_func(_qkv()[0], None, _qkv()[2]), r"Expected k to be a torch\.Tensor"),
-    "int-dtype": (lambda: C.flash_attn_func(_qkv()[0].long(), *_qkv()[1:]), r"Expected q to be a floating-point tensor"),
+    "int-dtype": (lambda: C.flash_attn_func(_qkv()[0].long(), *_qkv()[1:]), r"q to be a floating-point tensor"),
     "dtype-mix": (lambda: C.flash_attn_func(_qkv()[0].double(), *_qkv()[1:]), r"one dtype"),
     "head-dim": (lambda: C.flash_attn_func(_qkv()[0], *_qkv(d=8)[1:]), r"same head dim, but got 16 and 8"),
     "heads-not-multiple": (lambda: C.flash_attn_func(*make(1, 4, 4, 3, 2)[:3]), r"multiple of the key/value heads"),

@@ -80,7 +80,7 @@ def r_qkv_tensors() -> None:
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         q, k, v = qkv(dtype=dtype)
         assert C.flash_attn_func(q, k, v).dtype == dtype
-    raises(r"Expected q to be a floating-point tensor \(float16, bfloat16, float32, float64\)", lambda: C.flash_attn_func(*(t.long() for t in
+    raises(r"Expected q to be a floating-point tensor \(float16", lambda: C.flash_attn_func(*(t.long() for t in
                                                                                                    qkv())))
     raises(r"Expected q to be a 4-D tensor", lambda: C.flash_attn_func(qkv()[0][0], *qkv()[1:]))
     raises(r"Expected k to be a torch\.Tensor", lambda: C.flash_attn_func(qkv()[0], None, qkv()[2]))

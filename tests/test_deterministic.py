@@ -17,7 +17,8 @@ import torch
 import sdpa_flash
 from sdpa_flash import AttentionSpec, BackendUnavailableError, Capabilities
 from sdpa_flash.backends import BACKENDS
-from sdpa_flash.policy import deterministic_mode, plan, resolve_policy
+from sdpa_flash.planner import deterministic_mode, plan
+from sdpa_flash.policy import resolve_policy
 from sdpa_flash.testing import ran_backends, reference_attention
 
 REASON = "backward is not deterministic; torch.use_deterministic_algorithms(True) is set"
@@ -88,10 +89,10 @@ def nondeterministic_cpu_flash(monkeypatch: pytest.MonkeyPatch) -> Iterator[None
     flash = BACKENDS["flash"]
     reqs = {**flash.REQUIREMENTS, "cpu": dataclasses.replace(flash.REQUIREMENTS["cpu"], deterministic_backward=False)}
     monkeypatch.setattr(type(flash), "REQUIREMENTS", reqs)
-    sdpa_flash.policy._invalidate()
+    sdpa_flash.planner._invalidate()
     yield
     monkeypatch.undo()
-    sdpa_flash.policy._invalidate()
+    sdpa_flash.planner._invalidate()
 
 
 @pytest.mark.usefixtures("deterministic", "nondeterministic_cpu_flash")

@@ -23,7 +23,8 @@ import sdpa_flash
 from sdpa_flash import AttentionSpec, Capabilities, plan, varlen
 from sdpa_flash.backends import BACKENDS, KernelCall, KernelOptions
 from sdpa_flash.backends import fa4 as fa4_mod
-from sdpa_flash.policy import RANKING, RankingRule, resolve_policy
+from sdpa_flash.planner import RANKING, RankingRule
+from sdpa_flash.policy import resolve_policy
 
 AUTO = resolve_policy("auto")
 SM90 = Capabilities.synthetic("cuda", (9, 0))
@@ -168,7 +169,7 @@ def test_ranking_rules_match_their_shape_class() -> None:
     assert not rule.matches(SM90, spec(seqlen_q=1, needs_grad=True))
     assert not rule.matches(SM90, spec(seqlen_q=2, needs_grad=False))
     assert not rule.matches(SM90, None)  # without a call, only device-wide rules apply
-    assert sdpa_flash.policy.ranking(SM90).order[0] == "fa4"
+    assert sdpa_flash.planner.ranking(SM90).order[0] == "fa4"
     for r in RANKING:
         assert r.evidence and len(set(r.order)) == len(r.order) and set(r.order) <= set(BACKENDS)
 
@@ -306,7 +307,7 @@ def test_torch_nightlies_and_vendor_builds_count_as_their_release(torch_version:
 
 
 def test_the_packed_fa4_call_obeys_the_denylist_and_head_dim_multiples() -> None:
-    from sdpa_flash._varlen_engine import VarlenSpec, plan_varlen
+    from sdpa_flash._varlen import VarlenSpec, plan_varlen
 
     lens = (5000, 300, 1200, 64, 17, 2048, 900, 4096)
     for d, training in ((80, True), (60, False), (60, True)):
@@ -337,7 +338,7 @@ def test_compat_fa4_path_obeys_the_denylist_and_head_dim_multiples(head_dim: int
 
 # ------------------------------------------------------------------------------------------------ varlen
 def test_varlen_plan_uses_one_fa4_call_when_installed() -> None:
-    from sdpa_flash._varlen_engine import VarlenSpec, plan_varlen
+    from sdpa_flash._varlen import VarlenSpec, plan_varlen
 
     lens = (5000, 300, 1200, 64, 17, 2048, 900, 4096)
     vs = VarlenSpec("cuda", torch.bfloat16, 16, 16, 128, 128, lens, lens, "top_left", False, True)
@@ -352,14 +353,15 @@ def test_varlen_plan_uses_one_fa4_call_when_installed() -> None:
 
 @pytest.mark.parametrize("causal", [False, True, "bottom_right"])
 def test_varlen_attention_runs_fa4s_packed_call(fake_fa4, monkeypatch: pytest.MonkeyPatch, request, causal) -> None:  # type: ignore[no-untyped-def]
-    from sdpa_flash import _varlen_engine
+    from sdpa_flash import _varlen
+    from sdpa_flash._varlen import execution
 
-    monkeypatch.setattr(_varlen_engine, "capabilities", lambda device: SM90_FA4)
+    monkeypatch.setattr(execution, "capabilities", lambda device: SM90_FA4)
     # dense groups would run on this machine's (CPU) kernels: make the one packed call the cheapest path
-    model = _varlen_engine.COST_MODELS["cuda"]
-    monkeypatch.setitem(_varlen_engine.COST_MODELS, "cuda", dataclasses.replace(model, call_us=1e9, call_us_bwd=1e9))
-    _varlen_engine.clear_caches()
-    request.addfinalizer(_varlen_engine.clear_caches)
+    model = _varlen.COST_MODELS["cuda"]
+    monkeypatch.setitem(_varlen.COST_MODELS, "cuda", dataclasses.replace(model, call_us=1e9, call_us_bwd=1e9))
+    _varlen.clear_caches()
+    request.addfinalizer(_varlen.clear_caches)
     torch.manual_seed(2)
     lens_q = [5, 9, 1, 7]
     lens_k = lens_q if causal is True else [6, 9, 3, 7]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sdpa_flash
-from sdpa_flash.policy import DenylistEntry
+from sdpa_flash.planner import DenylistEntry
 from sdpa_flash.testing import assert_close_to_reference, compare_to_reference, reference_attention
 
 BACKENDS = ("flash", "math", "chunked")

@@ -63,7 +63,7 @@ from hypothesis.strategies import SearchStrategy
 import sdpa_flash
 from sdpa_flash import BackendUnavailableError
 from sdpa_flash.backends import BACKENDS
-from sdpa_flash.policy import plan as dense_plan
+from sdpa_flash.planner import plan as dense_plan
 from sdpa_flash.policy import resolve_policy
 from sdpa_flash.spec import AttentionSpec, dtype_name
 from sdpa_flash.testing import (

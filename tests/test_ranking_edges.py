@@ -23,7 +23,8 @@ import torch
 
 from sdpa_flash import AttentionSpec, Capabilities, plan
 from sdpa_flash._ranking import RANKING
-from sdpa_flash.policy import RankingRule, resolve_policy
+from sdpa_flash.planner import RankingRule
+from sdpa_flash.policy import resolve_policy
 
 FA4_B36 = {"fa4": "4.0.0b36"}  # flash-attn-4 4.0.0b36 installed, on paper (Capabilities.kernels)
 

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 import sdpa_flash
 from sdpa_flash import AttentionInputError, BackendUnavailableError, varlen
-from sdpa_flash import _varlen_engine as engine
+from sdpa_flash import _varlen as engine
+from sdpa_flash._varlen import execution
 from sdpa_flash.testing import assert_close_to_reference, property_profile, reference_attention
 
 EXAMPLES = max(10, property_profile().max_examples // 5)
@@ -483,7 +484,7 @@ def test_grouped_calls_are_counted_per_dense_call() -> None:
 # ------------------------------------------------------------------------- direct group execution
 def _run_varlen(lq: list[int], lk: list[int], causal: bool | str, device: str, dtype: torch.dtype, *,
                 hq: int = 4, hkv: int = 2, d: int = 16, slow: bool = False
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], engine._Exec]:
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], execution._Exec]:
     """varlen_attention and its gradients; ``slow`` forbids the direct group execution (each group through
     ``attention()`` with its own autograd nodes, the reference for it)."""
     g = torch.Generator().manual_seed(1)
@@ -492,16 +493,16 @@ def _run_varlen(lq: list[int], lk: list[int], causal: bool | str, device: str, d
     leaves = [b.values.clone().requires_grad_() for b in batches]
     inputs = [varlen.VarlenBatch(t, b.cu_seqlens, b.max_seqlen, b.seqlens) for t, b in zip(leaves, batches,
                                                                                            strict=True)]
-    usable = engine._Direct.usable
+    usable = execution._Direct.usable
     if slow:
-        engine._Direct.usable = lambda *a: False  # type: ignore[method-assign]
+        execution._Direct.usable = lambda *a: False  # type: ignore[method-assign]
     try:
         out = varlen.varlen_attention(*inputs, causal=causal)
         go = torch.randn(out.values.shape, generator=torch.Generator().manual_seed(2)).to(device, dtype)
         grads = torch.autograd.grad(out.values, leaves, go)
     finally:
-        engine._Direct.usable = usable  # type: ignore[method-assign]
-    return out.values, grads, list(engine._exec_cache.values())[-1]
+        execution._Direct.usable = usable  # type: ignore[method-assign]
+    return out.values, grads, list(execution._exec_cache.values())[-1]
 
 
 # (query lengths, key lengths, causal): causal right-padded groups, padded queries, singles. Every group has 16 keys
@@ -555,7 +556,7 @@ def test_direct_group_execution_autograd_semantics() -> None:
         leaf = q.values.clone().requires_grad_()
         b = q.with_values(leaf)
         out = varlen.varlen_attention(b, b, b, causal=True).values
-        assert list(engine._exec_cache.values())[-1].direct is not None
+        assert list(execution._exec_cache.values())[-1].direct is not None
         go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
         first = torch.autograd.grad(out, leaf, go, retain_graph=True)[0]
         again = torch.autograd.grad(out, leaf, go)[0]

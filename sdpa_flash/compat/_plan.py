@@ -169,7 +169,7 @@ def _shared_reasons(spec: CompatSpec) -> list[str]:
 
 def _fa4_reasons(spec: CompatSpec, caps: Capabilities, fa4_allowed: bool) -> list[str]:
     from ..backends import BACKENDS
-    from ..policy import denylist_reasons
+    from ..planner import denylist_reasons
     from ..spec import AttentionSpec
 
     f = spec.features

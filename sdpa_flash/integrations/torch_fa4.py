@@ -78,7 +78,7 @@ def activate(device: torch.device | str | None = None) -> None:
         BackendUnavailableError: no registry or no FA4 entry in this torch, FA4 not installed or not importable,
             no CUDA device, or torch's adapter fails with the installed FA4 (then FA2 is restored).
     """
-    from .. import policy as _policy
+    from .. import planner as _planner
     from ..backends import fa4
     from ..capability import _probe
 
@@ -102,15 +102,15 @@ def activate(device: torch.device | str | None = None) -> None:
             "sdpa_flash.attention() calls FA4 directly on any torch.") from None
     finally:
         _probe.cache_clear()  # Capabilities.flash_impl changed
-        _policy._invalidate()
+        _planner._invalidate()
 
 
 def restore() -> None:
     """Put PyTorch's own FlashAttention-2 back (a no-op when FA4 is not active)."""
-    from .. import policy as _policy
+    from .. import planner as _planner
     from ..capability import _probe
 
     if active():
         _registry().restore_flash_attention_impl()
     _probe.cache_clear()
-    _policy._invalidate()
+    _planner._invalidate()
