@@ -191,20 +191,32 @@ def deterministic_mode() -> str:
     return "warn" if torch.is_deterministic_algorithms_warn_only_enabled() else "error"
 
 
+ENTRIES = ("dense", "packed")
+
+
 def plan(
-    spec: AttentionSpec, caps: Capabilities, policy: Policy = _DEFAULT, *, deterministic: str | None = None
+    spec: AttentionSpec, caps: Capabilities, policy: Policy = _DEFAULT, *, deterministic: str | None = None,
+    entry: str = "dense",
 ) -> Plan:
     """Decide which backend runs ``spec`` on ``caps`` under ``policy``.
 
-    A pure function of its arguments, cached on them.
+    A pure function of its arguments, cached on them. The one decision of the package: dense calls, the packed
+    (``cu_seqlens``) kernel of a ragged batch and the flash-attn API's kernel paths are all planned here, over the
+    same ranking rules (shape classes included), denylist and requirements.
 
     Args:
-        spec: the call.
+        spec: the call. For ``entry="packed"``: the ragged batch's longest query and key as one sequence, causal
+            (if any) bottom-right.
         caps: the device.
         policy: the policy.
         deterministic: the ``torch.use_deterministic_algorithms`` mode to honour when ``spec.needs_grad``:
             ``"off"``, ``"warn"`` or ``"error"`` (see :attr:`Requirements.deterministic_backward`); ``None``
-            (default) reads torch's current setting. Calls without a backward are not affected.
+            (default) reads torch's current setting. Calls without a backward are not affected. (Packed
+            kernels take the mode themselves: flash's aten op reads it, FA4 gets ``deterministic=``.)
+        entry: ``"dense"`` (:meth:`Backend.runner`: the inputs are adapted to the kernel) or ``"packed"`` (the
+            backend's packed kernel, :meth:`Backend.varlen`, on the tensors as they are: no padding, no mask;
+            a backend without one is refused with that reason). A packed plan is never a fallback: when no
+            packed kernel can run, the caller has its own dense route.
 
     Raises:
         BackendUnavailableError: no backend the policy allows can run it (or the policy's fallback mode is
@@ -220,6 +232,10 @@ def plan(
     else:
         raise AttentionInputError(f"Expected deterministic to be None or one of {', '.join(DETERMINISTIC_MODES)}, "
                                   f"but got {deterministic!r} instead.")
+    if entry not in ENTRIES:
+        raise AttentionInputError(f"Expected entry to be one of {', '.join(ENTRIES)}, but got {entry!r} instead.")
+    if entry == "packed":
+        return _plan(spec, caps, policy, "off", "packed")
     return _plan(spec, caps, policy, mode)
 
 
@@ -232,10 +248,17 @@ def _nondeterministic(name: str, caps: Capabilities) -> str | None:
         "backward is not known to be deterministic")
 
 
+def _reasons(name: str, spec: AttentionSpec, caps: Capabilities, packed: bool) -> list[str]:
+    """Why ``name`` cannot run ``spec`` through the entry point in question (dense runner or packed kernel)."""
+    backend = BACKENDS[name]
+    return backend.varlen_reasons(spec, caps) if packed else backend.not_supported_reasons(spec, caps)
+
+
 @functools.lru_cache(maxsize=4096)
-def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic: str) -> Plan:
+def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic: str, entry: str = "dense") -> Plan:
     order, evidence = _candidates(policy, caps, spec)
-    if spec.batch == 0 or spec.heads_q == 0 or spec.seqlen_q == 0 or spec.seqlen_k == 0:
+    packed = entry == "packed"
+    if (not packed and spec.batch == 0) or spec.heads_q == 0 or spec.seqlen_q == 0 or spec.seqlen_k == 0:
         note = "zero-size problem: the result is empty (or zeros when there are no keys); nothing to choose"
         prep = BACKENDS["math"].prep(spec, caps.device_type if caps.device_type in BACKENDS["math"].REQUIREMENTS
                                      else "cpu")
@@ -255,8 +278,8 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
     reasons: list[str] | dict[str, tuple[str, ...]]  # one backend's in the loop; then the plan's, by backend
     for name in order:
         backend = BACKENDS[name]
-        reasons = backend.not_supported_reasons(spec, caps)
-        if name == "math" and not policy.strict and budget is not None and _math_bytes(spec) > budget:
+        reasons = _reasons(name, spec, caps, packed)
+        if not packed and name == "math" and not policy.strict and budget is not None and _math_bytes(spec) > budget:
             reasons.append(
                 f"would materialise {format_bytes(_math_bytes(spec))} of attention scores, over the memory budget of "
                 f"{format_bytes(budget)} (memory_budget= / SDPA_FLASH_MEMORY_BUDGET); the chunked backend computes "
@@ -269,7 +292,7 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
         if vetoes and not reasons and all(e.reroute for e in vetoes):
             rerouted.add(name)
         reasons += [e.describe() for e in vetoes]
-        if not reasons and device is not None and backend.TORCH_CHECK:
+        if not reasons and not packed and device is not None and backend.TORCH_CHECK:
             reasons = backend.torch_reasons(spec, backend.prep(spec, caps.device_type), device)
         if reasons:
             blocked[name] = tuple(reasons)
@@ -277,15 +300,16 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
             chosen = name
             break
     if chosen is None:
+        what = "a packed (cu_seqlens) kernel for this ragged batch" if packed else "this call"
         raise BackendUnavailableError(
-            f"No backend allowed by policy {policy} can run this call on {caps.name or caps.device_type} "
+            f"No backend allowed by policy {policy} can run {what} on {caps.name or caps.device_type} "
             f"({caps.arch}).", inputs=spec.describe(), reasons=blocked,
         )
     # Reached only because every backend ranked above it was rerouted by denylist entries (reroute=True): known-bad
     # kernel behaviour on calls the next backend runs exactly and cheaply, so not a fallback.
     above = order[:order.index(chosen)]
     was_rerouted = bool(above) and all(name in rerouted for name in above)
-    fallback = not was_rerouted and ((policy.name == "auto" and not BACKENDS[chosen].fused) or (
+    fallback = not packed and not was_rerouted and ((policy.name == "auto" and not BACKENDS[chosen].fused) or (
         policy.name == "custom" and chosen != order[0]
     ))
     if fallback and policy.fallback == "error":
@@ -298,17 +322,20 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
         for name in above:
             reasons[name] += (f"the entry has reroute=True: {chosen} runs instead, and that is not a fallback",)
     for name in order[order.index(chosen) + 1:]:
-        why = BACKENDS[name].not_supported_reasons(spec, caps)
+        why = _reasons(name, spec, caps, packed)
         reasons[name] = tuple(why) if why else (f"ranked below {chosen} for {caps.arch} by the policy",)
     for name in BACKENDS:
         if name not in reasons and name != chosen:
             # A backend that cannot run here says why in its own words (cuDNN on the CPU: not available on the
             # device), whatever the policy; one that could run but is outside the policy says that.
-            why = BACKENDS[name].not_supported_reasons(spec, caps)
+            why = _reasons(name, spec, caps, packed)
             if not why and policy.name == "fused" and not BACKENDS[name].fused:
                 why = [f"not a fused kernel ({BACKENDS[name].memory} memory), and policy fused allows only fused "
                        "kernels"]
             reasons[name] = tuple(why) or (f"not allowed by policy {policy}",)
+    if packed:  # the packed kernel takes the tensors as they are
+        return Plan(chosen, spec, caps, policy, order, reasons, route_reason="the backend's packed (cu_seqlens) "
+                    "kernel, one call for the whole ragged batch", evidence=evidence)
     prep = BACKENDS[chosen].prep(spec, caps.device_type)
     notes = prep.notes(spec)
     if deterministic == "warn" and _nondeterministic(chosen, caps):

@@ -12,10 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from .. import _caches
-from ..backends import BACKENDS, ranked
 from ..capability import Capabilities
 from ..errors import BackendUnavailableError
-from ..planner import denylist_reasons, ranking
 from ..planner import plan as dense_plan
 from ..policy import Policy
 from ..spec import AttentionSpec, dtype_name
@@ -160,27 +158,20 @@ def _coordinate_dim(d: int) -> int:
 def _varlen_kernel(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> tuple[str, list[str]]:
     """The backend whose packed (``cu_seqlens``) kernel runs this batch in one call, and why not, when none can.
 
-    Candidates are the policy's backends in its order (``auto`` / ``fused``: the ranking rule for the batch's
-    longest sequence, as for a dense call of that shape, plug-ins included) that have a varlen entry point; the
-    first one with no reasons wins.
+    The one planner decides (:func:`sdpa_flash.planner.plan` with ``entry="packed"``): the policy's backends in its
+    order (``auto`` / ``fused``: the ranking rule for the batch's longest sequence, as for a dense call of that
+    shape, plug-ins included), each refused with its reasons (no packed kernel, requirements, denylist) until one
+    can run it.
     """
+    if spec.causal == "top_left" and spec.seqlens_q != spec.seqlens_k:
+        return "", ["causal='top_left' with query and key lengths that differ: packed kernels align causal "
+                    "bottom-right (pass causal='bottom_right' for flash-attn's convention)"]
     dense = _dense_spec(spec, 1, max(spec.seqlens_q, default=1), max(spec.seqlens_k, default=1),
                         "bottom_right" if spec.causal else None, None)
-    names = ranked(ranking(caps, dense).order) if policy.name in ("auto", "fused") else policy.backends
-    names = tuple(n for n in names if BACKENDS[n].VARLEN)
-    if not names:
-        return "", [f"no backend allowed by policy {policy} has a packed (cu_seqlens) kernel "
-                    f"({', '.join(n for n, b in BACKENDS.items() if b.VARLEN)} have)"]
-    why: list[str] = []
-    for name in names:
-        reasons = BACKENDS[name].varlen_reasons(dense, caps) + denylist_reasons(name, dense, caps)
-        if spec.causal == "top_left" and spec.seqlens_q != spec.seqlens_k:
-            reasons.append("causal='top_left' with query and key lengths that differ: the varlen kernel aligns causal "
-                           "bottom-right (pass causal='bottom_right' for flash-attn's convention)")
-        if not reasons:
-            return name, []
-        why.extend(f"{name}: {r}" for r in reasons)
-    return "", why
+    try:
+        return dense_plan(dense, caps, policy, entry="packed").backend, []
+    except BackendUnavailableError as exc:
+        return "", [f"{name}: {r}" for name, why in exc.reasons.items() for r in why]
 
 
 def _group_ok(spec: VarlenSpec, members: Sequence[int]) -> str | None:
