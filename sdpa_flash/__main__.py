@@ -26,8 +26,8 @@ from .errors import BackendUnavailableError, SdpaFlashError
 from .policy import denylist, get_policy, ranking, resolve_policy
 from .require import parse_device, require
 from .spec import AttentionSpec
-from .testing import _LEGACY_FLOOR_ULPS as _FLOOR_ULPS
 from .testing import compare_to_reference, reference_attention
+from .testing._compare import _LEGACY_FLOOR_ULPS as _FLOOR_ULPS
 
 __all__ = ["main", "report", "self_check"]
 
