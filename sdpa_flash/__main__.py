@@ -27,8 +27,8 @@ from .planner import denylist, ranking
 from .policy import get_policy, resolve_policy
 from .require import parse_device, require
 from .spec import AttentionSpec
-from .testing import _LEGACY_FLOOR_ULPS as _FLOOR_ULPS
 from .testing import compare_to_reference, reference_attention
+from .testing._compare import _LEGACY_FLOOR_ULPS as _FLOOR_ULPS
 
 __all__ = ["main", "report", "self_check"]
 

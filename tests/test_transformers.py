@@ -35,6 +35,7 @@ from transformers import (  # noqa: E402
 
 import sdpa_flash  # noqa: E402
 from sdpa_flash.integrations import transformers as hf  # noqa: E402
+from sdpa_flash.integrations.transformers import _registration as hf_registration  # noqa: E402
 from sdpa_flash.testing import compare_to_reference, reference_attention  # noqa: E402
 
 NAMES = ("sdpa_flash", "sdpa_policy")  # the name users type (contains "flash") and one transformers leaves alone
@@ -504,7 +505,7 @@ def test_check_names_the_shared_config_switch() -> None:
 
 def test_check_without_register(monkeypatch: pytest.MonkeyPatch) -> None:
     model = AutoModelForCausalLM.from_config(llama_config(), attn_implementation="sdpa")
-    monkeypatch.setattr(hf, "_registered", {})
+    monkeypatch.setattr(hf_registration, "_registered", {})  # where check() reads it
     with pytest.raises(sdpa_flash.AttentionInputError, match=r"^Expected sdpa_flash to be registered with "
                        r"transformers, but nothing was registered in this process instead \(LlamaForCausalLM runs "
                        r"'sdpa'\): call sdpa_flash\.integrations\.transformers\.register\(\) before building the "
