@@ -168,8 +168,10 @@ def _shared_reasons(spec: CompatSpec) -> list[str]:
 
 
 def _fa4_reasons(spec: CompatSpec, caps: Capabilities, fa4_allowed: bool) -> list[str]:
-    from ..backends import BACKENDS
-    from ..planner import denylist_reasons
+    """Why FA4's own functions cannot run this call: the API's own limits here, the kernel's from the one planner."""
+    from ..errors import BackendUnavailableError
+    from ..planner import plan
+    from ..policy import resolve_policy
     from ..spec import AttentionSpec
 
     f = spec.features
@@ -186,9 +188,12 @@ def _fa4_reasons(spec: CompatSpec, caps: Capabilities, fa4_allowed: bool) -> lis
     dense = AttentionSpec(spec.device_type, spec.dtype, max(spec.batch, 1), spec.heads_q, spec.heads_kv,
                           max(spec.seqlen_q, 1), max(spec.seqlen_k, 1), spec.head_dim, spec.head_dim_v,
                           "bottom_right" if f.causal else None, None, spec.dropout, spec.needs_grad)
-    fa4 = BACKENDS["fa4"]  # this path hands FA4 the tensors as they are: no padding
-    reasons += fa4.not_supported_reasons(dense, caps) + fa4.unpadded_reasons(dense, caps)
-    reasons += denylist_reasons("fa4", dense, caps)
+    # This path hands FA4 the tensors as they are (no padding, no mask, causal bottom-right): the contract of the
+    # planner's packed entry, whatever the API
+    try:
+        plan(dense, caps, resolve_policy("fa4"), entry="packed")
+    except BackendUnavailableError as exc:
+        reasons += [r for why in exc.reasons.values() for r in why]
     return reasons
 
 
