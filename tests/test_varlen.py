@@ -660,3 +660,15 @@ def test_cudnn_ragged_layout_forward_is_exact(tmp_path_factory: pytest.TempPathF
                    "use has the fix: measure the path again (benchmarks/varlen_probe.py).")
 def test_cudnn_ragged_layout_backward_is_exact(tmp_path_factory: pytest.TempPathFactory) -> None:
     _check_ragged(tmp_path_factory, slice(1, 4))
+
+
+def test_cost_model_is_chosen_by_architecture_then_device_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdpa_flash._varlen import cost
+
+    generic = cost.COST_MODELS["cuda"]
+    assert cost.cost_model("cuda", "sm80") == ("cuda", generic)  # no sm80 model: the device type's
+    assert cost.cost_model("xpu", "") == ("cpu", cost._FALLBACK_MODEL)
+    sm90 = dataclasses.replace(generic, call_us=1.0)
+    monkeypatch.setitem(cost.COST_MODELS, "cuda:sm90", sm90)
+    assert cost.cost_model("cuda", "sm90") == ("cuda:sm90", sm90)
+    assert cost.cost_model("cuda", "sm100") == ("cuda", generic)

@@ -92,4 +92,15 @@ COST_MODELS: dict[str, CostModel] = {
     "cpu": CostModel(call_us=40.0, call_us_bwd=120.0, rate=0.05, rate_bwd=0.04, half_len=8.0, half_len_bwd=8.0,
                      padding="mask"),
 }
+"""Cost models by ``"device_type:arch"`` (``"cuda:sm90"``) or, for every other architecture, by device type. The
+``"cuda"`` figures were measured on an H200 (sm90); other GPUs use them as an estimate until a model of their own
+is added under their architecture (the plan's reasons name the model that decided)."""
 _FALLBACK_MODEL = COST_MODELS["cpu"]
+
+
+def cost_model(device_type: str, arch: str = "") -> tuple[str, CostModel]:
+    """The cost model for a device and its key: ``"cuda:sm90"`` if there is one, else ``"cuda"``, else the CPU's."""
+    for key in (f"{device_type}:{arch}", device_type):
+        if key in COST_MODELS:
+            return key, COST_MODELS[key]
+    return "cpu", _FALLBACK_MODEL

@@ -21,7 +21,6 @@ from ..errors import AttentionInputError, BackendUnavailableError
 from ..planner import plan as dense_plan
 from ..policy import Policy, get_policy, resolve_policy
 from ..stats import plan_counter as _plan_counter
-from .cost import _FALLBACK_MODEL, COST_MODELS
 from .inputs import _host_lengths, _spec_of
 from .planning import VarlenPlan, _coordinate_dim, _dense_spec, plan_varlen
 
@@ -241,7 +240,7 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
     main = torch.cuda.current_stream(dev) if streams else None
     inputs = _group_inputs(p, ex, query, key, value)
     d_coord = _coordinate_dim(d)
-    contiguous = COST_MODELS.get(dev.type, _FALLBACK_MODEL).contiguous_groups
+    contiguous = p.contiguous_groups
     if main is not None:  # after the gathers above: the side streams read what the current stream wrote
         for st in streams:
             st.wait_stream(main)

@@ -17,7 +17,7 @@ from ..errors import BackendUnavailableError
 from ..planner import plan as dense_plan
 from ..policy import Policy
 from ..spec import AttentionSpec, dtype_name
-from .cost import _FALLBACK_MODEL, COST_MODELS, CostModel
+from .cost import CostModel, cost_model
 
 __all__ = ["Group", "VarlenPlan", "VarlenSpec", "plan_varlen"]
 
@@ -92,6 +92,8 @@ class VarlenPlan:
         spec: the call's summary.
         policy: the policy in force.
         varlen_backend: whose packed (``cu_seqlens``) kernel computes ``varlen_members``: ``"fa4"`` or ``"flash"``.
+        cost_model: the key of the cost model that decided (``"cuda"``, ``"cuda:sm90"``, ``"cpu"``).
+        contiguous_groups: the groups' inputs are gathered into contiguous memory (the cost model's choice).
     """
 
     path: str
@@ -105,6 +107,8 @@ class VarlenPlan:
     spec: VarlenSpec
     policy: Policy
     varlen_backend: str = ""
+    cost_model: str = ""
+    contiguous_groups: bool = False
 
     @property
     def padded_work(self) -> float:
@@ -124,6 +128,8 @@ class VarlenPlan:
 
     def explain(self) -> str:
         lines = [f"path:    {self.path}", f"policy:  {self.policy}", f"inputs:  {self.spec.describe()}"]
+        if self.cost_model:
+            lines.append(f"cost:    the {self.cost_model!r} cost model")
         for name, est in self.estimates.items():
             lines.append(f"estimate {name}: {'n/a' if math.isinf(est) else f'{est:,.0f} us'}")
         if self.groups:
@@ -240,7 +246,13 @@ def _grouping(spec: VarlenSpec, ids: list[int], model: CostModel, pad_keys: str,
 @functools.lru_cache(maxsize=256)
 def plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> VarlenPlan:
     """Choose the path, groups and streams for ``spec`` (pure; cached)."""
-    model = COST_MODELS.get(caps.device_type, _FALLBACK_MODEL)
+    model_key, model = cost_model(caps.device_type, caps.arch)
+    p = _plan_varlen(spec, caps, policy, model_key, model)
+    return dataclasses.replace(p, cost_model=model_key, contiguous_groups=model.contiguous_groups)
+
+
+def _plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy, model_key: str, model: CostModel
+                 ) -> VarlenPlan:
     bwd = spec.needs_grad
     n = len(spec.seqlens_q)
     zero = tuple(i for i in range(n) if spec.seqlens_q[i] > 0 and spec.seqlens_k[i] == 0)
@@ -344,7 +356,7 @@ def plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> VarlenP
     for other, est in estimates.items():
         if other != path and other not in reasons:
             reasons[other] = (f"estimated {est:,.0f} us against {finite[path]:,.0f} us for {path} (cost model for "
-                              f"{caps.device_type})",)
+                              f"{model_key}, on {caps.arch})",)
     if path == "grouped":
         return VarlenPlan(path, backend, tuple(groups), (), zero, streams, estimates, reasons, spec, policy)
     if path == "hybrid":
