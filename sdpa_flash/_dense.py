@@ -34,12 +34,12 @@ from . import policy as _policy
 from . import stats as _stats
 from ._validate import attention_fields, attention_spec
 from .backends import BACKENDS
-from .backends._base import merge_causal
+from .backends._base import merge_causal, merge_mask
 from .capability import capabilities
 from .errors import AttentionInputError, BackendUnavailableError
 from .planner import Plan, _nondeterministic, plan
 from .policy import Policy, PolicyLike, resolve_policy
-from .spec import AttentionSpec
+from .spec import AttentionSpec, window_mask_tensor
 
 __all__ = ["dense_attention", "dense_explain"]
 
@@ -79,14 +79,21 @@ def dense_attention(
     scale: float | None = None,
     layout: str = "bhsd",
     policy: PolicyLike | None = None,
+    window: Any = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`sdpa_flash.attention` without ``key_padding_mask``: validate, plan (cached), run one kernel.
 
     The dense call both :func:`sdpa_flash.attention` and the varlen engine's grouped path stand on; see
     :func:`sdpa_flash.attention` for the arguments.
     """
+    if window is not None and type(window) is not tuple:  # a list: the cache key needs it hashable
+        attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout, window, softcap, sinks)
+        window = tuple(window)
     if _compiling():
-        return _compiled(query, key, value, attn_mask, causal, dropout_p, scale, layout, policy)
+        return _compiled(query, key, value, attn_mask, causal, dropout_p, scale, layout, policy, window, softcap,
+                         sinks)
     if policy is None:
         pol = _block_policy() or _policy._process_policy or _policy._env_policy or _policy._from_env()
     else:
@@ -94,7 +101,7 @@ def dense_attention(
     if _mode_on() or _has_tf(query, key, value) or F.scaled_dot_product_attention is not _SDPA or (
         _any_autocast() and _autocast_enabled(query.device.type)
     ):
-        return _special(query, key, value, attn_mask, causal, dropout_p, scale, layout, pol)
+        return _special(query, key, value, attn_mask, causal, dropout_p, scale, layout, pol, window, softcap, sinks)
     try:
         # Devices and dtypes of every input are in the key: kernels do not all check them (PyTorch's CPU flash
         # kernel reads a "meta" key as if it held data, the cuDNN kernel ignores dtypes). So is whether every
@@ -108,22 +115,27 @@ def dense_attention(
             causal, dropout_p, scale, layout, id(pol),  # the entry keeps `pol` alive, so its id stays unique
             (query.is_contiguous() and key.is_contiguous() and value.is_contiguous())
             or (query.stride(), key.stride(), value.stride()),
-            _grad_on() and (query.requires_grad or key.requires_grad or value.requires_grad) and (
-                (_det_on() and 2 + _det_warn()) or True),
+            _grad_on() and (query.requires_grad or key.requires_grad or value.requires_grad or (
+                sinks is not None and sinks.requires_grad)) and ((_det_on() and 2 + _det_warn()) or True),
+            window, softcap,
+            None if sinks is None else (sinks.shape, sinks.dtype, sinks.device),
         )
         run, fallback, _, counter = _cache[ck]
     except KeyError:
-        run, fallback, _, counter = _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, pol)
+        run, fallback, _, counter = _build(ck, query, key, value, attn_mask, causal, dropout_p, scale, layout, pol,
+                                           window, softcap, sinks)
     except (AttributeError, TypeError):  # not tensors, or unhashable options: let validation say what is wrong
-        attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+        attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout, window, softcap, sinks)
         raise
     next(counter)
     if fallback is not None:
         _on_fallback(*fallback)
     try:
-        return run(query, key, value, attn_mask, dropout_p, scale)
+        if sinks is None:
+            return run(query, key, value, attn_mask, dropout_p, scale)
+        return run(query, key, value, attn_mask, dropout_p, scale, sinks)
     except RuntimeError:
-        attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+        attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout, window, softcap, sinks)
         raise
 
 
@@ -138,12 +150,15 @@ def dense_explain(
     scale: float | None = None,
     layout: str = "bhsd",
     policy: PolicyLike | None = None,
+    window: Any = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> Any:
     """The :class:`~sdpa_flash.Plan` :func:`dense_attention` would follow (see :func:`sdpa_flash.explain`)."""
     pol = _policy.get_policy() if policy is None else resolve_policy(policy)
     if isinstance(query, torch.Tensor) and _autocast_enabled(query.device.type):
         query, key, value, attn_mask = _autocast_inputs(query, key, value, attn_mask)
-    spec = attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+    spec = attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout, window, softcap, sinks)
     p = _plan_in_layout(spec, capabilities(query.device), pol, layout)
     why = _interception(query, key, value)
     if why:
@@ -168,15 +183,17 @@ def _plan_in_layout(spec: AttentionSpec, caps: Any, pol: Policy, layout: str) ->
 
 def _build(
     ck: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-    causal: bool | str, dropout_p: float, scale: float | None, layout: str, pol: Policy,
+    causal: bool | str, dropout_p: float, scale: float | None, layout: str, pol: Policy, window: Any,
+    softcap: float | None, sinks: torch.Tensor | None,
 ) -> tuple[Callable[..., torch.Tensor], tuple[str, str, str | None] | None, Policy, Any]:
-    spec = attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+    spec = attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout, window, softcap, sinks)
     p = _plan_in_layout(spec, capabilities(query.device), pol, layout)
     run = BACKENDS[p.backend].runner(spec, p.prep)
     copied = _needs_copy(p.backend, spec.device_type, query, key, value)
     if any(copied):
         run = _with_copies(run, copied)
-    if pol.shadow and p.backend != "math" and not spec.dropout:
+    variants = spec.window is not None or spec.softcap is not None or spec.sinks
+    if pol.shadow and p.backend != "math" and not spec.dropout and not variants:  # (the reference has no variants)
         run = _shadow.wrap(run, spec, p.backend, pol.shadow, pol.shadow_action)
     if p.deterministic == "warn" and _nondeterministic(p.backend, p.caps):
         warnings.warn(f"sdpa_flash: the {p.backend} backend's backward is not deterministic, and "
@@ -193,8 +210,8 @@ def _build(
             inner = run
 
             def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor | None, p_: float,
-                    s: float | None) -> torch.Tensor:
-                return inner(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, p_, s).transpose(1, 2)
+                    s: float | None, *sinks: torch.Tensor) -> torch.Tensor:
+                return inner(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, p_, s, *sinks).transpose(1, 2)
 
     fallback = None
     if p.fallback:
@@ -241,8 +258,9 @@ def _with_copies(run: Callable[..., torch.Tensor], copied: tuple[bool, ...]) -> 
     cq, ck, cv = copied
 
     def run_copied(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor | None, p_: float,
-                   s: float | None) -> torch.Tensor:
-        return run(q.contiguous() if cq else q, k.contiguous() if ck else k, v.contiguous() if cv else v, m, p_, s)
+                   s: float | None, *sinks: torch.Tensor) -> torch.Tensor:
+        return run(q.contiguous() if cq else q, k.contiguous() if ck else k, v.contiguous() if cv else v, m, p_, s,
+                   *sinks)
 
     return run_copied
 
@@ -300,22 +318,30 @@ def _autocast_inputs(q: torch.Tensor, k: Any, v: Any, m: Any) -> tuple[Any, Any,
 
 
 def _special(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-             causal: bool | str, dropout_p: float, scale: float | None, layout: str, pol: Policy) -> torch.Tensor:
+             causal: bool | str, dropout_p: float, scale: float | None, layout: str, pol: Policy, window: Any,
+             softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
     if isinstance(query, torch.Tensor) and _autocast_enabled(query.device.type):
         query, key, value, attn_mask = _autocast_inputs(query, key, value, attn_mask)
         with torch.autocast(query.device.type, enabled=False):
             return dense_attention(query, key, value, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p,
-                                   scale=scale, layout=layout, policy=pol)
+                                   scale=scale, layout=layout, policy=pol, window=window, softcap=softcap,
+                                   sinks=sinks)
     why = _interception(query, key, value)
-    spec = attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+    spec = attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout, window, softcap, sinks)
+    if spec.softcap is not None or spec.sinks:
+        raise BackendUnavailableError(
+            f"The call must go through torch.nn.functional.scaled_dot_product_attention ({why}), which has no "
+            "softcap or attention sinks.", inputs=spec.describe(layout))
     if not spec.nested:
         p = plan(spec, capabilities(query.device), pol)  # the policy still has to allow the call
         next(_stats.plan_counter(p.backend, "sdpa", spec.describe()))
     q, k, v = (t.transpose(1, 2) for t in (query, key, value)) if layout == "bshd" else (query, key, value)
     kind = spec.effective_causal
-    is_causal = kind == "top_left" and attn_mask is None
+    is_causal = kind == "top_left" and attn_mask is None and spec.window is None
     if kind is not None and not is_causal:
         attn_mask = merge_causal(attn_mask, kind, spec.seqlen_q, spec.seqlen_k, q.device)
+    if spec.window is not None:  # (F.sdpa has no window: the layer that intercepts sees a mask)
+        attn_mask = merge_mask(attn_mask, window_mask_tensor(spec.window, spec.seqlen_q, spec.seqlen_k, q.device))
     kwargs: dict[str, Any] = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale}
     if spec.gqa:
         kwargs["enable_gqa"] = True
@@ -365,13 +391,13 @@ def _concrete_int(x: Any) -> int:
 
 
 def _compiled(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-              causal: bool | str, dropout_p: float, scale: float | None, layout: str, policy: PolicyLike | None
-              ) -> torch.Tensor:
+              causal: bool | str, dropout_p: float, scale: float | None, layout: str, policy: PolicyLike | None,
+              window: Any, softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
     """attention() as torch.compile traces it: same validation and plan, no per-call cache or contextvars.
 
     The policy is the ``policy=`` argument, else the one in force when the function is compiled.
     """
-    fields = attention_fields(query, key, value, attn_mask, causal, dropout_p, scale, layout)
+    fields = attention_fields(query, key, value, attn_mask, causal, dropout_p, scale, layout, window, softcap, sinks)
     # The plan depends on the sizes, so they must reach _compile_choice as Python ints: with dynamic shapes
     # this specialises the graph on them (recompiling per distinct attention shape, as static shapes do).
     # (With dynamic=True dynamo also makes float defaults such as dropout_p symbolic: branch to a constant.)
@@ -393,7 +419,8 @@ def _compiled(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
     copied = _needs_copy(name, spec.device_type, query, key, value)  # as eagerly; dynamo guards on the strides it reads
     if any(copied):
         query, key, value = (t.contiguous() if c else t for t, c in zip((query, key, value), copied, strict=True))
+    extra = () if sinks is None else (sinks,)
     if layout == "bshd":
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        return run(q, k, v, attn_mask, dropout_p, scale).transpose(1, 2)
-    return run(query, key, value, attn_mask, dropout_p, scale)
+        return run(q, k, v, attn_mask, dropout_p, scale, *extra).transpose(1, 2)
+    return run(query, key, value, attn_mask, dropout_p, scale, *extra)

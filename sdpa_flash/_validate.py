@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from .errors import AttentionInputError
-from .spec import CAUSAL_KINDS, FLOAT_DTYPES, AttentionSpec, CausalKind, dtype_name
+from .spec import CAUSAL_KINDS, FLOAT_DTYPES, AttentionSpec, CausalKind, Window, dtype_name
 
 __all__ = ["attention_fields", "attention_spec", "causal_kind", "check_dropout", "check_heads", "check_same",
-           "check_scale", "check_tensor", "fail"]
+           "check_scale", "check_sinks", "check_softcap", "check_tensor", "check_window", "fail"]
 
 
 def fail(message: str) -> AttentionInputError:
@@ -90,15 +90,64 @@ def check_scale(scale: Any, name: str = "scale", *, bools: bool = True) -> float
     return float(scale)
 
 
+def check_window(window: Any, kind: CausalKind, sq: int, sk: int) -> Window | None:
+    """``window=(left, right)`` as the spec keeps it: ``None`` (or a negative int, flash-attn's ``-1``) on a side is
+    unbounded; a side that reaches past every key, or a right side that causal masking already caps, is dropped,
+    and a window with nothing left to bound is ``None`` (a plain call)."""
+    if window is None:
+        return None
+    sides = tuple(window) if isinstance(window, (tuple, list)) else ()
+    if len(sides) != 2 or not all(s is None or (isinstance(s, numbers.Integral) and not isinstance(s, bool))
+                                  for s in sides):
+        raise fail(f"Expected window to be None or (left, right) of ints or None (None or -1: unbounded), but got "
+                   f"{window!r} instead.")
+    left, right = (None if s is None or int(s) < 0 else int(s) for s in sides)
+    if kind == "top_left" and sq != sk:
+        raise fail(f"Expected causal=False or 'bottom_right' with a window and Sq={sq} != Sk={sk}, but got "
+                   "causal='top_left': windows are aligned bottom-right (query i's own position is key "
+                   "i + Sk - Sq, as in flash-attn and FA4); pass causal='bottom_right'.")
+    if left is not None and left >= sk - 1:
+        left = None
+    if right is not None and (right >= sq - 1 or (kind is not None and right >= 0)):
+        right = None
+    return None if left is None and right is None else (left, right)
+
+
+def check_softcap(softcap: Any) -> float | None:
+    """``None`` or 0 (off), else a finite number > 0."""
+    if softcap is None:
+        return None
+    ok = isinstance(softcap, numbers.Real) and not isinstance(softcap, bool) and math.isfinite(softcap)
+    if not ok or softcap < 0:
+        raise fail(f"Expected softcap to be None or a finite float >= 0 (0: off), but got {softcap!r} instead.")
+    return float(softcap) or None
+
+
+def check_sinks(sinks: Any, heads_q: int, device: torch.device) -> bool:
+    """``None``, or one sink logit per query head: a floating-point tensor of shape ``(Hq,)`` on the query's
+    device."""
+    if sinks is None:
+        return False
+    if not isinstance(sinks, torch.Tensor):
+        raise fail(f"Expected sinks to be None or a torch.Tensor, but got {type(sinks).__name__} instead.")
+    if sinks.shape != (heads_q,) or sinks.dtype not in FLOAT_DTYPES:
+        raise fail(f"Expected sinks to be a floating-point tensor of shape (Hq,) = ({heads_q},), one logit per query "
+                   f"head, but got shape {tuple(sinks.shape)} dtype={dtype_name(sinks.dtype)} instead.")
+    if sinks.device != device:
+        raise fail(f"Expected sinks on {device} like the query, but got {sinks.device} instead.")
+    return True
+
+
 # ------------------------------------------------------------------------------------------- the dense call
 def attention_spec(query: Any, key: Any, value: Any, attn_mask: Any, causal: Any, dropout_p: Any, scale: Any,
-                   layout: Any) -> AttentionSpec:
+                   layout: Any, window: Any = None, softcap: Any = None, sinks: Any = None) -> AttentionSpec:
     """Check the arguments of :func:`sdpa_flash.attention` and summarise them (see :func:`attention_fields`)."""
-    return AttentionSpec(**attention_fields(query, key, value, attn_mask, causal, dropout_p, scale, layout))
+    return AttentionSpec(**attention_fields(query, key, value, attn_mask, causal, dropout_p, scale, layout, window,
+                                            softcap, sinks))
 
 
 def attention_fields(query: Any, key: Any, value: Any, attn_mask: Any, causal: Any, dropout_p: Any, scale: Any,
-                     layout: Any) -> dict[str, Any]:
+                     layout: Any, window: Any = None, softcap: Any = None, sinks: Any = None) -> dict[str, Any]:
     """Check every argument of the dense call (the arguments as passed: checking them is the point) and return the
     :class:`~sdpa_flash.spec.AttentionSpec`'s fields by name.
 
@@ -157,9 +206,18 @@ def attention_fields(query: Any, key: Any, value: Any, attn_mask: Any, causal: A
         if not ok:
             raise fail(f"Expected attn_mask to broadcast to (B, Hq, Sq, Sk) = {full}, but got shape "
                        f"{tuple(attn_mask.shape)} instead.")
+    extras = window is not None or softcap is not None or sinks is not None
+    if extras and nested:
+        raise fail("Expected no window, softcap or sinks with nested tensors, but got one; pass the packed values "
+                   "to sdpa_flash.varlen.varlen_attention_packed instead.")
+    win = check_window(window, kind, sq, sk)
+    cap = check_softcap(softcap)
+    has_sinks = check_sinks(sinks, hq, query.device)
     grad_on = torch.is_grad_enabled()
     mask_grad = grad_on and attn_mask is not None and attn_mask.requires_grad
-    needs_grad = mask_grad or (grad_on and (query.requires_grad or key.requires_grad or value.requires_grad))
+    needs_grad = mask_grad or (grad_on and (query.requires_grad or key.requires_grad or value.requires_grad or (
+        has_sinks and sinks.requires_grad)))
     return {"device_type": query.device.type, "dtype": query.dtype, "batch": b, "heads_q": hq, "heads_kv": hk,
             "seqlen_q": sq, "seqlen_k": sk, "head_dim": d, "head_dim_v": dv, "causal": kind, "mask": mask_kind,
-            "dropout": dropout_p > 0, "needs_grad": needs_grad, "nested": nested, "mask_grad": mask_grad}
+            "dropout": dropout_p > 0, "needs_grad": needs_grad, "nested": nested, "mask_grad": mask_grad,
+            "window": win, "softcap": cap, "sinks": has_sinks}

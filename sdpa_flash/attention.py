@@ -33,6 +33,9 @@ def attention(
     layout: str = "bhsd",
     policy: PolicyLike | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     **unknown: Any,
 ) -> torch.Tensor:
     """Scaled dot-product attention on the fastest kernel the policy allows, with autograd.
@@ -61,6 +64,16 @@ def attention(
             varlen path (:mod:`sdpa_flash.varlen`), never as a dense masked kernel. With ``Sq == Sk`` the same
             mask marks the padded queries, whose output rows are zeros (and pass no gradient); with
             ``Sq != Sk`` every query is real. Not combinable with ``attn_mask``.
+        window: a sliding window ``(left, right)``: query i sees key j iff ``-left <= j - (i + Sk - Sq) <= right``
+            (inclusive, aligned bottom-right as in flash-attn and FA4; Mistral's and transformers'
+            ``sliding_window=W`` is ``(W - 1, 0)`` with ``causal=True``); ``None`` or ``-1`` on a side is unbounded.
+            Only on kernels that do windows themselves (FA4, chunked), or as a mask on math: a fused kernel is
+            never given an O(Sq * Sk) window mask. With ``Sq != Sk`` pass ``causal=False`` or ``"bottom_right"``.
+        softcap: ``c > 0`` caps the scaled scores at ``c * tanh(score / c)`` before the softmax (Gemma 2's logit
+            softcapping, flash-attn's ``softcap``); ``None`` or 0 is off.
+        sinks: ``(Hq,)`` floating-point logits, one per query head, each joining its head's softmax as one more
+            column with no value (gpt-oss's ``s_aux``, FA4's ``learnable_sink``): a row's weights sum to
+            ``1 - sigmoid(sink - logsumexp(scores))``. Differentiable (autograd gives their gradient).
 
     Returns:
         The attention output.
@@ -81,8 +94,12 @@ def attention(
     if unknown:
         raise _unknown_keywords("attention", unknown)
     if key_padding_mask is not None:
+        _no_variants_with_padding(window, softcap, sinks)
         return _padded(query, key, value, key_padding_mask, attn_mask, causal, dropout_p, scale, layout, policy)
-    return dense_attention(query, key, value, attn_mask, causal, dropout_p, scale, layout, policy)  # positional: fast
+    if window is None and softcap is None and sinks is None:
+        return dense_attention(query, key, value, attn_mask, causal, dropout_p, scale, layout, policy)  # fast
+    return dense_attention(query, key, value, attn_mask, causal, dropout_p, scale, layout, policy, window, softcap,
+                           sinks)
 
 
 def explain(
@@ -97,6 +114,9 @@ def explain(
     layout: str = "bhsd",
     policy: PolicyLike | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     **unknown: Any,
 ) -> Any:
     """The :class:`Plan` that :func:`attention` would follow for these arguments, without running anything.
@@ -110,13 +130,23 @@ def explain(
     if unknown:
         raise _unknown_keywords("explain", unknown)
     if key_padding_mask is not None:
+        _no_variants_with_padding(window, softcap, sinks)
         return _padded(query, key, value, key_padding_mask, attn_mask, causal, dropout_p, scale, layout, policy,
                        explain_only=True)
     return dense_explain(query, key, value, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p, scale=scale,
-                         layout=layout, policy=policy)
+                         layout=layout, policy=policy, window=window, softcap=softcap, sinks=sinks)
+
+
+def _no_variants_with_padding(window: Any, softcap: Any, sinks: Any) -> None:
+    given = [name for name, v in (("window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None]
+    if given:
+        raise AttentionInputError(
+            f"Expected no {', '.join(given)} with key_padding_mask: the packed (varlen) route does not take them "
+            "yet. Fold the padding into attn_mask (True = attend) and pass them on the dense call instead.")
 
 # ------------------------------------------------------------------------------------ unknown keywords
-_KEYWORDS = ("attn_mask", "causal", "dropout_p", "scale", "layout", "policy", "key_padding_mask")
+_KEYWORDS = ("attn_mask", "causal", "dropout_p", "scale", "layout", "policy", "key_padding_mask", "window", "softcap",
+             "sinks")
 # Other libraries' spellings of attention()'s keywords: name -> (ours, how to port the value).
 _SPELLINGS = {
     "is_causal": ("causal", "True or 'top_left' is F.scaled_dot_product_attention's is_causal=True; "
@@ -129,6 +159,12 @@ _SPELLINGS = {
     "attn_bias": ("attn_mask", "a boolean mask, True = attend, or an additive float bias"),
     "mask": ("attn_mask", "a boolean mask, True = attend, or an additive float bias"),
     "padding_mask": ("key_padding_mask", "(B, Sk) boolean, True = a real token"),
+    "window_size": ("window", "(left, right), -1 or None unbounded, aligned bottom-right as in flash-attn"),
+    "sliding_window": ("window", "transformers' sliding_window=W is window=(W - 1, 0) with causal=True"),
+    "logit_softcap": ("softcap", "c * tanh(score / c)"),
+    "softcapping": ("softcap", "c * tanh(score / c)"),
+    "learnable_sink": ("sinks", "one logit per query head, shape (Hq,)"),
+    "s_aux": ("sinks", "one logit per query head, shape (Hq,)"),
 }
 
 

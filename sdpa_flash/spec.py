@@ -6,8 +6,8 @@ import dataclasses
 
 import torch
 
-__all__ = ["CAUSAL_KINDS", "FLOAT_DTYPES", "AttentionSpec", "CausalKind", "MaskKind", "causal_mask_tensor",
-           "cudnn_release", "cudnn_version_tuple", "format_bytes", "format_cudnn_version"]
+__all__ = ["CAUSAL_KINDS", "FLOAT_DTYPES", "AttentionSpec", "CausalKind", "MaskKind", "Window", "causal_mask_tensor",
+           "cudnn_release", "cudnn_version_tuple", "format_bytes", "format_cudnn_version", "window_mask_tensor"]
 
 CausalKind = str | None
 """``None`` (no causal masking), ``"top_left"`` (PyTorch's ``is_causal``) or ``"bottom_right"`` (flash-attn)."""
@@ -30,6 +30,23 @@ def causal_mask_tensor(kind: str, sq: int, sk: int, device: torch.device) -> tor
     """
     offset = 0 if kind == "top_left" else sk - sq
     return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+Window = tuple[int | None, int | None]
+"""A sliding window ``(left, right)``: query i sees key j iff ``-left <= j - (i + Sk - Sq) <= right`` (bottom-right
+aligned, flash-attn's and FA4's convention); ``None`` on a side is unbounded."""
+
+
+def window_mask_tensor(window: Window, sq: int, sk: int, device: torch.device) -> torch.Tensor:
+    """The (Sq, Sk) boolean mask of a sliding window, True where attending is allowed (see :data:`Window`)."""
+    left, right = window
+    rel = torch.arange(sk, device=device)[None, :] - (torch.arange(sq, device=device)[:, None] + (sk - sq))
+    keep = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if left is not None:
+        keep &= rel >= -left
+    if right is not None:
+        keep &= rel <= right
+    return keep
 
 
 def cudnn_version_tuple(version: int) -> tuple[int, int, int]:
@@ -96,6 +113,10 @@ class AttentionSpec:
         needs_grad: whether autograd will need a backward through the call.
         nested: whether the inputs are nested (jagged) tensors.
         mask_grad: whether a float ``attn_mask`` requires grad (a learned bias: autograd needs its gradient too).
+        window: a sliding window ``(left, right)`` (see :data:`Window`), ``None`` for none; a window that covers every
+            key is ``None`` (a plain call).
+        softcap: ``c`` where scores become ``c * tanh(score / c)`` (Gemma 2), ``None`` for none.
+        sinks: whether a learnable sink logit per query head joins each row's softmax (gpt-oss).
     """
 
     device_type: str
@@ -113,6 +134,9 @@ class AttentionSpec:
     needs_grad: bool = False
     nested: bool = False
     mask_grad: bool = False
+    window: Window | None = None
+    softcap: float | None = None
+    sinks: bool = False
 
     @property
     def gqa(self) -> bool:
@@ -155,4 +179,10 @@ class AttentionSpec:
             parts.append("requires grad")
         if self.nested:
             parts.append("nested")
+        if self.window is not None:
+            parts.append(f"window={self.window}")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap:g}")
+        if self.sinks:
+            parts.append("sinks")
         return ", ".join(parts)

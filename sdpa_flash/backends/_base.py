@@ -18,14 +18,13 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from ..spec import AttentionSpec, causal_mask_tensor, dtype_name, format_cudnn_version
+from ..spec import AttentionSpec, causal_mask_tensor, dtype_name, format_cudnn_version, window_mask_tensor
 
 __all__ = ["Backend", "Device", "KernelCall", "KernelFn", "KernelOptions", "Requirements", "Runner"]
 
-Runner = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, "float | None"], torch.Tensor
-]
-"""``run(q, k, v, attn_mask, dropout_p, scale) -> out``, all in (B, H, S, D) layout."""
+Runner = Callable[..., torch.Tensor]
+"""``run(q, k, v, attn_mask, dropout_p, scale[, sinks]) -> out``, all in (B, H, S, D) layout; ``sinks`` (the
+``(Hq,)`` sink logits) is passed only to runners of calls whose spec has sinks."""
 
 @dataclasses.dataclass(frozen=True)
 class KernelOptions:
@@ -35,10 +34,15 @@ class KernelOptions:
         causal: ``False``; ``True`` for the kernel's own corner (:attr:`Requirements.kernel_causal`); or, for
             ``kernel_causal="any"``, ``"top_left"`` / ``"bottom_right"``.
         needs_lse: autograd will need a backward (kernels that keep the log-sum-exp only for it may skip it).
+        window: the sliding window ``(left, right)`` for a kernel with :attr:`Requirements.window` (bottom-right
+            aligned, ``None`` per side unbounded; see :data:`sdpa_flash.spec.Window`), else ``None``.
+        softcap: the logit softcap for a kernel with :attr:`Requirements.softcap`, else ``None``.
     """
 
     causal: bool | str = False
     needs_lse: bool = False
+    window: tuple[int | None, int | None] | None = None
+    softcap: float | None = None
 
 
 class KernelCall:
@@ -47,18 +51,19 @@ class KernelCall:
     ``q`` ``(B, Hq, Sq, D)``, ``k`` ``(B, Hkv, Sk, D)``, ``v`` ``(B, Hkv, Sk, Dv)``: head dims padded and K/V repeated
     unless the requirements say ``native_gqa``. ``bias`` is ``None`` or an additive float mask broadcastable to
     ``(B, Hq, Sq, Sk)`` (only for backends with ``mask=True``). ``dropout_p``: the probability (0 unless the
-    backend takes dropout). ``scale``: ``None`` means ``1 / sqrt(D)``. ``causal`` and ``needs_lse``: see
-    :class:`KernelOptions`. An option a backend's requirements do not declare is never set on its calls (the
+    backend takes dropout). ``scale``: ``None`` means ``1 / sqrt(D)``. ``causal``, ``needs_lse``, ``window`` and
+    ``softcap``: see :class:`KernelOptions`. ``sinks``: ``None`` or the ``(Hq,)`` sink logits (a kernel with
+    :attr:`Requirements.sinks`). An option a backend's requirements do not declare is never set on its calls (the
     planner refuses such calls first), so a kernel reads only the attributes it knows.
     """
 
-    __slots__ = ("bias", "causal", "dropout_p", "k", "needs_lse", "q", "scale", "v")
+    __slots__ = ("bias", "causal", "dropout_p", "k", "needs_lse", "q", "scale", "sinks", "softcap", "v", "window")
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
-                 scale: float | None, options: KernelOptions) -> None:
+                 scale: float | None, options: KernelOptions, sinks: torch.Tensor | None = None) -> None:
         self.q, self.k, self.v, self.bias, self.dropout_p, self.scale = q, k, v, bias, dropout_p, scale
-        self.causal = options.causal
-        self.needs_lse = options.needs_lse
+        self.causal, self.needs_lse = options.causal, options.needs_lse
+        self.window, self.softcap, self.sinks = options.window, options.softcap, sinks
 
 
 KernelFn = Callable[[KernelCall], torch.Tensor]
@@ -120,6 +125,12 @@ class Requirements:
             flash kernel reads it so without checking, the CUDA kernels refuse other strides. Inputs whose last
             dim has another stride are copied first (``explain()`` says so).
         mask_grad: the backward gives the gradient of a float ``attn_mask`` that requires grad (a learned bias).
+        window: the kernel takes a sliding window itself (:attr:`KernelCall.window`). Otherwise only a backend that
+            materialises the scores anyway (``fused=False`` with ``mask=True``: math) gets the window as a mask;
+            fused kernels are refused, so a window never costs O(Sq * Sk) memory on a fast path.
+        softcap: the kernel applies ``softcap * tanh(score / softcap)`` itself (:attr:`KernelCall.softcap`).
+        sinks: the kernel adds one sink logit per query head to each row's softmax (:attr:`KernelCall.sinks`), with
+            its gradient when ``backward`` is set.
         deterministic_backward: the backward gives bitwise-identical gradients run to run when
             ``torch.use_deterministic_algorithms(True)`` is set (``None``: not established, treated as no).
     """
@@ -142,6 +153,9 @@ class Requirements:
     contiguous_last_dim: bool = False
     deterministic_backward: bool | None = None
     mask_grad: bool = False
+    window: bool = False
+    softcap: bool = False
+    sinks: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +169,7 @@ class Prep:
     causal_mask: str | None = None
     kernel_causal: bool | str = False  # True: the kernel's own corner; a corner name for kernels taking "any"
     float_bias: bool = False  # the private aten ops add a boolean mask as 0/1 numbers: always pass a float bias
+    window_mask: tuple[int | None, int | None] | None = None  # a window materialised as a mask (math only)
 
     def notes(self, spec: AttentionSpec) -> tuple[str, ...]:
         out = []
@@ -174,6 +189,8 @@ class Prep:
         if self.causal_mask:
             out.append(f"{self.causal_mask.replace('_', '-')} causal materialised as a ({spec.seqlen_q}, "
                        f"{spec.seqlen_k}) boolean mask")
+        if self.window_mask is not None:
+            out.append(f"window {self.window_mask} materialised as a ({spec.seqlen_q}, {spec.seqlen_k}) boolean mask")
         if self.float_bias and spec.mask == "bool":
             out.append("boolean attn_mask converted to an additive float bias")
         return tuple(out)
@@ -318,6 +335,14 @@ class Backend:
             reasons.append("dropout_p > 0 is not supported")
         if spec.needs_grad and not req.backward:
             reasons.append("has no backward, and the inputs require grad")
+        if spec.window is not None and not req.window and (self.fused or not req.mask):
+            reasons.append("has no sliding window of its own" + (
+                " (a fused kernel is never given an O(Sq*Sk) window mask)" if self.fused else
+                ", and takes no mask to express it"))
+        if spec.softcap is not None and not req.softcap:
+            reasons.append("has no logit softcap (a non-linear function of the scores: no mask expresses it)")
+        if spec.sinks and not req.sinks:
+            reasons.append("has no attention sinks")
         _, why = self._causal_strategy(spec, req)
         if why:
             reasons.append(why)
@@ -366,7 +391,8 @@ class Backend:
         pad_v = _round_up(spec.head_dim_v, m) if spec.head_dim_v % m else None
         if req.same_head_dim_v:
             pad_v = pad_qk
-        has_mask = spec.mask is not None or strategy == "mask"
+        window_mask = spec.window if spec.window is not None and not req.window else None
+        has_mask = spec.mask is not None or strategy == "mask" or window_mask is not None
         return Prep(
             repeat_kv=1 if req.native_gqa or not spec.heads_kv else spec.heads_q // spec.heads_kv,
             pad_qk_to=pad_qk,
@@ -376,6 +402,7 @@ class Backend:
             kernel_causal=(spec.effective_causal or False) if req.kernel_causal == "any" and strategy == "kernel"
             else strategy in ("kernel", "truncate_keys"),
             float_bias=has_mask,
+            window_mask=window_mask,
         )
 
     def torch_reasons(self, spec: AttentionSpec, prep: Prep, device: torch.device) -> list[str]:
@@ -393,7 +420,7 @@ class Backend:
         k = base.as_strided((spec.batch, hkv, sk, d), (0, 0, 0, 1))
         v = base.as_strided((spec.batch, hkv, sk, dv), (0, 0, 0, 1))
         mask = None
-        if spec.mask is not None or prep.causal_mask is not None:
+        if spec.mask is not None or prep.causal_mask is not None or prep.window_mask is not None:
             mask = base.as_strided((spec.batch, spec.heads_q, spec.seqlen_q, sk), (0, 0, 0, 1))
         # Ask about the call we make: a kernel-native bottom-right causal call is one PyTorch's check would
         # refuse only because it assumes top-left semantics for is_causal with Sq != Sk.
@@ -485,28 +512,31 @@ def make_runner(kernel: KernelFn, spec: AttentionSpec, prep: Prep, *, masked_val
     ``masked_value`` is what a boolean mask's False becomes in the additive bias; ``zero_masked_rows``: rows that
     see no key are zeroed (kernels that give NaN there).
     """
-    options = KernelOptions(causal=prep.kernel_causal, needs_lse=spec.needs_grad)
+    window_mask = prep.window_mask
+    options = KernelOptions(causal=prep.kernel_causal, needs_lse=spec.needs_grad,
+                            window=spec.window if window_mask is None else None, softcap=spec.softcap)
     head_dim, head_dim_v, seqlen_q = spec.head_dim, spec.head_dim_v, spec.seqlen_q
     repeat_kv, pad_qk_to, pad_v_to = prep.repeat_kv, prep.pad_qk_to, prep.pad_v_to
     truncate_keys, causal_mask, float_bias = prep.truncate_keys, prep.causal_mask, prep.float_bias
-    if (repeat_kv, pad_qk_to, pad_v_to, truncate_keys, causal_mask) == (1, None, None, False, None):
+    if (repeat_kv, pad_qk_to, pad_v_to, truncate_keys, causal_mask, window_mask) == (1, None, None, False, None, None):
         if not float_bias:
-            # The common case: nothing to adapt, one kernel call (kernels may supply a flatter closure).
+            # The common case: nothing to adapt, one kernel call (kernels may supply a flatter closure; it takes
+            # no sinks, which go through the kernel function).
             plain: Callable[[KernelOptions], Runner] | None = getattr(kernel, "plain", None)
-            if plain is not None:
+            if plain is not None and not spec.sinks:
                 return plain(options)
 
             def run_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                          dropout_p: float, scale: float | None) -> torch.Tensor:
-                return kernel(KernelCall(q, k, v, None, dropout_p, scale, options))
+                          dropout_p: float, scale: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                return kernel(KernelCall(q, k, v, None, dropout_p, scale, options, sinks))
 
             return run_plain
 
         def run_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                       dropout_p: float, scale: float | None) -> torch.Tensor:
+                       dropout_p: float, scale: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
             # float_bias is set only for specs with a mask (Prep.float_bias=has_mask): attn_mask is never None here
             bias = _as_float_bias(attn_mask, q.dtype, masked_value)  # type: ignore[arg-type]
-            out = kernel(KernelCall(q, k, v, bias, dropout_p, scale, options))
+            out = kernel(KernelCall(q, k, v, bias, dropout_p, scale, options, sinks))
             return out * _rows_alive(attn_mask) if zero_masked_rows else out  # type: ignore[arg-type]
 
         return run_masked
@@ -514,7 +544,7 @@ def make_runner(kernel: KernelFn, spec: AttentionSpec, prep: Prep, *, masked_val
     default_scale = 1.0 / math.sqrt(head_dim)
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float,
-            scale: float | None) -> torch.Tensor:
+            scale: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
         if truncate_keys:
             k, v = k[:, :, :seqlen_q], v[:, :, :seqlen_q]
             if attn_mask is not None and attn_mask.shape[-1] != 1:
@@ -531,10 +561,12 @@ def make_runner(kernel: KernelFn, spec: AttentionSpec, prep: Prep, *, masked_val
             v = torch.nn.functional.pad(v, (0, pad_v_to - head_dim_v))
         if causal_mask is not None:
             attn_mask = merge_causal(attn_mask, causal_mask, q.shape[-2], k.shape[-2], q.device)
+        if window_mask is not None:
+            attn_mask = merge_mask(attn_mask, window_mask_tensor(window_mask, q.shape[-2], k.shape[-2], q.device))
         alive = _rows_alive(attn_mask) if zero_masked_rows and attn_mask is not None else None
         if float_bias and attn_mask is not None:
             attn_mask = _as_float_bias(attn_mask, q.dtype, masked_value)
-        out = kernel(KernelCall(q, k, v, attn_mask, dropout_p, scale, options))
+        out = kernel(KernelCall(q, k, v, attn_mask, dropout_p, scale, options, sinks))
         if alive is not None:
             out = out * alive
         if pad_v_to is not None:
@@ -551,12 +583,16 @@ def with_plain(kernel: Callable[[KernelCall], torch.Tensor], plain: Callable[[Ke
 
 
 def merge_causal(mask: torch.Tensor | None, kind: str, sq: int, sk: int, device: torch.device) -> torch.Tensor:
-    causal = causal_mask_tensor(kind, sq, sk, device)
+    return merge_mask(mask, causal_mask_tensor(kind, sq, sk, device))
+
+
+def merge_mask(mask: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    """``mask`` (bool or additive float, or ``None``) with the keys outside the boolean ``keep`` hidden too."""
     if mask is None:
-        return causal
+        return keep
     if mask.dtype == torch.bool:
-        return mask & causal
-    return mask.masked_fill(~causal, float("-inf"))
+        return mask & keep
+    return mask.masked_fill(~keep, float("-inf"))
 
 
 def _rows_alive(mask: torch.Tensor) -> torch.Tensor:
