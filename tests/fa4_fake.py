@@ -49,7 +49,8 @@ def _visible(sq: int, sk: int, causal: bool, left: int | None, right: int | None
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool,
-            left: int | None, right: int | None, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+            left: int | None, right: int | None, softcap: float, sink: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence batch in (B, S, H, D): (out in q's dtype, lse (B, H, Sq) float32)."""
     _b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -61,7 +62,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | No
     if softcap:
         s = torch.tanh(s / softcap) * softcap
     s = s.masked_fill(~_visible(sq, sk, causal, left, right), float("-inf"))
-    lse = torch.logsumexp(s, -1)
+    if sink is not None:  # FA4's learnable_sink: one more column of the softmax, per head, with no value
+        assert sink.shape == (h,) and sink.dtype == torch.float32, "learnable_sink: (H,) float32 here"
+        lse = torch.logsumexp(torch.cat([s, sink.view(1, h, 1, 1).expand(*s.shape[:-1], 1)], -1), -1)
+    else:
+        lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
     out = (p @ vf).transpose(1, 2).to(q.dtype)
     return out, lse
@@ -71,9 +76,10 @@ def flash_attn_func(q, k, v, qv=None, gather_kv_indices=None, softmax_scale=None
                     window_size=(None, None), learnable_sink=None, softcap=0.0, num_splits=1, pack_gqa=None,
                     deterministic=False, **unused):
     CALLS.append(("flash_attn_func", {"causal": causal, "window_size": window_size, "deterministic": deterministic,
-                                      "q_stride": q.stride(), "shape": tuple(q.shape)}))
+                                      "q_stride": q.stride(), "shape": tuple(q.shape), "softcap": softcap,
+                                      "sink": learnable_sink is not None}))
     _check(q, k, v)
-    out, lse = _attend(q, k, v, softmax_scale, causal, *window_size, softcap)
+    out, lse = _attend(q, k, v, softmax_scale, causal, *window_size, softcap, learnable_sink)
     return out, lse
 
 
@@ -105,15 +111,18 @@ def _flash_attn_fwd(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, sequ
                     max_seqlen_q=None, max_seqlen_k=None, min_seqlen_k=None, page_table=None, softmax_scale=None,
                     causal=False, softcap=None, window_size_left=None, window_size_right=None, learnable_sink=None,
                     return_lse=False, **unused):
-    CALLS.append(("_flash_attn_fwd", {"causal": causal, "window": (window_size_left, window_size_right)}))
+    CALLS.append(("_flash_attn_fwd", {"causal": causal, "window": (window_size_left, window_size_right),
+                                      "softcap": softcap, "sink": learnable_sink is not None}))
     _check(q, k, v)
     assert cu_seqlens_q is None and page_table is None, "the fake covers the dense forward only"
-    out, lse = _attend(q, k, v, softmax_scale, causal, window_size_left, window_size_right, softcap or 0.0)
+    out, lse = _attend(q, k, v, softmax_scale, causal, window_size_left, window_size_right, softcap or 0.0,
+                       learnable_sink)
     return out, lse if return_lse else None, None, None, None  # b36 returns five values
 
 
 def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0,  # type: ignore[no-untyped-def]
-                    window_size_left=None, window_size_right=None, deterministic=False, **unused):
+                    window_size_left=None, window_size_right=None, deterministic=False, learnable_sink=None,
+                    **unused):
     """The attention backward written out (a custom op's kernel runs below autograd, so no autograd here)."""
     CALLS.append(("_flash_attn_bwd", {"causal": causal, "window": (window_size_left, window_size_right),
                                       "deterministic": deterministic}))
@@ -126,14 +135,19 @@ def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, s
     raw = qf @ kf.transpose(-1, -2) * scale
     s = torch.tanh(raw / softcap) * softcap if softcap else raw
     s = s.masked_fill(~_visible(sq, sk, causal, window_size_left, window_size_right), float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # lse has the sink's column in it, when there is one
     dv = p.transpose(-1, -2) @ gf
     dp = gf @ vf.transpose(-1, -2)
-    ds = p * (dp - (gf * of).sum(-1, keepdim=True))
+    delta = (gf * of).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
     if softcap:
         ds = ds * (1 - torch.tanh(raw / softcap) ** 2)
     dq = ds @ kf * scale
     dk = ds.transpose(-1, -2) @ qf * scale
     dk = dk.view(b, hkv, rep, sk, d).sum(2)
     dv = dv.view(b, hkv, rep, sk, v.shape[-1]).sum(2)
-    return tuple(g.transpose(1, 2).to(q.dtype) for g in (dq, dk, dv))
+    grads = tuple(g.transpose(1, 2).to(q.dtype) for g in (dq, dk, dv))
+    if learnable_sink is None:
+        return grads
+    dsink = -(torch.exp(learnable_sink.view(1, h, 1, 1) - lse[..., None]) * delta).sum((0, 2, 3))
+    return (*grads, dsink)

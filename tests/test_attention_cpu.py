@@ -334,7 +334,7 @@ def test_learned_float_mask_gets_its_gradient_from_a_backend_that_gives_one() ->
 
 # ------------------------------------------------------------------------------------ other libraries' keywords
 _KW_HEAD = ("Expected attention()'s keyword arguments to be among attn_mask, causal, dropout_p, scale, layout, "
-            "policy, key_padding_mask, but got ")
+            "policy, key_padding_mask, window, softcap, sinks, but got ")
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -228,6 +228,11 @@ _SM90 = Requirements(
     # FA4's backward takes deterministic=True (an ordered dQ accumulation; SM90: flash-attention b664ea0c, GQA fix
     # #2510); the runner passes it whenever torch.use_deterministic_algorithms(True) is on.
     deterministic_backward=True,
+    # window_size, softcap and learnable_sink are FA4's own arguments, forward and backward (the sink's gradient
+    # too: SM90/100/110, interface.py:2297)
+    window=True,
+    softcap=True,
+    sinks=True,
 )
 
 
@@ -269,10 +274,10 @@ class FA4Backend(Backend):
         return make_runner(call, spec, prep, masked_value=self.MASKED_VALUE, zero_masked_rows=self.ZERO_MASKED_ROWS)
 
     def bshd_runner(self, spec: AttentionSpec, prep: Prep) -> Runner | None:
-        if prep != Prep(kernel_causal=prep.kernel_causal):
-            return None  # padding, truncation or a mask: the (B, H, S, D) runner does those
+        if prep != Prep(kernel_causal=prep.kernel_causal) or spec.sinks:
+            return None  # padding, truncation or a mask (or sinks, passed per call): the (B, H, S, D) runner
         return _plain(load().flash_attn_func, bool(prep.kernel_causal), _deterministic(spec), _multi_gpu(),
-                      bhsd=False)
+                      bhsd=False, window=spec.window, softcap=spec.softcap)
 
     def kernel(self, device_type: str, *, traced: bool = False) -> KernelFn:
         return _TRACED
@@ -317,25 +322,34 @@ def _on_device(t: Tensor) -> Any:
     return torch.cuda.device(t.device)
 
 
-def _plain(fn: Any, causal: bool, deterministic: bool, guard: bool, *, bhsd: bool) -> Runner:
-    """One FA4 call with nothing to adapt: ``run(q, k, v, attn_mask, dropout_p, scale)`` on (B, H, S, D) tensors
-    (passed to FA4 as (B, S, H, D) views) or, with ``bhsd=False``, on (B, S, H, D) tensors as they are."""
+def _plain(fn: Any, causal: bool, deterministic: bool, guard: bool, *, bhsd: bool,
+           window: tuple[int | None, int | None] | None = None, softcap: float | None = None) -> Runner:
+    """One FA4 call with nothing to adapt: ``run(q, k, v, attn_mask, dropout_p, scale[, sinks])`` on (B, H, S, D)
+    tensors (passed to FA4 as (B, S, H, D) views) or, with ``bhsd=False``, on (B, S, H, D) tensors as they are.
+    ``window`` (bottom-right, ``None`` per side unbounded: FA4's own convention) and ``softcap`` are FA4's."""
+    extra: dict[str, Any] = {}
+    if window is not None:
+        extra["window_size"] = window_arg(*window)
+    if softcap is not None:
+        extra["softcap"] = softcap
     if bhsd:
-        def run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float | None
-                ) -> Tensor:
+        def run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float | None,
+                sinks: Tensor | None = None) -> Tensor:
+            sink = {} if sinks is None else {"learnable_sink": sinks.float()}
             return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal,
-                      deterministic=deterministic)[0].transpose(1, 2)
+                      deterministic=deterministic, **extra, **sink)[0].transpose(1, 2)
     else:
-        def run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float | None
-                ) -> Tensor:
-            return fn(q, k, v, softmax_scale=scale, causal=causal, deterministic=deterministic)[0]
+        def run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float | None,
+                sinks: Tensor | None = None) -> Tensor:
+            sink = {} if sinks is None else {"learnable_sink": sinks.float()}
+            return fn(q, k, v, softmax_scale=scale, causal=causal, deterministic=deterministic, **extra, **sink)[0]
     if not guard:
         return run
 
-    def run_guarded(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float | None
-                    ) -> Tensor:
+    def run_guarded(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float | None,
+                    sinks: Tensor | None = None) -> Tensor:
         with _on_device(q):
-            return run(q, k, v, attn_mask, dropout_p, scale)
+            return run(q, k, v, attn_mask, dropout_p, scale, sinks)
 
     return run_guarded
 
@@ -346,10 +360,12 @@ def _eager_kernel(mod: ModuleType, deterministic: bool, guard: bool) -> KernelFn
     fn = mod.flash_attn_func
 
     def call(c: KernelCall) -> Tensor:
-        return _plain(fn, bool(c.causal), deterministic, guard, bhsd=True)(c.q, c.k, c.v, None, c.dropout_p, c.scale)
+        run = _plain(fn, bool(c.causal), deterministic, guard, bhsd=True, window=c.window, softcap=c.softcap)
+        return run(c.q, c.k, c.v, None, c.dropout_p, c.scale, c.sinks)
 
     def plain(options: KernelOptions) -> Runner:
-        return _plain(fn, bool(options.causal), deterministic, guard, bhsd=True)
+        return _plain(fn, bool(options.causal), deterministic, guard, bhsd=True, window=options.window,
+                      softcap=options.softcap)
 
     return with_plain(call, plain)
 
@@ -366,63 +382,70 @@ def window_arg(left: int | None, right: int | None) -> tuple[int | None, int | N
 
 @torch.library.custom_op("sdpa_flash::fa4_fwd", mutates_args=())
 def fa4_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool, window_left: int,
-            window_right: int, softcap: float) -> tuple[Tensor, Tensor]:
+            window_right: int, softcap: float, sink: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """FA4's forward on (B, S, H, D) inputs -> ``(out (B, Sq, H, Dv), lse (B, H, Sq) float32)``; a negative window
-    side is unbounded."""
+    side is unbounded; ``sink``: FA4's ``learnable_sink`` (H,) float32, or ``None``."""
     wl, wr = window_arg(window_left, window_right)
+    extra = {} if sink is None else {"learnable_sink": sink}
     with _on_device(q):
         res = load()._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=causal, softcap=softcap,
-                                     window_size_left=wl, window_size_right=wr, return_lse=True)
+                                     window_size_left=wl, window_size_right=wr, return_lse=True, **extra)
     return res[0], res[1]
 
 
 @fa4_fwd.register_fake
 def _fa4_fwd_fake(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool, window_left: int,
-                  window_right: int, softcap: float) -> tuple[Tensor, Tensor]:
+                  window_right: int, softcap: float, sink: Tensor | None = None) -> tuple[Tensor, Tensor]:
     b, sq, h, _ = q.shape
     return (q.new_empty(b, sq, h, v.shape[-1]), q.new_empty(b, h, sq, dtype=torch.float32))
 
 
 @torch.library.custom_op("sdpa_flash::fa4_bwd", mutates_args=())
 def fa4_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float | None,
-            causal: bool, window_left: int, window_right: int, softcap: float, deterministic: bool
-            ) -> tuple[Tensor, Tensor, Tensor]:
-    """FA4's backward: ``(dq, dk, dv)`` in the inputs' shapes."""
+            causal: bool, window_left: int, window_right: int, softcap: float, deterministic: bool,
+            sink: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """FA4's backward: ``(dq, dk, dv, dsink)`` in the inputs' shapes (``dsink`` empty without a sink)."""
     wl, wr = window_arg(window_left, window_right)
+    extra = {} if sink is None else {"learnable_sink": sink}
     with _on_device(q):
-        dq, dk, dv = load()._flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, softmax_scale=scale, causal=causal,
-                                            softcap=softcap, window_size_left=wl, window_size_right=wr,
-                                            deterministic=deterministic)[:3]
-    return dq, dk, dv
+        res = load()._flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, softmax_scale=scale, causal=causal,
+                                     softcap=softcap, window_size_left=wl, window_size_right=wr,
+                                     deterministic=deterministic, **extra)
+    dsink = res[3] if sink is not None and len(res) > 3 and res[3] is not None else q.new_empty(0)
+    return res[0], res[1], res[2], dsink
 
 
 @fa4_bwd.register_fake
 def _fa4_bwd_fake(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float | None,
-                  causal: bool, window_left: int, window_right: int, softcap: float, deterministic: bool
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+                  causal: bool, window_left: int, window_right: int, softcap: float, deterministic: bool,
+                  sink: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dsink = q.new_empty(0) if sink is None else torch.empty_like(sink)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsink
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    q, k, v, scale, causal, wl, wr, softcap = inputs
+    q, k, v, scale, causal, wl, wr, softcap, *rest = inputs
+    sink = rest[0] if rest else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, sink)
     ctx.args = (scale, causal, wl, wr, softcap)
     ctx.deterministic = torch.are_deterministic_algorithms_enabled()
 
 
 def _backward(ctx: Any, dout: Tensor, dlse: Tensor) -> tuple[Tensor | None, ...]:
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = fa4_bwd(dout, q, k, v, out, lse, *ctx.args, ctx.deterministic)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, out, lse, sink = ctx.saved_tensors
+    dq, dk, dv, dsink = fa4_bwd(dout, q, k, v, out, lse, *ctx.args, ctx.deterministic, sink)
+    return dq, dk, dv, None, None, None, None, None, (dsink if sink is not None else None)
 
 
 fa4_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def _traced_call(c: KernelCall) -> Tensor:
-    out = fa4_fwd(c.q.transpose(1, 2), c.k.transpose(1, 2), c.v.transpose(1, 2), c.scale, bool(c.causal), -1, -1,
-                  0.0)[0]
+    left, right = c.window if c.window is not None else (None, None)
+    sink = None if c.sinks is None else c.sinks.float()
+    out = fa4_fwd(c.q.transpose(1, 2), c.k.transpose(1, 2), c.v.transpose(1, 2), c.scale, bool(c.causal),
+                  -1 if left is None else left, -1 if right is None else right, c.softcap or 0.0, sink)[0]
     return out.transpose(1, 2)
 
 

@@ -1,0 +1,306 @@
+"""Sliding windows, logit softcap and attention sinks as arguments of attention() (issue #25, dense calls).
+
+Each variant is backend data (``Requirements.window / softcap / sinks``): chunked does all three exactly (skipped
+tiles, tanh, one more softmax column), math takes a window as a mask, FA4 takes all three as its own arguments,
+and the fused SDPA kernels are refused with the reason. Accuracy: the tolerance rule of ``sdpa_flash.testing``
+against the float64 reference, with the same-dtype reference's own error as the yardstick, forward and backward
+(the sinks' gradient included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import fa4_fake  # tests/ is on sys.path (pytest rootdir-relative imports)
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sdpa_flash
+from sdpa_flash import AttentionInputError, BackendUnavailableError
+from sdpa_flash.backends import chunked as chunked_mod
+from sdpa_flash.backends import fa4 as fa4_mod
+from sdpa_flash.testing import compare_to_reference, property_profile, reference_attention
+
+PROFILE = property_profile()
+
+
+@contextlib.contextmanager
+def _tiles(bq: int, bk: int) -> Iterator[None]:
+    saved = chunked_mod._block_sizes
+    chunked_mod._block_sizes = lambda *_: (bq, bk)  # type: ignore[assignment]  # small tiles: edges inside the call
+    try:
+        yield
+    finally:
+        chunked_mod._block_sizes = saved
+
+
+def _inputs(b: int, hq: int, hkv: int, sq: int, sk: int, d: int, dtype: torch.dtype, sinks: bool, seed: int = 0
+            ) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, sq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, hkv, sk, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, hkv, sk, d, generator=g, dtype=torch.float64)
+    s = torch.randn(hq, generator=g, dtype=torch.float64) * 2 if sinks else None
+    out = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    if s is not None:
+        out.append(s.float().requires_grad_())  # float32 sinks, as FA4 and gpt-oss keep them
+    return tuple(out)
+
+
+def _check(policy: str, b: int, hq: int, hkv: int, sq: int, sk: int, d: int, dtype: torch.dtype, causal: Any,
+           window: Any, softcap: Any, sinks: bool, seed: int = 0) -> None:
+    """attention() under ``policy`` against the float64 reference by the tolerance rule, forward and backward."""
+    leaves = _inputs(b, hq, hkv, sq, sk, d, dtype, sinks, seed)
+    q, k, v = leaves[:3]
+    s = leaves[3] if sinks else None
+    kw = dict(causal=causal, window=window, softcap=softcap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback warning: no fused kernel does these on the CPU
+        out = sdpa_flash.attention(q, k, v, sinks=s, policy=policy, **kw)
+    same = reference_attention(q, k, v, sinks=s, dtype=None, **kw)
+    ref = reference_attention(q, k, v, sinks=s, dtype=torch.float64, **kw)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    names = ("out", "dq", "dk", "dv", "dsinks")[:len(leaves) + 1]
+    got = (out, *torch.autograd.grad(out, leaves, grad.to(out.dtype)))
+    want_same = (same, *torch.autograd.grad(same, leaves, grad.to(same.dtype)))
+    want = (ref, *torch.autograd.grad(ref, leaves, grad))
+    mags, smags = _floor_magnitudes(q, k, v, causal, window, ref, grad)
+    for i, (name, c, sd, r) in enumerate(zip(names, got, want_same, want, strict=True)):
+        m = (mags[i], smags[i]) if i < 4 else (None, None)  # (the sinks' sum over rows: the plain floor)
+        comparison = compare_to_reference(c, sd, r, name=name, magnitude=m[0], score_magnitude=m[1],
+                                          reduction=max(sk, sq, d))
+        assert comparison.passed, f"{policy} {name}: {comparison}"
+
+
+def _floor_magnitudes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: Any, window: Any,
+                      out64: torch.Tensor, grad: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
+    """The tolerance rule's floor magnitudes (``M``, ``Ms``) of out, dq, dk and dv, as sdpa_flash.testing works
+    them out for a masked problem: the window as the boolean mask it stands for. (Softcap only shrinks the scores
+    and a sink only takes weight away, so the plain problem's magnitudes bound theirs.)"""
+    from sdpa_flash.spec import window_mask_tensor
+    from sdpa_flash.testing import ProblemParams
+    from sdpa_flash.testing._problems import AttentionProblem, _magnitudes
+
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    mask = None
+    if window is not None:
+        left, right = window
+        mask = window_mask_tensor((left, right), sq, sk, q.device)
+    params = ProblemParams(q.dtype, b, hq, hkv, sq, sk, d, v.shape[-1], causal=causal or False, backward=True,
+                           mask="bool" if mask is not None else "none")
+    problem = AttentionProblem(params, q.device, q.detach(), k.detach(), v.detach(), mask, grad)
+    return _magnitudes(problem, out64.detach(), True)
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+@settings(max_examples=PROFILE.max_examples, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (4, 2)]), st.integers(1, 40),
+                    st.integers(1, 40), st.sampled_from([8, 16])),
+    causal=st.sampled_from([False, "bottom_right"]),
+    window=st.none() | st.tuples(st.none() | st.integers(0, 24), st.none() | st.integers(0, 24)),
+    softcap=st.none() | st.sampled_from([1.0, 5.0]),
+    sinks=st.booleans(),
+    tiles=st.sampled_from([(8, 8), (16, 8), (1024, 1024)]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_chunked_variants_match_the_float64_reference(shape: Any, causal: Any, window: Any, softcap: Any,
+                                                      sinks: bool, tiles: tuple[int, int],
+                                                      dtype: torch.dtype) -> None:
+    b, (hq, hkv), sq, sk, d = shape
+    if causal and sq > sk and window is None and not sinks:
+        causal = False  # (rows that see no key are covered below; here every row sees one)
+    with _tiles(*tiles):
+        _check("chunked", b, hq, hkv, sq, sk, d, dtype, causal, window, softcap, sinks)
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+def test_rows_that_the_window_leaves_empty(sinks: bool) -> None:
+    """Sq > Sk, bottom-right: the first queries see no key at all (output 0; with sinks all weight on the sink)."""
+    with _tiles(8, 8):
+        _check("chunked", 1, 2, 1, 30, 12, 8, torch.float64, "bottom_right", (3, None), None, sinks)
+    q, k, v = (t.detach() for t in _inputs(1, 2, 1, 30, 12, 8, torch.float64, False)[:3])
+    out = sdpa_flash.attention(q, k, v, causal="bottom_right", window=(3, None), policy="chunked")
+    assert out[:, :, :18].abs().max() == 0  # query i's own position is key i - 18
+
+
+@pytest.mark.parametrize(("window", "causal"), [((4, 2), False), ((6, 0), "bottom_right"), ((0, 0), False)])
+def test_math_takes_a_window_as_a_mask(window: Any, causal: Any) -> None:
+    _check("math", 2, 4, 2, 20, 27, 8, torch.float32, causal, window, None, False)
+    q = torch.randn(1, 2, 20, 8)
+    plan = sdpa_flash.explain(q, q, q, window=window, causal=causal, policy="math")
+    assert any("window" in n and "boolean mask" in n for n in plan.notes), plan.notes
+
+
+# ------------------------------------------------------------------------------------------- decisions
+def test_each_backend_says_native_adapted_or_refused() -> None:
+    q = torch.randn(1, 2, 32, 16)
+    s = torch.zeros(2)
+    table = {}
+    for variant, kw in (("window", {"window": (4, 0)}), ("softcap", {"softcap": 5.0}), ("sinks", {"sinks": s})):
+        plan = sdpa_flash.explain(q, q, q, **kw)
+        table[variant] = {name: why[0] for name, why in plan.reasons.items()}
+        table[variant][plan.backend] = "runs"
+    assert "fused kernel is never given" in table["window"]["flash"]
+    assert "logit softcap" in table["softcap"]["math"] and "logit softcap" in table["softcap"]["flash"]
+    assert "attention sinks" in table["sinks"]["math"]
+    for variant in table:
+        assert table[variant].get("chunked") == "runs" or variant == "window"
+    assert sdpa_flash.explain(q, q, q, window=(4, 0)).backend == "math"  # ranked above chunked on the CPU
+
+
+def test_a_window_that_covers_every_key_is_a_plain_call() -> None:
+    q = torch.randn(1, 2, 16, 8)
+    plain = sdpa_flash.explain(q, q, q, causal=True)
+    for window in ((15, 0), (None, 3), (100, -1), (-1, -1)):
+        plan = sdpa_flash.explain(q, q, q, causal=True, window=window)
+        assert plan.backend == plain.backend and plan.spec.window is None, (window, plan)
+    assert sdpa_flash.explain(q, q, q, window=(14, None)).spec.window == (14, None)
+    torch.testing.assert_close(sdpa_flash.attention(q, q, q, causal=True, window=(15, 0)),
+                               sdpa_flash.attention(q, q, q, causal=True), rtol=0, atol=0)
+
+
+def test_softcap_zero_is_off() -> None:
+    q = torch.randn(1, 2, 16, 8)
+    assert sdpa_flash.explain(q, q, q, softcap=0).spec.softcap is None
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"window": 4}, r"window to be None or \(left, right\)"),
+    ({"window": (1, 2, 3)}, r"window to be None or \(left, right\)"),
+    ({"window": (1.5, 0)}, r"window to be None or \(left, right\)"),
+    ({"window": (True, 0)}, r"window to be None or \(left, right\)"),
+    ({"window": (4, 0), "causal": True}, r"causal='top_left'.*pass causal='bottom_right'"),
+    ({"softcap": -1.0}, r"softcap to be None or a finite float >= 0"),
+    ({"softcap": float("inf")}, r"softcap to be None or a finite float >= 0"),
+    ({"softcap": True}, r"softcap to be None or a finite float >= 0"),
+    ({"sinks": torch.zeros(3)}, r"sinks to be a floating-point tensor of shape \(Hq,\) = \(4,\)"),
+    ({"sinks": torch.zeros(4, dtype=torch.int64)}, r"sinks to be a floating-point tensor"),
+    ({"sinks": [0.0] * 4}, r"sinks to be None or a torch\.Tensor"),
+])
+def test_bad_variant_arguments_raise_before_any_kernel(kw: dict[str, Any], match: str) -> None:
+    q = torch.randn(1, 4, 8, 16)
+    k = torch.randn(1, 4, 12, 16)
+    with pytest.raises(AttentionInputError, match=match):
+        sdpa_flash.attention(q, k, k, **kw)
+    with pytest.raises(AttentionInputError, match=match):
+        sdpa_flash.explain(q, k, k, **kw)
+
+
+def test_variants_are_refused_on_the_key_padding_route() -> None:
+    q = torch.randn(2, 2, 8, 8)
+    kpm = torch.ones(2, 8, dtype=torch.bool)
+    with pytest.raises(AttentionInputError, match="key_padding_mask"):
+        sdpa_flash.attention(q, q, q, key_padding_mask=kpm, window=(2, 0))
+
+
+def test_other_libraries_spellings_name_ours() -> None:
+    q = torch.randn(1, 2, 8, 8)
+    for spelling, ours in (("window_size", "window="), ("sliding_window", "window="), ("s_aux", "sinks="),
+                           ("learnable_sink", "sinks="), ("logit_softcap", "softcap=")):
+        with pytest.raises(AttentionInputError, match=ours):
+            sdpa_flash.attention(q, q, q, **{spelling: 1})
+
+
+def test_fused_policy_refuses_a_window_with_the_reason() -> None:
+    q = torch.randn(1, 2, 32, 16)
+    with pytest.raises(BackendUnavailableError, match="never given an O"):
+        sdpa_flash.attention(q, q, q, window=(4, 0), policy="flash")
+
+
+def test_list_window_and_cached_calls_agree() -> None:
+    q = torch.randn(1, 2, 24, 8)
+    first = sdpa_flash.attention(q, q, q, window=[3, 1], policy="chunked")
+    again = sdpa_flash.attention(q, q, q, window=(3, 1), policy="chunked")
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    other = sdpa_flash.attention(q, q, q, window=(3, 2), policy="chunked")
+    assert (other - first).abs().max() > 0  # the window is part of the per-call cache key
+
+
+def test_torch_compile_traces_the_variants() -> None:
+    import torch._dynamo
+
+    q, k, v, s = (t.detach() for t in _inputs(1, 2, 2, 20, 20, 8, torch.float32, True))
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return sdpa_flash.attention(q, k, v, causal=True, window=(5, 0), softcap=4.0, sinks=s, policy="chunked")
+
+    torch._dynamo.reset()
+    eager = fn(q, k, v, s)
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)(q, k, v, s)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ FA4 (stand-in)
+@pytest.fixture
+def fake_fa4(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    monkeypatch.setattr(fa4_mod, "_module", fa4_fake)
+    monkeypatch.setattr(fa4_mod, "installed_version", lambda: "4.0.0b40")
+    fa4_fake.CALLS.clear()
+    yield fa4_fake
+
+
+def _fa4_run(window: Any, softcap: Any, sinks: bool, causal: bool) -> tuple[Any, ...]:
+    from sdpa_flash import Capabilities, plan
+    from sdpa_flash.backends import BACKENDS
+    from sdpa_flash.policy import resolve_policy
+
+    caps = Capabilities.synthetic("cuda", (9, 0), kernels={"fa4": "4.0.0b40"})
+    leaves = _inputs(1, 4, 2, 24, 24, 32, torch.bfloat16, sinks)  # (head dim 32: FA4's sm90 backward is right there)
+    q, k, v = leaves[:3]
+    spec = sdpa_flash.AttentionSpec("cuda", torch.bfloat16, 1, 4, 2, 24, 24, 32, 32, "top_left" if causal else None,
+                                    needs_grad=True, window=window, softcap=softcap, sinks=sinks)
+    p = plan(spec, caps, resolve_policy("fa4"))
+    run = BACKENDS["fa4"].runner(spec, p.prep)
+    out = run(q, k, v, None, 0.0, None, *leaves[3:])
+    return out, leaves
+
+
+@pytest.mark.parametrize(("window", "softcap", "sinks", "causal"), [
+    ((6, 2), None, False, False), ((6, None), 8.0, False, True), (None, None, True, False), ((5, 0), 3.0, True, True),
+])
+def test_fa4_gets_window_softcap_and_sinks_as_its_own_arguments(fake_fa4: Any, window: Any, softcap: Any,
+                                                                sinks: bool, causal: bool) -> None:
+    out, leaves = _fa4_run(window, softcap, sinks, causal)
+    name, call = fake_fa4.CALLS[-1]
+    assert name == "flash_attn_func" and call["causal"] == causal and call["sink"] == sinks
+    assert call["window_size"] == (window if window is not None else (None, None))
+    assert call["softcap"] == (softcap or 0.0)
+    q, k, v = leaves[:3]
+    s = leaves[3] if sinks else None
+    kw = dict(causal=causal, window=window, softcap=softcap)
+    same = reference_attention(q, k, v, sinks=s, dtype=None, **kw)
+    ref = reference_attention(q, k, v, sinks=s, **kw)
+    comparison = compare_to_reference(out, same, ref, reduction=24)
+    assert comparison.passed, str(comparison)
+    if sinks:  # the sinks' gradient reaches them through FA4's own autograd (here the stand-in's)
+        (g,) = torch.autograd.grad(out.float().sum(), [leaves[3]])
+        (g_same,) = torch.autograd.grad(same.float().sum(), [leaves[3]])
+        (g_ref,) = torch.autograd.grad(ref.sum(), [leaves[3]])
+        comparison = compare_to_reference(g, g_same, g_ref, name="dsinks", dtype=torch.bfloat16)
+        assert comparison.passed, str(comparison)
+
+
+def test_fa4_custom_op_takes_the_sink_and_gives_its_gradient(fake_fa4: Any) -> None:
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, 16, 2, 32, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    sink = torch.randn(2, requires_grad=True)
+    out, _ = fa4_mod.fa4_fwd(q, k, v, None, True, 4, -1, 0.0, sink)
+    (dsink,) = torch.autograd.grad(out.float().sum(), [sink])
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    s64 = sink.detach().double().requires_grad_()
+    ref = reference_attention(*(t.transpose(1, 2) for t in leaves), causal="bottom_right", window=(4, None),
+                              sinks=s64).transpose(1, 2)
+    (dref,) = torch.autograd.grad(ref.sum(), [s64])
+    s_same = sink.detach().clone().requires_grad_()
+    same = reference_attention(*(t.detach().transpose(1, 2) for t in (q, k, v)), causal="bottom_right",
+                               window=(4, None), sinks=s_same, dtype=None)
+    (dsame,) = torch.autograd.grad(same.float().sum(), [s_same])
+    comparison = compare_to_reference(dsink, dsame, dref, name="dsinks", dtype=torch.bfloat16)
+    assert comparison.passed, str(comparison)
