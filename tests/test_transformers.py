@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -396,10 +397,34 @@ def test_sliding_window_without_mask_is_never_ignored() -> None:
         hf.attention_forward(FakeModule(True, 2), q, k, v, plain, sliding_window=3)
 
 
+@pytest.mark.parametrize("mask", ["none", "2d", "4d"])
+def test_softcap_and_sinks_pass_through(mask: str) -> None:
+    """Gemma 2's softcap and gpt-oss's s_aux reach attention() as softcap= and sinks=, on every mask route."""
+    q, k, v = qkv(sq=8, sk=8)
+    s_aux = torch.randn(4, generator=torch.Generator().manual_seed(3))
+    kpm = torch.ones(2, 8, dtype=torch.bool)
+    kpm[1, :3] = False  # left padding
+    causal4 = torch.ones(8, 8, dtype=torch.bool).tril()[None, None]
+    am: Any = {"none": None, "2d": kpm.long(), "4d": causal4 & kpm[:, None, None, :]}[mask]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no fused kernel takes softcap or sinks on the CPU: a fallback warning
+        out, _ = hf.attention_forward(FakeModule(True, 2), q, k, v, am, softcap=5.0, s_aux=s_aux)
+    allowed = causal4 if mask == "none" else causal4 & kpm[:, None, None, :]
+    got = out.transpose(1, 2)
+    ref = reference_attention(q, k, v, attn_mask=allowed, softcap=5.0, sinks=s_aux)
+    same = reference_attention(q, k, v, attn_mask=allowed, softcap=5.0, sinks=s_aux, dtype=None)
+    rows = allowed.any(-1).expand(2, 4, 8)  # (queries that see a key; here every one)
+    c = compare_to_reference(got[rows], same[rows], ref[rows])
+    assert c.passed, str(c)
+    route = hf.explain(FakeModule(True, 2), q, k, v, am, softcap=5.0, s_aux=s_aux)
+    assert route.plan is not None and route.plan.spec.softcap == 5.0 and route.plan.spec.sinks
+
+
 def test_unsupported_options_raise_typed_errors() -> None:
     q, k, v = qkv()
+    cu = torch.tensor([0, 6], dtype=torch.int32)
     with pytest.raises(sdpa_flash.AttentionInputError, match="softcap"):
-        hf.attention_forward(FakeModule(True, 2), q, k, v, None, softcap=30.0)
+        hf.attention_forward(FakeModule(True, 2), q[:1], k[:1], v[:1], None, softcap=30.0, cu_seq_lens_q=cu)
     with pytest.raises(sdpa_flash.AttentionInputError, match="0/1"):
         hf.attention_forward(FakeModule(True, 2), q, k, v, torch.full((2, 6), 0.5))
     with pytest.raises(sdpa_flash.AttentionInputError, match="new attn_implementation name"):

@@ -105,13 +105,24 @@ def _decide_2d(module: Any, query: torch.Tensor, key: torch.Tensor, mask: torch.
     return _Decision("varlen", "2-D key padding mask", ck, kpm=kpm.contiguous())
 
 
+def variants(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """transformers' ``softcap`` (Gemma 2) and ``s_aux`` (gpt-oss's sinks) as :func:`sdpa_flash.attention`'s
+    ``softcap=`` and ``sinks=`` (only those given)."""
+    out = {}
+    if kwargs.get("softcap") is not None:
+        out["softcap"] = kwargs["softcap"]
+    if kwargs.get("s_aux") is not None:
+        out["sinks"] = kwargs["s_aux"]
+    return out
+
+
 def _prepare(module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask: Any, is_causal: bool | None,
              kwargs: dict[str, Any]) -> _Decision:
-    for name in ("softcap", "s_aux"):
-        if kwargs.get(name) is not None:
-            raise AttentionInputError(f"Expected {name}=None, but got {name}={kwargs[name]!r}: sdpa_flash's "
-                                      "transformers integration does not compute it. Use attn_implementation='eager' "
-                                      "(or a flash-attention kernel that supports it) for this model.")
+    extra = variants(kwargs)
+    if extra and kwargs.get("cu_seq_lens_q") is not None:
+        raise AttentionInputError(f"Expected no {' or '.join(extra)} with packed sequences (cu_seq_lens_q), but "
+                                  "got them: sdpa_flash's packed route does not take them yet. Pass the batch "
+                                  "padded, with its attention mask.")
     if kwargs.get("output_attentions") and "output_attentions" not in _warned:
         _warned.add("output_attentions")
         warnings.warn("sdpa_flash does not return attention weights (output_attentions=True); use "
@@ -123,6 +134,12 @@ def _prepare(module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask
     bias = kwargs.get("position_bias")
     if bias is not None:
         d = _with_bias(d, bias, query, key)
+    if extra and d.path == "varlen":  # the key-padding (packed) route takes no softcap or sinks yet: dense, masked
+        allowed = d.kpm[:, None, None, :]  # type: ignore[index]  # the varlen path always has a kpm
+        if d.causal is not None:
+            allowed = allowed & causal_mask_tensor(d.causal, query.shape[2], key.shape[2], query.device)[None, None]
+        d = _Decision("dense", f"{d.reason}, dense with the padding as a mask because of "
+                      f"{' and '.join(extra)}", mask=allowed)
     return d
 
 

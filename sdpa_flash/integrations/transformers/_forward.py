@@ -12,7 +12,7 @@ from ...attention import attention
 from ...attention import explain as _explain
 from ...errors import AttentionInputError
 from ...policy import PolicyLike
-from ._decision import _module_causal, _prepare
+from ._decision import _module_causal, _prepare, variants
 from ._masks import _compiling
 from ._routes import Route, _count
 
@@ -70,9 +70,10 @@ def attention_forward(
         dropout: attention dropout (transformers passes 0 outside training).
         scaling: the softmax scale (``None``: ``1 / sqrt(D)``).
         is_causal: overrides ``module.is_causal`` for a call without a mask.
-        **kwargs: ``sliding_window`` (never ignored), ``position_bias`` (added to the scores), flash-attention's
-            ``cu_seq_lens_q/k`` and ``max_length_q/k`` (packed sequences, ``B = 1``); ``softcap`` and ``s_aux``
-            raise :class:`sdpa_flash.AttentionInputError`; others are ignored, as transformers' ``"sdpa"`` does.
+        **kwargs: ``sliding_window`` (never ignored), ``position_bias`` (added to the scores), ``softcap`` (Gemma 2)
+            and ``s_aux`` (gpt-oss's sinks) as :func:`sdpa_flash.attention`'s ``softcap=`` and ``sinks=``,
+            flash-attention's ``cu_seq_lens_q/k`` and ``max_length_q/k`` (packed sequences, ``B = 1``; not with
+            softcap or sinks); others are ignored, as transformers' ``"sdpa"`` does.
 
     Returns:
         ``(output, None)``: ``(B, Sq, Hq, Dv)``, contiguous, and no attention weights.
@@ -91,7 +92,7 @@ def _forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.T
                         scale=scaling, policy=policy)
     else:
         out = attention(query, key, value, attn_mask=d.mask, causal=d.causal or False, dropout_p=dropout,
-                        scale=scaling, policy=policy)
+                        scale=scaling, policy=policy, **variants(kwargs))
     if not _compiling():
         _count(module, query, key, d)
     return out.transpose(1, 2).contiguous(), None
@@ -141,6 +142,6 @@ def explain(
                         scale=scaling, policy=policy)
     else:
         plan = _explain(query, key, value, attn_mask=d.mask, causal=d.causal or False, dropout_p=dropout,
-                        scale=scaling, policy=policy)
+                        scale=scaling, policy=policy, **variants(kwargs))
     return Route(d.path, d.reason, d.causal, getattr(module, "layer_idx", None), tuple(query.shape),
                  tuple(key.shape), plan)
