@@ -94,8 +94,8 @@ def attention(
     if unknown:
         raise _unknown_keywords("attention", unknown)
     if key_padding_mask is not None:
-        _no_variants_with_padding(window, softcap, sinks)
-        return _padded(query, key, value, key_padding_mask, attn_mask, causal, dropout_p, scale, layout, policy)
+        return _padded(query, key, value, key_padding_mask, attn_mask, causal, dropout_p, scale, layout, policy,
+                       variants=_variants(window, softcap, sinks))
     if window is None and softcap is None and sinks is None:
         return dense_attention(query, key, value, attn_mask, causal, dropout_p, scale, layout, policy)  # fast
     return dense_attention(query, key, value, attn_mask, causal, dropout_p, scale, layout, policy, window, softcap,
@@ -130,19 +130,15 @@ def explain(
     if unknown:
         raise _unknown_keywords("explain", unknown)
     if key_padding_mask is not None:
-        _no_variants_with_padding(window, softcap, sinks)
         return _padded(query, key, value, key_padding_mask, attn_mask, causal, dropout_p, scale, layout, policy,
-                       explain_only=True)
+                       explain_only=True, variants=_variants(window, softcap, sinks))
     return dense_explain(query, key, value, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p, scale=scale,
                          layout=layout, policy=policy, window=window, softcap=softcap, sinks=sinks)
 
 
-def _no_variants_with_padding(window: Any, softcap: Any, sinks: Any) -> None:
-    given = [name for name, v in (("window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None]
-    if given:
-        raise AttentionInputError(
-            f"Expected no {', '.join(given)} with key_padding_mask: the packed (varlen) route does not take them "
-            "yet. Fold the padding into attn_mask (True = attend) and pass them on the dense call instead.")
+def _variants(window: Any, softcap: Any, sinks: Any) -> dict[str, Any]:
+    """The variant keywords given (``window``, ``softcap``, ``sinks``), for the key padding route."""
+    return {name: v for name, v in (("window", window), ("softcap", softcap), ("sinks", sinks)) if v is not None}
 
 # ------------------------------------------------------------------------------------ unknown keywords
 _KEYWORDS = ("attn_mask", "causal", "dropout_p", "scale", "layout", "policy", "key_padding_mask", "window", "softcap",
@@ -221,15 +217,22 @@ def _mask_layout(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[
 
 def _padded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kpm: torch.Tensor,
             attn_mask: torch.Tensor | None, causal: bool | str, dropout_p: float, scale: float | None, layout: str,
-            policy: PolicyLike | None, *, explain_only: bool = False) -> Any:  # a Plan with explain_only
-    """attention() with a key padding mask: pack, run the varlen engine, scatter back (zeros at padding)."""
+            policy: PolicyLike | None, *, explain_only: bool = False, variants: dict[str, Any] | None = None
+            ) -> Any:  # a Plan with explain_only
+    """attention() with a key padding mask: pack, run the varlen engine, scatter back (zeros at padding).
+
+    With a window, softcap or sinks (``variants``), which the packed route does not take yet, the padding is folded
+    into a boolean mask on the dense route instead: exact, and with ``Sq == Sk`` the same as per-sequence
+    coordinates (a window and causal masking depend on ``j - i`` only there).
+    """
+    variants = variants or {}
     from . import _varlen as _varlen_engine
     from .varlen import _check_mask, varlen_attention_packed
 
     if attn_mask is not None:
         raise AttentionInputError("Expected either attn_mask or key_padding_mask, but got both; fold the key "
                                   "padding into attn_mask (True = attend), or pass only key_padding_mask.")
-    spec = attention_spec(query, key, value, None, causal, dropout_p, scale, layout)
+    spec = attention_spec(query, key, value, None, causal, dropout_p, scale, layout, **variants)
     if spec.nested:
         raise AttentionInputError("Expected dense tensors with key_padding_mask, but got nested tensors (their "
                                   "raggedness is already the mask).")
@@ -237,18 +240,19 @@ def _padded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kpm: to
     _check_mask(kpm, (b, sk), query.device, "key_padding_mask")
     kind = spec.effective_causal
     q, k, v = (t.transpose(1, 2) for t in (query, key, value)) if layout == "bhsd" else (query, key, value)
-    if _compiling() or (sq != sk and kind is not None):
-        # Causal masking in padded coordinates with Sq != Sk (or tracing, where the lengths cannot be read):
-        # the exact dense route, with the key padding folded into a boolean mask.
+    if _compiling() or (sq != sk and kind is not None) or variants:
+        # Causal masking in padded coordinates with Sq != Sk (or tracing, where the lengths cannot be read, or
+        # variants the packed route does not take): the exact dense route, with the key padding as a boolean mask.
         mask = kpm[:, None, None, :]
         if explain_only:
             p = explain(query, key, value, attn_mask=mask, causal=causal, dropout_p=dropout_p, scale=scale,
-                        layout=layout, policy=policy)
+                        layout=layout, policy=policy, **variants)
             why = ("torch.compile is tracing" if _compiling() else
-                   f"causal={kind} with Sq={sq} != Sk={sk} is defined in padded coordinates")
+                   f"causal={kind} with Sq={sq} != Sk={sk} is defined in padded coordinates" if sq != sk and kind
+                   else f"the packed route takes no {', '.join(variants)} yet")
             return dataclasses.replace(p, notes=(*p.notes, f"key_padding_mask: dense masked route because {why}"))
         out = attention(query, key, value, attn_mask=mask, causal=causal, dropout_p=dropout_p, scale=scale,
-                        layout=layout, policy=policy)
+                        layout=layout, policy=policy, **variants)
         if sq == sk:  # padded queries give zeros, as on the varlen path
             rows = kpm[:, None, :, None] if layout == "bhsd" else kpm[:, :, None, None]
             out = out * rows.to(out.dtype)

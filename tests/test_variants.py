@@ -193,11 +193,23 @@ def test_bad_variant_arguments_raise_before_any_kernel(kw: dict[str, Any], match
         sdpa_flash.explain(q, k, k, **kw)
 
 
-def test_variants_are_refused_on_the_key_padding_route() -> None:
-    q = torch.randn(2, 2, 8, 8)
-    kpm = torch.ones(2, 8, dtype=torch.bool)
-    with pytest.raises(AttentionInputError, match="key_padding_mask"):
-        sdpa_flash.attention(q, q, q, key_padding_mask=kpm, window=(2, 0))
+@pytest.mark.parametrize("left_padding", [False, True])
+def test_key_padding_with_variants_is_the_dense_masked_call(left_padding: bool) -> None:
+    """The packed route takes no variants yet: the padding becomes a mask on the dense route, padded query rows
+    zero. With Sq == Sk a window and causal masking depend on j - i only, so this is per-sequence exact."""
+    q, k, v, s = (t.detach() for t in _inputs(2, 4, 2, 12, 12, 8, torch.float64, True))
+    kpm = torch.ones(2, 12, dtype=torch.bool)
+    kpm[1, :4] = False if left_padding else True
+    kpm[1, 8:] = True if left_padding else False
+    kw = dict(causal=True, window=(3, 0), softcap=4.0, sinks=s, policy="chunked")
+    out = sdpa_flash.attention(q, k, v, key_padding_mask=kpm, **kw)
+    dense = sdpa_flash.attention(q, k, v, attn_mask=kpm[:, None, None, :], **kw)
+    torch.testing.assert_close(out, dense * kpm[:, None, :, None], rtol=0, atol=0)
+    real = kpm[1]  # one sequence alone, packed by hand: the same rows
+    alone = sdpa_flash.attention(q[1:, :, real], k[1:, :, real], v[1:, :, real], **kw)
+    torch.testing.assert_close(out[1:, :, real], alone, rtol=1e-12, atol=1e-12)
+    plan = sdpa_flash.explain(q, k, v, key_padding_mask=kpm, **kw)
+    assert any("takes no window, softcap, sinks yet" in n for n in plan.notes), plan.notes
 
 
 def test_other_libraries_spellings_name_ours() -> None:
