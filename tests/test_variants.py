@@ -316,3 +316,28 @@ def test_fa4_custom_op_takes_the_sink_and_gives_its_gradient(fake_fa4: Any) -> N
     (dsame,) = torch.autograd.grad(same.float().sum(), [s_same])
     comparison = compare_to_reference(dsink, dsame, dref, name="dsinks", dtype=torch.bfloat16)
     assert comparison.passed, str(comparison)
+
+
+def test_a_layer_that_must_see_the_call_gets_the_window_as_a_mask() -> None:
+    """Under a torch function mode the call goes through F.scaled_dot_product_attention, which has no window: the
+    window arrives as a mask there; softcap and sinks, which no mask expresses, are refused with the reason."""
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sdpa = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                self.sdpa += 1
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (t.detach() for t in _inputs(1, 2, 2, 16, 16, 8, torch.float64, False))
+    want = reference_attention(q, k, v, causal=True, window=(3, 0))
+    with Seen() as mode:
+        out = sdpa_flash.attention(q, k, v, causal=True, window=(3, 0))
+        assert mode.sdpa == 1
+        with pytest.raises(BackendUnavailableError, match="no softcap or attention sinks"):
+            sdpa_flash.attention(q, k, v, softcap=3.0)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
