@@ -133,11 +133,30 @@ def report(device: str | None = None, *, check: bool = True) -> dict[str, Any]:
         "backends": backends,
         "denylist_entries_here": [e.describe() for e in denylist() if e.device_type == caps.device_type],
         "fa4": fa4_report(caps),
+        "variants": variants_report(caps),
         "torch_features": torch_features().as_dict(),
         "torch_features_missing": list(torch_features().missing),
     }
     if check:
         out["self_check"] = self_check(dev, dtype)
+    return out
+
+
+def variants_report(caps: Capabilities) -> dict[str, dict[str, str]]:
+    """Which backend on this device takes ``window`` / ``softcap`` / ``sinks``: ``native``, ``as a mask`` (math's
+    window) or absent; only backends available here."""
+    out: dict[str, dict[str, str]] = {}
+    for variant in ("window", "softcap", "sinks"):
+        row = {}
+        for name, backend in BACKENDS.items():
+            req = backend.requirements(caps.device_type)
+            if req is None or name not in caps.backends:
+                continue
+            if getattr(req, variant):
+                row[name] = "native"
+            elif variant == "window" and req.mask and not backend.fused:
+                row[name] = "as a mask"
+        out[variant] = row
     return out
 
 
@@ -197,6 +216,9 @@ def _print(rep: dict[str, Any]) -> None:
           + (f"; imported in {f4['import_seconds']:.1f} s" if f4.get("import_seconds") else ""))
     if f4["installed"]:
         print(f"  compile cache: {where}")
+    variants = "; ".join(f"{v}: " + (", ".join(f"{n} ({how})" for n, how in row.items()) or "none")
+                         for v, row in rep["variants"].items())
+    print(f"variants: {variants}")
     if rep["denylist_entries_here"]:
         print(f"denylist: {len(rep['denylist_entries_here'])} entries for {d['type']} (see sdpa_flash.denylist())")
     _print_torch_features(rep)

@@ -66,6 +66,8 @@ def test_report_json() -> None:
     assert rep["backends"]["flash"]["available"] is True
     assert rep["backends"]["math"]["available"] is True
     assert rep["backends"]["cudnn"]["available"] is False
+    assert rep["variants"] == {"window": {"math": "as a mask", "chunked": "native"}, "softcap": {"chunked": "native"},
+                               "sinks": {"chunked": "native"}}
     ran = [row for row in rep["self_check"] if row["status"] != "SKIP"]
     assert {row["backend"] for row in ran} >= {"flash", "math"}
     assert all(row["status"] == "PASS" for row in ran), ran
