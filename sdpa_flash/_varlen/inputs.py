@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from .._validate import causal_kind, check_dropout, check_heads, check_same, check_tensor
 from ..errors import AttentionInputError
-from ..spec import CAUSAL_KINDS, FLOAT_DTYPES
 from .planning import VarlenSpec
 
 __all__: list[str] = []
@@ -20,32 +20,13 @@ __all__: list[str] = []
 def _spec_of(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seqlens_q: tuple[int, ...],
              seqlens_k: tuple[int, ...], causal: Any, dropout_p: float) -> VarlenSpec:
     for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise AttentionInputError(f"Expected {name} to be a torch.Tensor, but got {type(t).__name__} instead.")
-        if t.dim() != 3:
-            raise AttentionInputError(f"Expected {name} to be 3-D packed (T, H, D), but got a {t.dim()}-D tensor of "
-                                      f"shape {tuple(t.shape)} instead.")
-        if t.dtype not in FLOAT_DTYPES:
-            raise AttentionInputError(f"Expected {name} to be floating point, but got dtype={t.dtype} instead.")
-    if not query.dtype == key.dtype == value.dtype:
-        raise AttentionInputError(f"Expected query, key and value to have one dtype, but got {query.dtype}, "
-                                  f"{key.dtype}, {value.dtype} instead.")
-    if not query.device == key.device == value.device:
-        raise AttentionInputError(f"Expected query, key and value on one device, but got {query.device}, "
-                                  f"{key.device}, {value.device} instead.")
-    if key.shape[0] != value.shape[0] or key.shape[1] != value.shape[1]:
-        raise AttentionInputError(f"Expected key and value to have the same tokens and heads, but got "
-                                  f"{tuple(key.shape)} and {tuple(value.shape)} instead.")
-    if query.shape[-1] != key.shape[-1]:
-        raise AttentionInputError(f"Expected query and key to have the same head dim, but got {query.shape[-1]} and "
-                                  f"{key.shape[-1]} instead.")
+        check_tensor(name, t, 3, "packed (T, H, D)")
+    check_same(query, key, value)
+    if key.shape[0] != value.shape[0]:
+        raise AttentionInputError(f"Expected key and value to have the same tokens, but got {tuple(key.shape)} and "
+                                  f"{tuple(value.shape)} instead.")
     hq, hk = query.shape[1], key.shape[1]
-    if hk == 0 or hq % hk:
-        raise AttentionInputError(f"Expected the query heads ({hq}) to be a multiple of the key/value heads ({hk}) "
-                                  "(GQA/MQA), but they are not.")
-    if query.shape[-1] == 0 or value.shape[-1] == 0:
-        raise AttentionInputError("Expected non-zero head dims, but got "
-                                  f"{query.shape[-1]} (query/key) and {value.shape[-1]} (value) instead.")
+    check_heads(hq, hk, value.shape[1], query.shape[-1], key.shape[-1], value.shape[-1])
     if len(seqlens_q) != len(seqlens_k):
         raise AttentionInputError(f"Expected as many query sequences as key sequences, but got {len(seqlens_q)} and "
                                   f"{len(seqlens_k)} instead.")
@@ -55,12 +36,8 @@ def _spec_of(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seqlen
     if sum(seqlens_k) != key.shape[0]:
         raise AttentionInputError(f"Expected the key lengths to sum to its {key.shape[0]} rows, but they sum to "
                                   f"{sum(seqlens_k)} instead.")
-    kind = CAUSAL_KINDS.get(causal, "invalid") if isinstance(causal, (bool, str, type(None))) else "invalid"
-    if kind == "invalid":
-        raise AttentionInputError(f"Expected causal to be False, True, 'top_left' or 'bottom_right', but got "
-                                  f"{causal!r} instead.")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise AttentionInputError(f"Expected dropout_p to be a float in [0, 1), but got {dropout_p!r} instead.")
+    kind = causal_kind(causal)
+    check_dropout(dropout_p)
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     return VarlenSpec(query.device.type, query.dtype, hq, hk, query.shape[-1], value.shape[-1], seqlens_q, seqlens_k,
                       kind, dropout_p > 0, needs_grad)
