@@ -23,6 +23,7 @@ from varlen_probe import device_ms  # this folder: the scripts run as `python be
 
 from sdpa_flash import _varlen as E
 from sdpa_flash import attention, varlen
+from sdpa_flash.backends import BACKENDS
 
 H, D = 16, 128
 dev = "cuda"
@@ -59,8 +60,9 @@ def main() -> None:
             qs, ks, vs, gs = (torch.randn(n * L, H, D, device=dev, dtype=torch.bfloat16, generator=g)
                               for _ in range(4))
             cu = torch.arange(0, (n + 1) * L, L, device=dev, dtype=torch.int32)
+            packed = BACKENDS["flash"].varlen()  # the flash backend's packed (cu_seqlens) kernel
             with torch.no_grad():
-                f = device_us(lambda: E._flash_varlen(qs, ks, vs, cu, cu, L, L, 0.0, causal, None))
+                f = device_us(lambda: packed(qs, ks, vs, cu, cu, L, L, 0.0, causal, None))
             from torch.nn.attention.varlen import varlen_attn
 
             lv = [t.clone().requires_grad_() for t in (qs, ks, vs)]
