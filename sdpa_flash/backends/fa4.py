@@ -327,22 +327,20 @@ def _plain(fn: Any, causal: bool, deterministic: bool, guard: bool, *, bhsd: boo
     """One FA4 call with nothing to adapt: ``run(q, k, v, attn_mask, dropout_p, scale[, sinks])`` on (B, H, S, D)
     tensors (passed to FA4 as (B, S, H, D) views) or, with ``bhsd=False``, on (B, S, H, D) tensors as they are.
     ``window`` (bottom-right, ``None`` per side unbounded: FA4's own convention) and ``softcap`` are FA4's."""
-    extra: dict[str, Any] = {}
-    if window is not None:
-        extra["window_size"] = window_arg(*window)
-    if softcap is not None:
-        extra["softcap"] = softcap
+    # FA4's own defaults when off (window (None, None), softcap 0.0, no sink): explicit keywords, no dict per call
+    ws = (None, None) if window is None else window_arg(*window)
+    cap = 0.0 if softcap is None else softcap
     if bhsd:
         def run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float | None,
                 sinks: Tensor | None = None) -> Tensor:
-            sink = {} if sinks is None else {"learnable_sink": sinks.float()}
             return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal,
-                      deterministic=deterministic, **extra, **sink)[0].transpose(1, 2)
+                      deterministic=deterministic, window_size=ws, softcap=cap,
+                      learnable_sink=None if sinks is None else sinks.float())[0].transpose(1, 2)
     else:
         def run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float | None,
                 sinks: Tensor | None = None) -> Tensor:
-            sink = {} if sinks is None else {"learnable_sink": sinks.float()}
-            return fn(q, k, v, softmax_scale=scale, causal=causal, deterministic=deterministic, **extra, **sink)[0]
+            return fn(q, k, v, softmax_scale=scale, causal=causal, deterministic=deterministic, window_size=ws,
+                      softcap=cap, learnable_sink=None if sinks is None else sinks.float())[0]
     if not guard:
         return run
 

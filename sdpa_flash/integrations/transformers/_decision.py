@@ -134,12 +134,6 @@ def _prepare(module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask
     bias = kwargs.get("position_bias")
     if bias is not None:
         d = _with_bias(d, bias, query, key)
-    if extra and d.path == "varlen":  # the key-padding (packed) route takes no softcap or sinks yet: dense, masked
-        allowed = d.kpm[:, None, None, :]  # type: ignore[index]  # the varlen path always has a kpm
-        if d.causal is not None:
-            allowed = allowed & causal_mask_tensor(d.causal, query.shape[2], key.shape[2], query.device)[None, None]
-        d = _Decision("dense", f"{d.reason}, dense with the padding as a mask because of "
-                      f"{' and '.join(extra)}", mask=allowed)
     return d
 
 

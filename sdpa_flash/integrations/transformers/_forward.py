@@ -89,7 +89,7 @@ def _forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.T
         out = _packed(module, query, key, value, dropout, scaling, is_causal, policy, kwargs)
     elif d.path == "varlen":
         out = attention(query, key, value, key_padding_mask=d.kpm, causal=d.causal or False, dropout_p=dropout,
-                        scale=scaling, policy=policy)
+                        scale=scaling, policy=policy, **variants(kwargs))
     else:
         out = attention(query, key, value, attn_mask=d.mask, causal=d.causal or False, dropout_p=dropout,
                         scale=scaling, policy=policy, **variants(kwargs))
@@ -139,7 +139,7 @@ def explain(
         plan = None
     elif d.path == "varlen":
         plan = _explain(query, key, value, key_padding_mask=d.kpm, causal=d.causal or False, dropout_p=dropout,
-                        scale=scaling, policy=policy)
+                        scale=scaling, policy=policy, **variants(kwargs))
     else:
         plan = _explain(query, key, value, attn_mask=d.mask, causal=d.causal or False, dropout_p=dropout,
                         scale=scaling, policy=policy, **variants(kwargs))
