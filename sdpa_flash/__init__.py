@@ -15,7 +15,13 @@ from ._warmup import WarmupResult, warmup
 from .attention import attention, explain
 from .backends import Backend, KernelCall, Requirements, register_backend, unregister_backend
 from .capability import Capabilities, capabilities
-from .errors import AttentionInputError, BackendUnavailableError, SdpaFlashError, ShadowMismatchError
+from .errors import (
+    AttentionInputError,
+    BackendUnavailableError,
+    KernelFailedError,
+    SdpaFlashError,
+    ShadowMismatchError,
+)
 from .planner import DenylistEntry, Plan, add_denylist_entry, denylist, plan, remove_denylist_entry
 from .policy import Policy, get_policy, set_policy, use_policy
 from .require import require
@@ -33,6 +39,7 @@ __all__ = [
     "DenylistEntry",
     "FallbackStat",
     "KernelCall",
+    "KernelFailedError",
     "Plan",
     "Policy",
     "Requirements",

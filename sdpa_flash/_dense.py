@@ -20,6 +20,7 @@ Two situations leave the fast path:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import sys
 import warnings
@@ -32,11 +33,12 @@ import torch.nn.functional as F
 from . import _caches, _shadow
 from . import policy as _policy
 from . import stats as _stats
+from ._failures import record_failure
 from ._validate import attention_fields, attention_spec
 from .backends import BACKENDS
 from .backends._base import merge_causal, merge_mask
 from .capability import capabilities
-from .errors import AttentionInputError, BackendUnavailableError
+from .errors import AttentionInputError, BackendUnavailableError, KernelFailedError, SdpaFlashError
 from .planner import Plan, _nondeterministic, plan
 from .policy import Policy, PolicyLike, resolve_policy
 from .spec import AttentionSpec, window_mask_tensor
@@ -134,6 +136,9 @@ def dense_attention(
         if sinks is None:
             return run(query, key, value, attn_mask, dropout_p, scale)
         return run(query, key, value, attn_mask, dropout_p, scale, sinks)
+    except _FirstCallFailed as failed:
+        return _reroute(failed, query, key, value, attn_mask, causal, dropout_p, scale, layout, pol, window, softcap,
+                        sinks)
     except RuntimeError:
         attention_spec(query, key, value, attn_mask, causal, dropout_p, scale, layout, window, softcap, sinks)
         raise
@@ -225,8 +230,76 @@ def _build(
     entry = (run, fallback, pol, _stats.plan_counter(p.backend, p.route, spec.describe()))
     if len(_cache) >= _CACHE_LIMIT:
         _cache.clear()
-    _cache[ck] = entry
-    return entry
+    # The first call runs guarded (a kernel may refuse a configuration only when it builds it); once it has run,
+    # the entry holds the plain runner, so later calls pay nothing for the guard.
+    _cache[ck] = first = (_first_call(run, ck, entry, p.backend, spec), *entry[1:])
+    return first
+
+
+class _FirstCallFailed(Exception):
+    """A kernel raised at the first call of a cache entry (internal: :func:`_reroute` handles it)."""
+
+    def __init__(self, backend: str, spec: AttentionSpec) -> None:
+        super().__init__(backend)
+        self.backend, self.spec = backend, spec
+
+
+_OOM: tuple[type[BaseException], ...] = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
+
+
+def _refusal(exc: BaseException) -> bool:
+    """Whether a first-call exception may be the kernel refusing the configuration (see :mod:`._failures`): not an
+    input error of ours, not running out of memory."""
+    return not isinstance(exc, (SdpaFlashError, *_OOM)) and "out of memory" not in str(exc).lower()
+
+
+def _first_call(run: Callable[..., torch.Tensor], ck: Any, entry: Any, backend: str, spec: AttentionSpec
+                ) -> Callable[..., torch.Tensor]:
+    def first(*args: Any) -> torch.Tensor:
+        try:
+            out = run(*args)
+        except Exception as exc:
+            if _refusal(exc):
+                raise _FirstCallFailed(backend, spec) from exc
+            raise
+        if _cache.get(ck) is not None:
+            _cache[ck] = entry
+        return out
+
+    return first
+
+
+_rerouting: contextvars.ContextVar[str] = contextvars.ContextVar("sdpa_flash_rerouting", default="")
+
+
+def _reroute(failed: _FirstCallFailed, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             attn_mask: torch.Tensor | None, causal: bool | str, dropout_p: float, scale: float | None, layout: str,
+             pol: Policy, window: Any, softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """A kernel failed at its first call: record it and run the call on the next backend, once, with one warning;
+    or raise :class:`KernelFailedError` when the policy allows no other backend (or the next one failed too)."""
+    exc = failed.__cause__ or failed
+    backend, inputs = failed.backend, failed.spec.describe(layout)
+    what = f"the {backend} kernel failed at its first call for {inputs}: {type(exc).__name__}: {exc}"
+    earlier = _rerouting.get()
+    if earlier or pol.strict or pol.fallback == "error":
+        why = (f"after {earlier}" if earlier else
+               f"policy {pol} allows no other backend" if pol.strict else f"policy {pol} has fallback='error'")
+        raise KernelFailedError(
+            f"sdpa_flash: {what} ({why}). Run it under policy='auto' to let another backend take these inputs, or "
+            f"report the kernel's error to the {backend} kernel's project.", backend=backend, inputs=inputs) from exc
+    reason = record_failure(backend, failed.spec, exc)
+    token = _rerouting.set(what)
+    try:
+        out = dense_attention(query, key, value, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p, scale=scale,
+                              layout=layout, policy=pol, window=window, softcap=softcap, sinks=sinks)
+    finally:
+        _rerouting.reset(token)
+    p = dense_explain(query, key, value, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p, scale=scale,
+                      layout=layout, policy=pol, window=window, softcap=softcap, sinks=sinks)
+    warnings.warn(f"sdpa_flash: {what}. The {p.backend} backend ran the call instead, and will run these inputs "
+                  f"from now on in this process (explain() lists the {backend} backend as: {reason}).", UserWarning,
+                  stacklevel=_user_level())
+    return out
 
 
 def _needs_copy(backend: str, device_type: str, *tensors: torch.Tensor) -> tuple[bool, ...]:
@@ -266,6 +339,14 @@ def _with_copies(run: Callable[..., torch.Tensor], copied: tuple[bool, ...]) -> 
 
 
 _PACKAGE_DIR = __file__.rsplit("/", 1)[0].rsplit("\\", 1)[0]
+
+
+def _user_level() -> int:
+    """The ``stacklevel`` of the first frame outside this package, for a warning issued by the caller."""
+    frame, level = sys._getframe(2), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _on_fallback(backend: str, reason: str, message: str | None) -> None:

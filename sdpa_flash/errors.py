@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 __all__ = [
     "AttentionInputError",
     "BackendUnavailableError",
+    "KernelFailedError",
     "SdpaFlashError",
     "ShadowMismatchError",
 ]
@@ -49,6 +50,21 @@ class BackendUnavailableError(SdpaFlashError, RuntimeError):
             lines.append(f"  `{name}` is not supported because:")
             lines.extend(f"    - {w}" for w in why)
         super().__init__("\n".join(lines))
+
+
+class KernelFailedError(SdpaFlashError, RuntimeError):
+    """A backend's kernel failed at its first call on these inputs (a JIT compile error, an unsupported tile), and
+    the policy does not let sdpa_flash move on to another backend (a single backend, ``"fused"``, or
+    ``fallback="error"``), or the next backend failed too. The kernel's own exception is the ``__cause__``.
+
+    Attributes:
+        backend: the backend whose kernel failed.
+        inputs: a one-line description of the inputs.
+    """
+
+    def __init__(self, message: str, *, backend: str, inputs: str) -> None:
+        self.backend, self.inputs = backend, inputs
+        super().__init__(message)
 
 
 class ShadowMismatchError(SdpaFlashError, RuntimeError):

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from . import _caches
 from ._denylist import BUILTIN_DENYLIST
+from ._failures import failure_reasons
 from ._ranking import RANKING
 from ._rules import DenylistEntry, RankingRule
 from .backends import BACKENDS, ranked
@@ -251,7 +252,9 @@ def _nondeterministic(name: str, caps: Capabilities) -> str | None:
 def _reasons(name: str, spec: AttentionSpec, caps: Capabilities, packed: bool) -> list[str]:
     """Why ``name`` cannot run ``spec`` through the entry point in question (dense runner or packed kernel)."""
     backend = BACKENDS[name]
-    return backend.varlen_reasons(spec, caps) if packed else backend.not_supported_reasons(spec, caps)
+    if packed:
+        return backend.varlen_reasons(spec, caps)
+    return backend.not_supported_reasons(spec, caps) + failure_reasons(name, spec)
 
 
 @functools.lru_cache(maxsize=4096)
