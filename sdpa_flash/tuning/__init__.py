@@ -70,8 +70,9 @@ def tune(
         rounds: interleaved rounds per backend (default 5 quick, 7 otherwise).
         seed: draw each class's shape inside the class with this seed (default: each class's usual shape); another
             seed measures other points of the same classes.
-        out: the file to write (default: the tune directory, ``$SDPA_FLASH_TUNE_DIR`` or
-            ``~/.cache/sdpa_flash/tuned/``, a name derived from this machine's key, where the planner finds it).
+        out: the file to write, or a directory to write it in under its usual name (default: the tune directory,
+            ``$SDPA_FLASH_TUNE_DIR`` or ``~/.cache/sdpa_flash/tuned/``, a name derived from this machine's key:
+            where the planner finds it).
         write: write the file (plans are then made afresh, so the next call uses it).
         progress: called with one line per class as it is measured (the command line prints them).
 
@@ -114,6 +115,9 @@ def run_tune(*, quick: bool, configs: Sequence[Mapping[str, Any]] | None, device
            "host": platform.node() or "unknown"}
     table = TunedTable(key, run, tuple(rules), tuple(refused), tuple(rows))
     if write:
-        table = table.write(Path(out) if out is not None else default_dir() / table_filename(key))
+        target = Path(out).expanduser() if out is not None else default_dir()
+        if out is None or target.is_dir() or str(out).endswith(("/", os.sep)):
+            target = target / table_filename(key)
+        table = table.write(target)
         _caches.clear_all()  # the next plan reads the tables again
     return table
