@@ -8,6 +8,7 @@ the writer. Nothing here asserts a time: a table is what the machine measured.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
@@ -25,8 +26,7 @@ from sdpa_flash import AttentionSpec, Capabilities, _caches, plan
 from sdpa_flash.__main__ import main, report
 from sdpa_flash.errors import AttentionInputError, BackendUnavailableError, TunedTableError, TunedTableWarning
 from sdpa_flash.planner import RankingRule, ranking, ranking_source
-from sdpa_flash.tuning import TunedTable, read_table, tables_for
-from sdpa_flash.tuning import _table
+from sdpa_flash.tuning import TunedTable, _table, read_table, tables_for
 from sdpa_flash.tuning._grid import HEAD_DIM_CLASSES, SEQLEN_CLASSES, from_configs, grid
 from sdpa_flash.tuning._table import machine_key, table_filename
 
@@ -194,7 +194,7 @@ def test_grids_cover_their_classes_and_seeds_move_the_points() -> None:
         assert hd[0] <= max(c.d, c.dv) <= hd[1] and sq[0] <= c.sq <= sq[1] and sk[0] <= c.sk <= sk[1]
     for classes in (SEQLEN_CLASSES, HEAD_DIM_CLASSES):  # contiguous and covering
         assert classes[0][0] == 1 and classes[-1][1] == 2**31 - 1
-        assert all(hi + 1 == lo for (_, hi), (lo, _) in zip(classes, classes[1:]))
+        assert all(hi + 1 == lo for (_, hi), (lo, _) in itertools.pairwise(classes))
 
 
 # -------------------------------------------------------------------------------------------- which table
@@ -410,7 +410,8 @@ _READER = """
 import pathlib, sys, time
 from sdpa_flash.tuning import read_table
 
-ready, directory, markers = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), [pathlib.Path(p) for p in sys.argv[3:]]
+ready, directory = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+markers = [pathlib.Path(p) for p in sys.argv[3:]]
 reads = 0
 ready.touch()
 while not all(p.exists() for p in markers):
