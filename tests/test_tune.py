@@ -16,10 +16,11 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sdpa_flash
 from sdpa_flash import AttentionSpec, Capabilities, _caches, plan
@@ -147,6 +148,77 @@ def test_model_mode_measures_exactly_the_configurations(tune_dir: pathlib.Path) 
     # the packed configuration: no backend has a packed kernel on a CPU, skipped with every reason, no rule
     (skipped, reasons), = table.skipped.items()
     assert skipped.startswith("packed, float32") and "CUDA only" in reasons["flash"]
+
+
+class _PackedCpu(sdpa_flash.Backend):
+    """A plug-in with a packed (cu_seqlens) kernel on the CPU (per-sequence SDPA): what the packed classes measure
+    on a GPU (flash's and FA4's packed kernels), here where none of the built-in backends has one."""
+
+    name = "packedcpu"
+    VARLEN = True
+    REQUIREMENTS: ClassVar[dict[str, sdpa_flash.Requirements]] = {
+        "cpu": sdpa_flash.Requirements(dtypes=frozenset((torch.float32, torch.float64)))}
+
+    def kernel(self, device_type: str, *, traced: bool = False) -> Any:
+        return lambda c: F.scaled_dot_product_attention(c.q, c.k, c.v, is_causal=bool(c.causal), scale=c.scale)
+
+    def varlen(self) -> Any:
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                max_q: int, max_k: int, dropout_p: float, causal: bool, scale: float | None) -> torch.Tensor:
+            outs = []
+            for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist(),
+                                  strict=True):  # equal query and key lengths here: either causal corner
+                qs, ks, vs = (t.transpose(0, 1) for t in (q[a:b], k[c:d], v[c:d]))
+                outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1))
+            return torch.cat(outs)
+
+        return run
+
+
+class _Broken(sdpa_flash.Backend):
+    """A plug-in whose kernel raises, as a JIT compile error would."""
+
+    name = "broken"
+    REQUIREMENTS: ClassVar[dict[str, sdpa_flash.Requirements]] = {
+        "cpu": sdpa_flash.Requirements(dtypes=frozenset((torch.float32,)))}
+
+    def kernel(self, device_type: str, *, traced: bool = False) -> Any:
+        def fail(c: sdpa_flash.KernelCall) -> torch.Tensor:
+            raise RuntimeError("no kernel for this tile")
+
+        return fail
+
+
+def test_packed_kernels_and_failures_are_measured(tune_dir: pathlib.Path) -> None:
+    sdpa_flash.register_backend(_PackedCpu(), before="flash")
+    sdpa_flash.register_backend(_Broken(), before="flash")
+    try:
+        packed_cfg = {"heads": 2, "head_dim": 16, "seqlen": 64, "causal": True, "varlen": True}
+        table = sdpa_flash.tune(configs=[packed_cfg, TINY[0]], rounds=2, device="cpu")
+        packed, dense = table.rules
+        assert packed.entry == "packed" and packed.order[0] == "packedcpu" and not table.skipped
+        rows = {(r["entry"], r["backend"]): r for r in table.measurements}
+        measured = rows["packed", "packedcpu"]
+        assert measured["lengths"] == [64, 33] and measured["training"] and len(measured["samples_ms"]) == 2
+        assert rows["packed", "flash"]["reason"] == "the flash varlen kernel is CUDA only (this is cpu)"
+        assert rows["packed", "broken"]["reason"] == "has no packed (cu_seqlens) kernel"
+        # the plug-in that raised: recorded with its error, ranked after every backend that ran
+        assert rows["dense", "broken"]["status"] == "failed"
+        assert dict(dense.failed) == {"broken": "RuntimeError: no kernel for this tile"}
+        assert dense.order[:2] == ("packedcpu", "flash") and "failed: broken (RuntimeError)" in dense.evidence
+
+        caps = sdpa_flash.capabilities("cpu")
+        q = torch.randn(16, 2, 64, 16)
+        p = sdpa_flash.explain(q, q, q, causal=True, policy=["broken", "flash"])  # even where a policy names it
+        assert p.backend == "flash"
+        assert p.reasons["broken"][0].startswith("raised on this class of calls when tuned: RuntimeError: no kernel "
+                                                 f"for this tile [tuned table {table.path}")
+        spec = AttentionSpec("cpu", torch.float32, 1, 2, 2, 64, 64, 16, 16, "bottom_right", needs_grad=True)
+        p = plan(spec, caps, entry="packed")  # the packed kernel the ragged batch would run, by the packed rule
+        assert p.backend == "packedcpu" and p.evidence.startswith(packed.describe())
+    finally:
+        sdpa_flash.unregister_backend("broken")
+        sdpa_flash.unregister_backend("packedcpu")
 
 
 def test_bad_arguments_are_refused() -> None:
