@@ -418,6 +418,7 @@ def test_forced_table_and_constructed_profiles(tune_dir: pathlib.Path, tmp_path:
     (lambda d: d["rules"][0].update(seqlen_q=[300, 200]), r"rules\[0\]\.seqlen_q to be null or \[low, high\]"),
     (lambda d: d["rules"][0].update(dtype="int8"), r"rules\[0\]\.dtype to be one of"),
     (lambda d: d["rules"][0].update(entry="ragged"), r"rules\[0\]\.entry to be one of dense, packed"),
+    (lambda d: d["rules"][0].update(device_type="cpu"), r"rules\[0\]\.device_type to be the key's 'cuda'"),
     (lambda d: d["rules"][0].update(causal="yes"), r"rules\[0\]\.causal to be true or false or null"),
     (lambda d: d["rules"][0].update(failed={"flash": ""}), r"rules\[0\]\.failed\.flash to be a non-empty string"),
     (lambda d: d["measurements"][0].update(median_ms=-1.0), r"measurements\[0\]\.median_ms to be a finite number"),

@@ -99,9 +99,10 @@ def run_tune(*, quick: bool, configs: Sequence[Mapping[str, Any]] | None, device
     if quick and configs is not None:
         raise AttentionInputError("Expected either quick=True or configs=..., but got both instead (configs are "
                                   "measured exactly as given).")
-    for name, value, lo in (("rounds", rounds, 1), ("seed", seed, 0)):
-        if value is not None and (type(value) is not int or value < lo):
-            raise AttentionInputError(f"Expected {name} to be None or an int >= {lo}, but got {value!r} instead.")
+    for name, value, lo, hi in (("rounds", rounds, 1, 10**6), ("seed", seed, 0, 2**63 - 1)):
+        if value is not None and (type(value) is not int or not lo <= value <= hi):
+            raise AttentionInputError(f"Expected {name} to be None or an int in [{lo}, {hi}], but got {value!r} "
+                                      "instead.")
     caps = capabilities(device)
     dev = torch.device(caps.device_type, caps.device_index)  # type: ignore[arg-type]  # index None works; stubs say int
     mode = "model" if configs is not None else "quick" if quick else "full"

@@ -410,6 +410,9 @@ class TunedTable:
         if not isinstance(data["measurements"], list):
             c.fail("measurements", "a list", data["measurements"])
         checked = [_check_rule(c, r, f"rules[{i}]") for i, r in enumerate(data["rules"])]
+        for i, (rule, _) in enumerate(checked):
+            if rule.device_type != key["device_type"]:
+                c.fail(f"rules[{i}].device_type", f"the key's {key['device_type']!r}", rule.device_type)
         rows = tuple(_check_row(c, r, f"measurements[{i}]") for i, r in enumerate(data["measurements"]))
         return cls(key, run, tuple(r for r, _ in checked), tuple(f for _, f in checked), rows, path)
 
