@@ -208,6 +208,12 @@ class _Candidates:
     source: str
     failed: Mapping[str, str]  # backends that raised on this class when it was tuned
 
+    def failure(self, name: str) -> list[str]:
+        """``name``'s recorded failure on this class, as a reason (none when it has none)."""
+        if name not in self.failed:
+            return []
+        return [f"raised on this class of calls when tuned: {self.failed[name]} [{self.source}]"]
+
 
 def _candidates(policy: Policy, caps: Capabilities, spec: AttentionSpec | None = None, entry: str = "dense"
                 ) -> _Candidates:
@@ -337,8 +343,7 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
         if vetoes and not reasons and all(e.reroute for e in vetoes):
             rerouted.add(name)
         reasons += [e.describe() for e in vetoes]
-        if name in cands.failed:
-            reasons.append(f"raised on this class of calls when tuned: {cands.failed[name]} [{cands.source}]")
+        reasons += cands.failure(name)
         if not reasons and not packed and device is not None and backend.TORCH_CHECK:
             reasons = backend.torch_reasons(spec, backend.prep(spec, caps.device_type), device)
         if reasons:
@@ -369,13 +374,13 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
         for name in above:
             reasons[name] += (f"the entry has reroute=True: {chosen} runs instead, and that is not a fallback",)
     for name in order[order.index(chosen) + 1:]:
-        why = _reasons(name, spec, caps, packed)
+        why = _reasons(name, spec, caps, packed) + cands.failure(name)
         reasons[name] = tuple(why) if why else (f"ranked below {chosen} for {caps.arch} by the policy",)
     for name in BACKENDS:
         if name not in reasons and name != chosen:
             # A backend that cannot run here says why in its own words (cuDNN on the CPU: not available on the
             # device), whatever the policy; one that could run but is outside the policy says that.
-            why = _reasons(name, spec, caps, packed)
+            why = _reasons(name, spec, caps, packed) + cands.failure(name)
             if not why and policy.name == "fused" and not BACKENDS[name].fused:
                 why = [f"not a fused kernel ({BACKENDS[name].memory} memory), and policy fused allows only fused "
                        "kernels"]

@@ -209,6 +209,8 @@ def test_packed_kernels_and_failures_are_measured(tune_dir: pathlib.Path) -> Non
 
         caps = sdpa_flash.capabilities("cpu")
         q = torch.randn(16, 2, 64, 16)
+        auto = sdpa_flash.explain(q, q, q, causal=True)
+        assert auto.backend == "packedcpu" and "RuntimeError: no kernel for this tile" in auto.reasons["broken"][0]
         p = sdpa_flash.explain(q, q, q, causal=True, policy=["broken", "flash"])  # even where a policy names it
         assert p.backend == "flash"
         assert p.reasons["broken"][0].startswith("raised on this class of calls when tuned: RuntimeError: no kernel "
