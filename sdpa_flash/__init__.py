@@ -27,6 +27,7 @@ from .policy import Policy, get_policy, set_policy, use_policy
 from .require import require
 from .spec import AttentionSpec
 from .stats import FallbackStat, ShadowMismatch, ShadowStats, Stats, reset_stats, stats
+from .tuning import tune
 
 __version__ = "0.1.0"
 
@@ -63,6 +64,7 @@ __all__ = [
     "reset_stats",
     "set_policy",
     "stats",
+    "tune",
     "unregister_backend",
     "use_policy",
     "warmup",

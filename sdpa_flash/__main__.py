@@ -3,7 +3,9 @@
 Paste its output into bug reports. ``--json`` gives the same as machine-readable data; ``--require POLICY``
 exits with status 1 and the reasons when that policy (or backend) cannot run on the current CUDA GPU (or on
 ``--device``; ``--device cpu`` checks the CPU) — a startup check for jobs.
-``python -m sdpa_flash bench ...`` runs the benchmarks (:mod:`sdpa_flash.bench`; ``bench --help``).
+``python -m sdpa_flash bench ...`` runs the benchmarks (:mod:`sdpa_flash.bench`; ``bench --help``);
+``python -m sdpa_flash tune`` measures this machine and writes the ranking table ``auto`` uses
+(:mod:`sdpa_flash.tuning`; ``tune --help``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .require import parse_device, require
 from .spec import AttentionSpec
 from .testing import compare_to_reference, reference_attention
 from .testing._compare import _LEGACY_FLOOR_ULPS as _FLOOR_ULPS
+from .tuning import tables_for
 
 __all__ = ["main", "report", "self_check"]
 
@@ -127,6 +130,7 @@ def report(device: str | None = None, *, check: bool = True) -> dict[str, Any]:
         "policy": str(pol),
         "policy_source": _policy_source(),
         "ranking": {"order": list(ranking(caps).order), "evidence": ranking(caps).evidence},
+        "tuned_table": tuned_report(caps),
         "probe_call": f"(1, 16, 1024, 128) {str(dtype).removeprefix('torch.')}, causal, with backward",
         "chosen": chosen.backend if chosen else None,
         "chosen_error": backends_err,
@@ -140,6 +144,24 @@ def report(device: str | None = None, *, check: bool = True) -> dict[str, Any]:
     if check:
         out["self_check"] = self_check(dev, dtype)
     return out
+
+
+def tuned_report(caps: Capabilities) -> dict[str, Any]:
+    """Which ranking table is in force here (a table tuned on this machine, the one shipped for this GPU, or the
+    built-in rules), and the tables found and ignored: stale ones (measured with other versions: which changed) and
+    rejected ones (corrupt, another format or device)."""
+    tables = tables_for(caps)
+    first = tables.tables[0] if tables.tables else None
+    return {
+        "in_force": tables.in_force,
+        "path": first.path if first else None,
+        "rules": len(first.rules) if first else None,
+        "user": tables.user.path if tables.user else None,
+        "shipped": tables.shipped.path if tables.shipped else None,
+        "stale": [{"path": path, "why": why} for path, why in tables.stale],
+        "rejected": [{"path": path, "why": why} for path, why in tables.rejected],
+        "refresh": "python -m sdpa_flash tune",
+    }
 
 
 def variants_report(caps: Capabilities) -> dict[str, dict[str, str]]:
@@ -198,6 +220,7 @@ def _print(rep: dict[str, Any]) -> None:
     print(f"device:  {desc}" + ("" if rep["cuda_available"] or d["type"] != "cpu" else "  (no CUDA device visible)"))
     print(f"policy:  {rep['policy']}  ({rep['policy_source']})")
     print(f"ranking: {' > '.join(rep['ranking']['order'])}  - {rep['ranking']['evidence']}")
+    _print_tuned(rep["tuned_table"])
     print(f"backends for a probe call {rep['probe_call']}:")
     for name, b in rep["backends"].items():
         mark = " <- chosen by the policy" if name == rep["chosen"] else ""
@@ -224,6 +247,17 @@ def _print(rep: dict[str, Any]) -> None:
     _print_torch_features(rep)
     if "self_check" in rep:
         _print_self_check(rep["self_check"])
+
+
+def _print_tuned(t: dict[str, Any]) -> None:
+    if t["path"]:
+        print(f"tuned:   {t['in_force']}, {t['rules']} rules")
+    else:
+        print(f"tuned:   no table for this machine: {t['in_force']} ({t['refresh']} measures this machine)")
+    for s in t["stale"]:
+        print(f"  stale, ignored: {s['path']}: {s['why']}; `{t['refresh']}` refreshes it")
+    for r in t["rejected"]:
+        print(f"  ignored: {r['path']}: {r['why']}")
 
 
 def _print_self_check(rows: list[dict[str, Any]]) -> None:
@@ -262,7 +296,8 @@ def _print_torch_features(rep: dict[str, Any]) -> None:
 
 _USAGE = """\
 python -m sdpa_flash [--device DEVICE] [--json] [--no-check] [--require POLICY]
-       python -m sdpa_flash bench [PRESET] [options]"""
+       python -m sdpa_flash bench [PRESET] [options]
+       python -m sdpa_flash tune [--quick | --model CONFIGS.json] [options]"""
 
 _COMMANDS = """\
 What this machine can run, and a self-check; paste the output into bug reports.
@@ -277,7 +312,9 @@ commands:
   python -m sdpa_flash bench [PRESET]   the benchmarks: every attention path side by side (bench --help,
                                         bench --list for presets and paths)
   python -m sdpa_flash bench report R.json ...
-                                        a results page, CSV and plots from saved runs"""
+                                        a results page, CSV and plots from saved runs
+  python -m sdpa_flash tune [--quick]   rank the backends on this machine: time each one per class of calls
+                                        and write the table auto uses from then on (tune --help)"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["tune"]:
+        from .tuning._cli import main as tune_main
+
+        return tune_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m sdpa_flash", usage=_USAGE, description=_COMMANDS,
                                  epilog="python -m sdpa_flash bench --help: the benchmarks' presets and options",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -11,13 +11,14 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
+import torch
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
 from .backends import BACKENDS
 from .capability import Capabilities
 from .errors import AttentionInputError
-from .spec import AttentionSpec, cudnn_release
+from .spec import AttentionSpec, cudnn_release, dtype_name
 
 __all__ = ["DenylistEntry", "RankingRule"]
 
@@ -27,8 +28,9 @@ class RankingRule:
     """The preferred backend order for a range of devices — and optionally a class of calls — with its evidence.
 
     Rules are tried in order; the first that matches the device and the call decides. A rule without a shape
-    class (``head_dim``, ``seqlen_q``, ``seqlen_k``, ``training`` all ``None``) is the device's general rule;
-    a rule with one carries the measurement that made it differ from the general rule.
+    class (``head_dim``, ``seqlen_q``, ``seqlen_k``, ``training``, ``gqa``, ``causal``, ``dtype`` all ``None``) is
+    the device's general rule; a rule with one carries the measurement that made it differ from the general rule.
+    Tables tuned on a machine (``python -m sdpa_flash tune``) are rules too, one per measured class.
 
     Attributes:
         device_type, min_cc, below_cc, rocm: the devices it applies to.
@@ -38,6 +40,12 @@ class RankingRule:
         seqlen_q / seqlen_k: inclusive ranges of the query / key length.
         training: ``True``: calls that need a backward; ``False``: forward-only calls.
         gqa: ``True``: fewer key/value heads than query heads; ``False``: as many.
+        causal: ``True``: causal calls (either corner); ``False``: calls without causal masking.
+        dtype: the dtype of the inputs (``torch.bfloat16``).
+        entry: ``"dense"`` (a dense call) or ``"packed"`` (the packed ``cu_seqlens`` kernel of a ragged batch;
+            ``plan(..., entry="packed")``).
+        failed: ``(backend, error)`` for each backend that raised on this class when it was tuned: the planner
+            refuses it there with that reason.
     """
 
     device_type: str
@@ -51,13 +59,22 @@ class RankingRule:
     seqlen_k: tuple[int, int] | None = None
     training: bool | None = None
     gqa: bool | None = None
+    causal: bool | None = None
+    dtype: torch.dtype | None = None
+    entry: str = "dense"
+    failed: tuple[tuple[str, str], ...] = ()
 
     @property
     def shape_class(self) -> bool:
         """Whether the rule applies to a class of calls rather than to every call on its devices."""
-        return (self.head_dim, self.seqlen_q, self.seqlen_k, self.training, self.gqa) != (None,) * 5
+        return (self.head_dim, self.seqlen_q, self.seqlen_k, self.training, self.gqa, self.causal,
+                self.dtype) != (None,) * 7
 
-    def matches(self, caps: Capabilities, spec: AttentionSpec | None = None) -> bool:
+    def matches(self, caps: Capabilities, spec: AttentionSpec | None = None, entry: str = "dense") -> bool:
+        """Whether the rule applies on ``caps`` to the call ``spec`` made through ``entry`` (``"dense"`` or
+        ``"packed"``); without ``spec``, only a rule without a shape class matches."""
+        if entry != self.entry:
+            return False
         if caps.device_type != self.device_type or self.rocm != bool(caps.hip_version):
             return False
         cc = caps.compute_capability
@@ -76,11 +93,15 @@ class RankingRule:
         return (within(max(spec.head_dim, spec.head_dim_v), self.head_dim) and within(spec.seqlen_q, self.seqlen_q)
                 and within(spec.seqlen_k, self.seqlen_k)
                 and (self.training is None or self.training == spec.needs_grad)
-                and (self.gqa is None or self.gqa == spec.gqa))
+                and (self.gqa is None or self.gqa == spec.gqa)
+                and (self.causal is None or self.causal == (spec.causal is not None))
+                and (self.dtype is None or self.dtype == spec.dtype))
 
     def describe(self) -> str:
         """The shape class in words (empty for a device-wide rule)."""
-        bits = []
+        bits = ["packed"] if self.entry == "packed" else []
+        if self.dtype is not None:
+            bits.append(dtype_name(self.dtype))
         if self.head_dim is not None:
             bits.append(f"head dim {self.head_dim[0]}-{self.head_dim[1]}")
         if self.seqlen_q is not None:
@@ -91,6 +112,8 @@ class RankingRule:
             bits.append("training" if self.training else "forward only")
         if self.gqa is not None:
             bits.append("GQA" if self.gqa else "no GQA")
+        if self.causal is not None:
+            bits.append("causal" if self.causal else "not causal")
         return ", ".join(bits)
 
 

@@ -15,6 +15,8 @@ __all__ = [
     "KernelFailedError",
     "SdpaFlashError",
     "ShadowMismatchError",
+    "TunedTableError",
+    "TunedTableWarning",
 ]
 
 
@@ -81,3 +83,13 @@ class ShadowMismatchError(SdpaFlashError, RuntimeError):
     def __init__(self, message: str, *, backend: str, inputs: str, error: float, bound: float) -> None:
         self.backend, self.inputs, self.error, self.bound = backend, inputs, error, bound
         super().__init__(message)
+
+
+class TunedTableError(SdpaFlashError, ValueError):
+    """A tuned table file (``python -m sdpa_flash tune``) is not valid: the message names the file, what is wrong and
+    what was expected. The planner never raises it: it ignores such a file with a :class:`TunedTableWarning`."""
+
+
+class TunedTableWarning(UserWarning):
+    """A tuned table was found and ignored (corrupt, another format, another GPU, or measured with other versions);
+    issued once per file and problem, with what to do about it."""

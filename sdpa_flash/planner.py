@@ -23,6 +23,7 @@ from .capability import Capabilities
 from .errors import AttentionInputError, BackendUnavailableError
 from .policy import _DEFAULT, Policy
 from .spec import AttentionSpec, format_bytes
+from .tuning._table import BUILTIN_SOURCE, tables_for
 
 __all__ = [
     "DenylistEntry",
@@ -32,6 +33,7 @@ __all__ = [
     "denylist",
     "plan",
     "ranking",
+    "ranking_source",
     "remove_denylist_entry",
 ]
 
@@ -39,14 +41,42 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------- ranking
 
 
-def ranking(caps: Capabilities, spec: AttentionSpec | None = None) -> RankingRule:
-    """The ranking rule for ``caps`` — for the call ``spec`` when given (shape-class rules apply), else the
-    device's general rule. Unknown devices get a rule that prefers math."""
+def ranking(caps: Capabilities, spec: AttentionSpec | None = None, *, entry: str = "dense") -> RankingRule:
+    """The ranking rule for ``caps`` — for the call ``spec`` when given (shape-class rules apply, tuned tables
+    first), else the device's general rule. Unknown devices get a rule that prefers math. See
+    :func:`ranking_source` for where the rule comes from."""
+    return ranking_source(caps, spec, entry=entry)[0]
+
+
+def ranking_source(caps: Capabilities, spec: AttentionSpec | None = None, *, entry: str = "dense"
+                   ) -> tuple[RankingRule, str]:
+    """The ranking rule in force for the call ``spec`` on ``caps``, and where it comes from, in this order:
+
+    1. a table tuned on this machine (``python -m sdpa_flash tune``) whose key is this machine's exactly;
+    2. the table shipped with sdpa_flash for this GPU (name and compute capability; other versions allowed);
+    3. the built-in rules (``sdpa_flash/_ranking.py``).
+
+    The first rule that matches decides; a call of a class a table did not measure goes on to the next level.
+    Tables hold rules for classes of calls only, so without ``spec`` the built-in rules answer. For
+    ``entry="packed"`` (the packed kernel of a ragged batch) the rules measured on packed calls come first; without
+    one, the batch is ranked as a dense call of its longest sequence.
+
+    Returns:
+        The rule, and one line naming its source (the table's file and how it was measured, or the built-in rules).
+    """
+    if spec is not None:
+        tables = tables_for(caps)
+        for table in tables.tables:
+            rule = table.rule_for(caps, spec, entry)
+            if rule is not None:
+                return rule, tables.source(table)
     for rule in RANKING:
-        if rule.matches(caps, spec):
-            return rule
+        if rule.matches(caps, spec, entry):
+            return rule, BUILTIN_SOURCE
+    if entry != "dense":
+        return ranking_source(caps, spec)
     return RankingRule(caps.device_type, ("math", "chunked"),
-                       evidence=f"no fused kernels are modelled for {caps.device_type}")
+                       evidence=f"no fused kernels are modelled for {caps.device_type}"), BUILTIN_SOURCE
 
 
 # --------------------------------------------------------------------------------------------- denylist
@@ -112,6 +142,8 @@ class Plan:
             (``torch.nn.functional.scaled_dot_product_attention``, so another PyTorch layer can intercept).
         route_reason: why that route.
         evidence: the ranking's evidence for this device.
+        ranking_source: where the ranking rule comes from: a tuned table (its file), the table shipped for this GPU,
+            or the built-in rules (see :func:`ranking_source`).
         deterministic: the ``torch.use_deterministic_algorithms`` mode the plan honoured: ``"off"`` (not set,
             or no backward is needed), ``"error"`` (backends whose backward is not deterministic were skipped)
             or ``"warn"`` (``warn_only=True``: they may run, with a warning).
@@ -128,6 +160,7 @@ class Plan:
     route: str = "direct"
     route_reason: str = "the chosen kernel's aten op is called directly: exact, and no global flags change"
     evidence: str = ""
+    ranking_source: str = ""
     deterministic: str = "off"
     prep: Prep = dataclasses.field(default_factory=Prep, repr=False, compare=False)
 
@@ -150,6 +183,8 @@ class Plan:
         ]
         if self.evidence:
             lines.append(f"ranking: {' > '.join(self.order)} - {self.evidence}")
+            if self.ranking_source:
+                lines.append(f"table:   {self.ranking_source}")
         for note in self.notes:
             lines.append(f"adapted: {note}")
         for name, why in self.reasons.items():
@@ -167,16 +202,31 @@ def _math_bytes(spec: AttentionSpec) -> int:
     return copies * spec.batch * spec.heads_q * spec.seqlen_q * spec.seqlen_k * item
 
 
-def _candidates(policy: Policy, caps: Capabilities, spec: AttentionSpec | None = None
-                ) -> tuple[tuple[str, ...], str]:
-    rule = ranking(caps, spec)
+@dataclasses.dataclass(frozen=True)
+class _Candidates:
+    order: tuple[str, ...]
+    evidence: str  # empty for a policy that names its backends
+    source: str
+    failed: Mapping[str, str]  # backends that raised on this class when it was tuned
+
+    def failure(self, name: str) -> list[str]:
+        """``name``'s recorded failure on this class, as a reason (none when it has none)."""
+        if name not in self.failed:
+            return []
+        return [f"raised on this class of calls when tuned: {self.failed[name]} [{self.source}]"]
+
+
+def _candidates(policy: Policy, caps: Capabilities, spec: AttentionSpec | None = None, entry: str = "dense"
+                ) -> _Candidates:
+    rule, source = ranking_source(caps, spec, entry=entry)
     evidence = f"{rule.describe()}: {rule.evidence}" if rule.shape_class else rule.evidence
     order = ranked(rule.order)  # with the plug-ins where they asked to stand
+    failed = dict(rule.failed)
     if policy.name == "auto":
-        return order, evidence
+        return _Candidates(order, evidence, source, failed)
     if policy.name == "fused":
-        return tuple(b for b in order if BACKENDS[b].fused), evidence
-    return policy.backends, ""
+        return _Candidates(tuple(b for b in order if BACKENDS[b].fused), evidence, source, failed)
+    return _Candidates(policy.backends, "", source, failed)
 
 
 DETERMINISTIC_MODES = ("off", "warn", "error")
@@ -259,14 +309,15 @@ def _reasons(name: str, spec: AttentionSpec, caps: Capabilities, packed: bool) -
 
 @functools.lru_cache(maxsize=4096)
 def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic: str, entry: str = "dense") -> Plan:
-    order, evidence = _candidates(policy, caps, spec)
+    cands = _candidates(policy, caps, spec, entry)
+    order, evidence = cands.order, cands.evidence
     packed = entry == "packed"
     if (not packed and spec.batch == 0) or spec.heads_q == 0 or spec.seqlen_q == 0 or spec.seqlen_k == 0:
         note = "zero-size problem: the result is empty (or zeros when there are no keys); nothing to choose"
         prep = BACKENDS["math"].prep(spec, caps.device_type if caps.device_type in BACKENDS["math"].REQUIREMENTS
                                      else "cpu")
         return Plan("math", spec, caps, policy, order, {}, notes=(note,), evidence=evidence, prep=prep,
-                    deterministic=deterministic)
+                    deterministic=deterministic, ranking_source=cands.source)
     blocked: dict[str, tuple[str, ...]] = {}
     rerouted: set[str] = set()  # blocked by reroute=True denylist entries and nothing else
     chosen: str | None = None
@@ -295,6 +346,7 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
         if vetoes and not reasons and all(e.reroute for e in vetoes):
             rerouted.add(name)
         reasons += [e.describe() for e in vetoes]
+        reasons += cands.failure(name)
         if not reasons and not packed and device is not None and backend.TORCH_CHECK:
             reasons = backend.torch_reasons(spec, backend.prep(spec, caps.device_type), device)
         if reasons:
@@ -325,27 +377,28 @@ def _plan(spec: AttentionSpec, caps: Capabilities, policy: Policy, deterministic
         for name in above:
             reasons[name] += (f"the entry has reroute=True: {chosen} runs instead, and that is not a fallback",)
     for name in order[order.index(chosen) + 1:]:
-        why = _reasons(name, spec, caps, packed)
+        why = _reasons(name, spec, caps, packed) + cands.failure(name)
         reasons[name] = tuple(why) if why else (f"ranked below {chosen} for {caps.arch} by the policy",)
     for name in BACKENDS:
         if name not in reasons and name != chosen:
             # A backend that cannot run here says why in its own words (cuDNN on the CPU: not available on the
             # device), whatever the policy; one that could run but is outside the policy says that.
-            why = _reasons(name, spec, caps, packed)
+            why = _reasons(name, spec, caps, packed) + cands.failure(name)
             if not why and policy.name == "fused" and not BACKENDS[name].fused:
                 why = [f"not a fused kernel ({BACKENDS[name].memory} memory), and policy fused allows only fused "
                        "kernels"]
             reasons[name] = tuple(why) or (f"not allowed by policy {policy}",)
     if packed:  # the packed kernel takes the tensors as they are
         return Plan(chosen, spec, caps, policy, order, reasons, route_reason="the backend's packed (cu_seqlens) "
-                    "kernel, one call for the whole ragged batch", evidence=evidence)
+                    "kernel, one call for the whole ragged batch", evidence=evidence, ranking_source=cands.source)
     prep = BACKENDS[chosen].prep(spec, caps.device_type)
     notes = prep.notes(spec)
     if deterministic == "warn" and _nondeterministic(chosen, caps):
         notes += (f"{_nondeterministic(chosen, caps)}, and torch.use_deterministic_algorithms(True, warn_only=True) "
                   "is set: it runs anyway, with a warning",)
     return Plan(chosen, spec, caps, policy, order, reasons, fallback=fallback, notes=notes,
-                route_reason=BACKENDS[chosen].ROUTE_REASON, evidence=evidence, prep=prep, deterministic=deterministic)
+                route_reason=BACKENDS[chosen].ROUTE_REASON, evidence=evidence, prep=prep, deterministic=deterministic,
+                ranking_source=cands.source)
 
 
 plan.cache_clear = _plan.cache_clear  # type: ignore[attr-defined]  # functools' cache API on the public wrapper

@@ -5,6 +5,8 @@ On the GPU, a backend that refuses a test's call is a skip only where that is le
 :func:`skip_unless_optional_missing` (imported by the GPU test modules: ``from conftest import ...``) fails the
 test when a backend that :func:`required_backends` says this machine must run refused it for any other reason.
 
+Tuned tables: no test reads one of the machine it runs on (:func:`_no_tuned_tables`).
+
 Also the property-test budget: the hypothesis profile named by ``SDPA_FLASH_HYPOTHESIS_PROFILE`` (see
 ``sdpa_flash.testing.PropertyProfile``) is loaded before any test module is imported, and the ``property_log``
 fixture counts the cases the property tests generate. The count ends the run as ``hypothesis: N generated
@@ -19,7 +21,7 @@ import importlib.metadata
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 import pytest
@@ -55,6 +57,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for name, need in _CC_MARKS.items():
             if item.get_closest_marker(name) and cc is not None and cc < need:
                 item.add_marker(pytest.mark.skip(reason=f"needs compute capability >= {need}, this GPU has {cc}"))
+
+
+# --------------------------------------------------------------------------------------------- tuned tables
+@pytest.fixture(scope="session", autouse=True)
+def _no_tuned_tables(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Plans in tests never read a tuned table of the machine running them: the tune directory is an empty
+    temporary one (subprocesses inherit it), ``SDPA_FLASH_TABLE`` is unset, and the shipped tables' directory is an
+    empty one (tests/test_tune.py points these where it writes its own tables)."""
+    from sdpa_flash.tuning import _table
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(_table.ENV_DIR, str(tmp_path_factory.mktemp("tuned")))
+        mp.delenv(_table.ENV_TABLE, raising=False)
+        mp.setattr(_table, "SHIPPED_DIR", tmp_path_factory.mktemp("shipped_tables"))
+        yield
 
 
 # ----------------------------------------------------------------------- backends this machine must run

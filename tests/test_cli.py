@@ -34,9 +34,10 @@ class Result:
 
 
 def run_cli(*args: str, gpu: bool = False, **env: str) -> Result:
-    """``python -m sdpa_flash ARGS`` in a clean environment (no SDPA_FLASH_* variables) plus ``env``; with the GPU
-    hidden (``CUDA_VISIBLE_DEVICES=""``) unless ``gpu``, so that the CPU report is what is tested on any machine."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SDPA_FLASH_")}
+    """``python -m sdpa_flash ARGS`` in a clean environment (no SDPA_FLASH_* variables but the tests' empty tune
+    directory, so no tuned table of this machine is read) plus ``env``; with the GPU hidden
+    (``CUDA_VISIBLE_DEVICES=""``) unless ``gpu``, so that the CPU report is what is tested on any machine."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SDPA_FLASH_") or k == "SDPA_FLASH_TUNE_DIR"}
     if not gpu:
         base["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run([sys.executable, "-m", "sdpa_flash", *args], cwd=ROOT, env={**base, **env},
@@ -137,7 +138,7 @@ def test_bad_environment_is_a_usage_error() -> None:
 @pytest.fixture
 def default_policy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     saved_env, saved_process = policy_mod._env_policy, policy_mod._process_policy
-    for var in [v for v in os.environ if v.startswith("SDPA_FLASH_")]:
+    for var in [v for v in os.environ if v.startswith("SDPA_FLASH_") and v != "SDPA_FLASH_TUNE_DIR"]:
         monkeypatch.delenv(var)
     policy_mod._env_policy = None
     policy_mod._process_policy = None
@@ -236,7 +237,7 @@ def test_import_touches_no_gpu_and_imports_no_optional_module() -> None:
     (["--require", "flash", "--device", "cpu"], 0, "policy 'flash' runs flash"),
 ])
 def test_startup_check_example_follows_require(args: list[str], status: int, expected: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDPA_FLASH_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDPA_FLASH_") or k == "SDPA_FLASH_TUNE_DIR"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # the machine without a GPU, on any machine
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))  # installed or not
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "startup_check.py"), *args], cwd=ROOT, env=env,

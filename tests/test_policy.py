@@ -26,7 +26,7 @@ AUTO = Policy("auto", (), "warn_once")
 def clean_policy_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No environment policy, no process-wide policy; both restored afterwards whatever the test did."""
     saved_env, saved_process = policy_mod._env_policy, policy_mod._process_policy
-    for var in [v for v in os.environ if v.startswith("SDPA_FLASH_")]:
+    for var in [v for v in os.environ if v.startswith("SDPA_FLASH_") and v != "SDPA_FLASH_TUNE_DIR"]:
         monkeypatch.delenv(var)
     policy_mod._env_policy = None
     policy_mod._process_policy = None
