@@ -205,7 +205,9 @@ def test_packed_kernels_and_failures_are_measured(tune_dir: pathlib.Path) -> Non
         # the plug-in that raised: recorded with its error, ranked after every backend that ran
         assert rows["dense", "broken"]["status"] == "failed"
         assert dict(dense.failed) == {"broken": "RuntimeError: no kernel for this tile"}
-        assert dense.order[:2] == ("packedcpu", "flash") and "failed: broken (RuntimeError)" in dense.evidence
+        # (the two that ran, in the order this machine measured: which is faster is not the test's business)
+        assert set(dense.order[:2]) == {"packedcpu", "flash"} and "failed: broken (RuntimeError)" in dense.evidence
+        assert dense.order.index("broken") > 1
 
         caps = sdpa_flash.capabilities("cpu")
         q = torch.randn(16, 2, 64, 16)

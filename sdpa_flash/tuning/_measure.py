@@ -23,7 +23,7 @@ from ..attention import attention
 from ..backends import BACKENDS, ranked
 from ..bench._timing import Settings, Stats, Timed, cache_bytes, cleanup, interleave, is_oom, rotation_count
 from ..capability import Capabilities
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, KernelFailedError
 from ..planner import plan, ranking
 from ..policy import resolve_policy
 from ..spec import dtype_name
@@ -110,6 +110,8 @@ def _row(c: ShapeClass, name: str, status: str, reason: str | None = None, stats
 def _problem(c: ShapeClass, name: str, exc: BaseException, first_call_s: float | None = None) -> Row:
     """A backend that did not give a timing: out of memory or too slow (refused: the shape, not the kernel), or
     an exception (failed: recorded as a reason the planner gives for not running it on this class)."""
+    if isinstance(exc, KernelFailedError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # the kernel's own error (the single-backend policy of the timing re-raised it)
     if is_oom(exc):
         return _row(c, name, "refused", f"out of memory at {c.shape_text()}", first_call_s=first_call_s)
     if isinstance(exc, TimeoutError):
