@@ -90,7 +90,8 @@ def flash_attn_varlen_func(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=Non
                            deterministic=False, **unused):
     CALLS.append(("flash_attn_varlen_func", {"causal": causal, "window_size": window_size,
                                              "max_seqlen_q": max_seqlen_q, "max_seqlen_k": max_seqlen_k,
-                                             "deterministic": deterministic}))
+                                             "deterministic": deterministic, "softcap": softcap,
+                                             "sink": learnable_sink is not None}))
     _check(q, k, v)
     for cu in (cu_seqlens_q, cu_seqlens_k):
         assert cu is not None and cu.dtype == torch.int32 and cu.stride(0) == 1, "cu_seqlens: int32, contiguous"
@@ -101,7 +102,8 @@ def flash_attn_varlen_func(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=Non
     outs, lses = [], []
     for i in range(len(cq) - 1):
         qi, ki, vi = q[cq[i]:cq[i + 1]][None], k[ck[i]:ck[i + 1]][None], v[ck[i]:ck[i + 1]][None]
-        o, lse = _attend(qi, ki, vi, softmax_scale, causal, *window_size, softcap)
+        # per sequence, as FA4 aligns causal masking and the window: each sequence's own bottom-right corner
+        o, lse = _attend(qi, ki, vi, softmax_scale, causal, *window_size, softcap, learnable_sink)
         outs.append(o[0])
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, -1)
