@@ -124,6 +124,7 @@ def check_packed_window(window: Any, kind: CausalKind, seqlens_q: tuple[int, ...
         for i, (lq, lk) in enumerate(zip(seqlens_q, seqlens_k, strict=True)):
             if lq != lk and lq and lk:
                 return check_window(window, kind, lq, lk, f" in sequence {i}")  # (raises)
+        kind = "bottom_right"  # every sequence with queries and keys is square: the two corners are one
     return check_window(window, kind, max(seqlens_q, default=0), max(seqlens_k, default=0))
 
 

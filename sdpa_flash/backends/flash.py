@@ -134,6 +134,11 @@ def _cpu_kernel(op: Callable[..., Any]) -> KernelFn:
 
 
 # ----------------------------------------------------------------------------------- the packed (varlen) op
+# The ops, looked up when called (module globals: a test stands a CPU model of them in; no CUDA is touched here).
+_PACKED_FWD: Any = getattr(torch.ops.aten, "_flash_attention_forward", None)
+_PACKED_BWD: Any = getattr(torch.ops.aten, "_flash_attention_backward", None)
+
+
 @functools.cache
 def packed_window_args() -> bool:
     """Whether this torch's packed flash ops take a window: ``window_size_left`` and ``window_size_right`` in the
@@ -162,8 +167,7 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch
     if sinks is not None:  # (dropout is refused with sinks: see FlashBackend.varlen_reasons)
         out: torch.Tensor = _PackedSinks.apply(q, k, v, sinks, cu_q, cu_k, max_q, max_k, causal, scale, kw)
         return out
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, False,
-                                                   scale=scale, **kw)[0]
+    return _PACKED_FWD(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, False, scale=scale, **kw)[0]
 
 
 class _PackedSinks(torch.autograd.Function):
@@ -181,8 +185,8 @@ class _PackedSinks(torch.autograd.Function):
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
                 cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, causal: bool, scale: float | None,
                 window: dict[str, int]) -> torch.Tensor:
-        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale, **window)
+        out, lse, rng, unused, _ = _PACKED_FWD(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale,
+                                               **window)
         if tuple(lse.shape) != (q.shape[1], q.shape[0]):
             raise SdpaFlashError(f"the packed flash op returned a log-sum-exp of shape {tuple(lse.shape)}, not (H, T) "
                                  f"= ({q.shape[1]}, {q.shape[0]}): this torch ({torch.__version__}) lays it out "
@@ -199,8 +203,8 @@ class _PackedSinks(torch.autograd.Function):
         q, k, v, out, lse_sink, rng, unused, cu_q, cu_k, sinks = ctx.saved_tensors
         max_q, max_k, causal, scale, window = ctx.args
         grad = grad.contiguous()
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad, q, k, v, out, lse_sink, cu_q, cu_k, max_q, max_k, 0.0, causal, rng, unused, scale=scale, **window)
+        dq, dk, dv = _PACKED_BWD(grad, q, k, v, out, lse_sink, cu_q, cu_k, max_q, max_k, 0.0, causal, rng, unused,
+                                 scale=scale, **window)
         p_sink = torch.exp(sinks.detach().float()[:, None] - lse_sink)  # (H, T): sigmoid(sink - lse)
         dsink = -(p_sink * (grad.float() * out.float()).sum(-1).t()).sum(1)
         return dq, dk, dv, dsink.to(sinks.dtype), None, None, None, None, None, None, None
