@@ -473,6 +473,30 @@ def test_key_padding_mask_with_variants(kind: str, variant: str) -> None:
     torch.testing.assert_close(out, (ref.nan_to_num(0.0) * rows), rtol=1e-10, atol=1e-10)
 
 
+def test_key_padding_mask_with_fewer_queries_than_keys() -> None:
+    """Sq != Sk: every query is real. Softcap and sinks take the packed route; a window, whose corner in padded
+    coordinates is Sk - Sq rather than each sequence's L_k - Sq, the dense masked route (explain() says why)."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 6, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 10, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    kpm = torch.ones(2, 10, dtype=torch.bool)
+    kpm[0, 7:] = False
+    s = torch.randn(4, generator=g, dtype=torch.float64)
+    for kw, packed in (({"softcap": 3.0, "sinks": s}, True), ({"window": (3, 1)}, False)):
+        plan = sdpa_flash.explain(q, k, v, key_padding_mask=kpm, **kw)
+        assert isinstance(plan, engine.VarlenPlan) == packed, plan
+        if not packed:
+            assert any("the window with Sq=6 != Sk=10 is defined in padded coordinates" in n for n in plan.notes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = sdpa_flash.attention(q, k, v, key_padding_mask=kpm, **kw)
+        allowed = kpm[:, None, None, :]
+        if "window" in kw:
+            allowed = allowed & window_mask_tensor(kw["window"], 6, 10, q.device)
+        ref = reference_attention(q, k, v, attn_mask=allowed, softcap=kw.get("softcap"), sinks=kw.get("sinks"))
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_key_padding_mask_layout_sees_runs_and_holes() -> None:
     from sdpa_flash.attention import _mask_layout
 
