@@ -4,7 +4,9 @@ It has FA4's entry points with FA4's argument conventions — (B, S, H, D) layou
 window resolution of 4.0.0b36 (a side is reset to unbounded only when *both* are negative, so ``(-1, 0)`` is an
 empty band), float16/bfloat16 only, ``cu_seqlens`` int32 with Python-int ``max_seqlen`` — and computes the
 result with plain float32 PyTorch, so the CPU tests can check how sdpa_flash calls FA4: layouts, causal
-corners, GQA, windows, packed batches and the custom ops' autograd. It records every call in ``CALLS``.
+corners, GQA, windows, softcap and ``learnable_sink`` (dense and packed, each sequence of a packed batch aligned
+to its own corner; the sink's gradient comes from autograd through the float32 arithmetic, as FA4's own
+``autograd.Function`` gives it), packed batches and the custom ops' autograd. It records every call in ``CALLS``.
 The numbers it gives are float32 attention rounded to the input dtype, not FA4's kernel.
 """
 
