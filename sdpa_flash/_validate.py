@@ -18,8 +18,8 @@ import torch
 from .errors import AttentionInputError
 from .spec import CAUSAL_KINDS, FLOAT_DTYPES, AttentionSpec, CausalKind, Window, dtype_name
 
-__all__ = ["attention_fields", "attention_spec", "causal_kind", "check_dropout", "check_heads", "check_same",
-           "check_scale", "check_sinks", "check_softcap", "check_tensor", "check_window", "fail"]
+__all__ = ["attention_fields", "attention_spec", "causal_kind", "check_dropout", "check_heads", "check_packed_window",
+           "check_same", "check_scale", "check_sinks", "check_softcap", "check_tensor", "check_window", "fail"]
 
 
 def fail(message: str) -> AttentionInputError:
@@ -90,10 +90,11 @@ def check_scale(scale: Any, name: str = "scale", *, bools: bool = True) -> float
     return float(scale)
 
 
-def check_window(window: Any, kind: CausalKind, sq: int, sk: int) -> Window | None:
+def check_window(window: Any, kind: CausalKind, sq: int, sk: int, where: str = "") -> Window | None:
     """``window=(left, right)`` as the spec keeps it: ``None`` (or a negative int, flash-attn's ``-1``) on a side is
     unbounded; a side that reaches past every key, or a right side that causal masking already caps, is dropped,
-    and a window with nothing left to bound is ``None`` (a plain call)."""
+    and a window with nothing left to bound is ``None`` (a plain call). ``where`` names the sequence the lengths
+    belong to in the error (packed calls: ``" in sequence 3"``)."""
     if window is None:
         return None
     sides = tuple(window) if isinstance(window, (tuple, list)) else ()
@@ -103,7 +104,7 @@ def check_window(window: Any, kind: CausalKind, sq: int, sk: int) -> Window | No
                    f"{window!r} instead.")
     left, right = (None if s is None or int(s) < 0 else int(s) for s in sides)
     if kind == "top_left" and sq != sk:
-        raise fail(f"Expected causal=False or 'bottom_right' with a window and Sq={sq} != Sk={sk}, but got "
+        raise fail(f"Expected causal=False or 'bottom_right' with a window and Sq={sq} != Sk={sk}{where}, but got "
                    "causal='top_left': windows are aligned bottom-right (query i's own position is key "
                    "i + Sk - Sq, as in flash-attn and FA4); pass causal='bottom_right'.")
     if left is not None and left >= sk - 1:
@@ -111,6 +112,20 @@ def check_window(window: Any, kind: CausalKind, sq: int, sk: int) -> Window | No
     if right is not None and (right >= sq - 1 or (kind is not None and right >= 0)):
         right = None
     return None if left is None and right is None else (left, right)
+
+
+def check_packed_window(window: Any, kind: CausalKind, seqlens_q: tuple[int, ...], seqlens_k: tuple[int, ...]
+                        ) -> Window | None:
+    """:func:`check_window` for a ragged batch, whose window is aligned per sequence (bottom-right: query i of
+    sequence s sees key j iff ``-left <= j - (i + Lk_s - Lq_s) <= right``): the same checks and errors, the top-left
+    one asked of every sequence that has queries and keys, and a side dropped only when it reaches past every key of
+    every sequence."""
+    if window is not None and kind == "top_left":
+        for i, (lq, lk) in enumerate(zip(seqlens_q, seqlens_k, strict=True)):
+            if lq != lk and lq and lk:
+                return check_window(window, kind, lq, lk, f" in sequence {i}")  # (raises)
+        kind = "bottom_right"  # every sequence with queries and keys is square: the two corners are one
+    return check_window(window, kind, max(seqlens_q, default=0), max(seqlens_k, default=0))
 
 
 def check_softcap(softcap: Any) -> float | None:

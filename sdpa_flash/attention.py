@@ -9,7 +9,7 @@ module sits above both, and neither of them imports it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -193,11 +193,20 @@ def _unknown_keywords(fn: str, unknown: dict[str, Any]) -> AttentionInputError:
 
 
 # ------------------------------------------------------------------------------------ key padding mask
-_mask_layouts: dict[int, tuple[Any, int, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]] = {}
+class _MaskLayout(NamedTuple):
+    """Where a (B, S) key padding mask's True entries are, in row-major order."""
+
+    batch_index: torch.Tensor
+    position_index: torch.Tensor
+    lengths: tuple[int, ...]
+    contiguous: bool  # every row's real tokens are one run (left, right or both-sided padding, no holes)
 
 
-def _mask_layout(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-    """(batch index, position index, lengths) of the True entries of a (B, S) mask, in row-major order.
+_mask_layouts: dict[int, tuple[Any, int, _MaskLayout]] = {}
+
+
+def _mask_layout(mask: torch.Tensor) -> _MaskLayout:
+    """The :class:`_MaskLayout` of a (B, S) mask.
 
     Cached per mask object (a weak reference plus its version counter), so the layers of a model that share
     one padding mask read its lengths on the host — a device sync — once, not once per layer.
@@ -208,11 +217,20 @@ def _mask_layout(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[
     if got is not None and got[0]() is mask and got[1] == mask._version:
         return got[2]
     b_idx, s_idx = torch.nonzero(mask, as_tuple=True)
-    lens = tuple(int(n) for n in mask.sum(1).tolist())
+    s = mask.shape[1]
+    pos = torch.arange(s, device=mask.device)
+    counts = mask.sum(1)
+    if s:  # span of each row's real tokens, first to last: its length when they are one run
+        span = torch.where(mask, pos, -1).amax(1) - torch.where(mask, pos, s).amin(1) + 1
+    else:
+        span = counts
+    lens, spans = torch.stack([counts, span]).tolist() if mask.shape[0] else ([], [])
+    layout = _MaskLayout(b_idx, s_idx, tuple(int(n) for n in lens),
+                         all(n == 0 or n == w for n, w in zip(lens, spans, strict=True)))
     if len(_mask_layouts) >= 64:
         _mask_layouts.clear()
-    _mask_layouts[id(mask)] = (weakref.ref(mask), mask._version, (b_idx, s_idx, lens))
-    return b_idx, s_idx, lens
+    _mask_layouts[id(mask)] = (weakref.ref(mask), mask._version, layout)
+    return layout
 
 
 def _padded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kpm: torch.Tensor,
@@ -221,9 +239,11 @@ def _padded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kpm: to
             ) -> Any:  # a Plan with explain_only
     """attention() with a key padding mask: pack, run the varlen engine, scatter back (zeros at padding).
 
-    With a window, softcap or sinks (``variants``), which the packed route does not take yet, the padding is folded
-    into a boolean mask on the dense route instead: exact, and with ``Sq == Sk`` the same as per-sequence
-    coordinates (a window and causal masking depend on ``j - i`` only there).
+    Softcap and sinks (``variants``) go to the engine as they are: neither depends on where a token sits. A window
+    does: here it is defined in padded coordinates, as for the same padding given as ``attn_mask``, while the engine
+    aligns it per sequence; the two agree when ``Sq == Sk`` and each row's real tokens are one run (left or right
+    padding: ``j - i`` is the same in both), and those calls take the packed route. Any other window call takes the
+    dense route with the padding as a boolean mask.
     """
     variants = variants or {}
     from . import _varlen as _varlen_engine
@@ -240,16 +260,23 @@ def _padded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kpm: to
     _check_mask(kpm, (b, sk), query.device, "key_padding_mask")
     kind = spec.effective_causal
     q, k, v = (t.transpose(1, 2) for t in (query, key, value)) if layout == "bhsd" else (query, key, value)
-    if _compiling() or (sq != sk and kind is not None) or variants:
-        # Causal masking in padded coordinates with Sq != Sk (or tracing, where the lengths cannot be read, or
-        # variants the packed route does not take): the exact dense route, with the key padding as a boolean mask.
+    compiling = _compiling()
+    padded_coordinates = sq != sk and (kind is not None or spec.window is not None)
+    layout_k = None if compiling or padded_coordinates else _mask_layout(kpm)
+    holes = spec.window is not None and layout_k is not None and not layout_k.contiguous
+    if layout_k is None or holes:
+        # Causal masking in padded coordinates with Sq != Sk (or tracing, where the lengths cannot be read, or a
+        # window in padded coordinates that per-sequence alignment would move): the exact dense route, with the key
+        # padding as a boolean mask.
         mask = kpm[:, None, None, :]
         if explain_only:
             p = explain(query, key, value, attn_mask=mask, causal=causal, dropout_p=dropout_p, scale=scale,
                         layout=layout, policy=policy, **variants)
-            why = ("torch.compile is tracing" if _compiling() else
-                   f"causal={kind} with Sq={sq} != Sk={sk} is defined in padded coordinates" if sq != sk and kind
-                   else f"the packed route takes no {', '.join(variants)} yet")
+            what = f"causal={kind}" if kind is not None else "the window"
+            why = ("torch.compile is tracing" if compiling else
+                   f"{what} with Sq={sq} != Sk={sk} is defined in padded coordinates" if padded_coordinates
+                   else "the window is defined in padded coordinates, and with padding inside a row (not one run) "
+                   "the packed route's per-sequence window would differ")
             return dataclasses.replace(p, notes=(*p.notes, f"key_padding_mask: dense masked route because {why}"))
         out = attention(query, key, value, attn_mask=mask, causal=causal, dropout_p=dropout_p, scale=scale,
                         layout=layout, policy=policy, **variants)
@@ -257,7 +284,7 @@ def _padded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kpm: to
             rows = kpm[:, None, :, None] if layout == "bhsd" else kpm[:, :, None, None]
             out = out * rows.to(out.dtype)
         return out
-    kb, ks, lens_k = _mask_layout(kpm)
+    kb, ks, lens_k = layout_k.batch_index, layout_k.position_index, layout_k.lengths
     qb: torch.Tensor | None
     qs: torch.Tensor | None
     if sq == sk:
@@ -270,12 +297,12 @@ def _padded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kpm: to
     kp, vp = k[kb, ks], v[kb, ks]
     if explain_only:
         return _varlen_engine.explain(qp, kp, vp, lens_q, lens_k, causal=kind or False, dropout_p=dropout_p,
-                                      policy=policy)
+                                      policy=policy, **variants)
     # No cu_seqlens: the engine reads the lengths from seqlens_q/seqlens_k (no device sync)
     out = varlen_attention_packed(qp, kp, vp, None, None,  # type: ignore[arg-type]
                                   max(lens_q, default=0), max(lens_k, default=0),
                                   causal=kind or False, scale=scale, dropout_p=dropout_p, policy=policy,
-                                  seqlens_q=lens_q, seqlens_k=lens_k)
+                                  seqlens_q=lens_q, seqlens_k=lens_k, **variants)
     if qb is None:
         full = out.view(b, sq, *out.shape[1:])
     else:

@@ -351,6 +351,9 @@ def varlen_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     policy: Any = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> Any:
     """Attention within each sequence of a ragged batch; the output has the input's kind.
 
@@ -366,10 +369,20 @@ def varlen_attention(
         scale: softmax scale, default ``1 / sqrt(D)``.
         dropout_p: attention dropout (training only).
         policy: the backend policy, as for :func:`sdpa_flash.attention`.
+        window: a sliding window ``(left, right)``, aligned per sequence and bottom-right like ``causal=
+            "bottom_right"`` (flash-attn's varlen convention): query i of a sequence sees its key j iff
+            ``-left <= j - (i + L_k - L_q) <= right``, bounds inclusive; ``None`` or ``-1`` on a side is unbounded.
+            Transformers' ``sliding_window=W`` is ``(W - 1, 0)`` with ``causal=True``. With ``causal=True`` every
+            sequence must have ``L_q == L_k`` (else pass ``"bottom_right"``). As :func:`sdpa_flash.attention`'s.
+        softcap: ``c > 0`` caps the scaled scores at ``c * tanh(score / c)`` before the softmax (Gemma 2);
+            ``None`` or 0 is off.
+        sinks: ``(Hq,)`` logits, one per query head (float32 or the inputs' dtype), each one more softmax column
+            with no value in every row of every sequence (gpt-oss's ``s_aux``, FA4's ``learnable_sink``).
+            Differentiable: autograd gives their gradient.
 
     Returns:
         A :class:`VarlenBatch` ``(T_q, Hq, Dv)`` with the query's layout, or a nested tensor ``(n, Hq, j, Dv)``.
-        A query whose sequence has no key (``L_k = 0``, or no visible key under causal masking) gets zeros.
+        A query that sees no key (``L_k = 0``, or none visible under causal masking or the window) gets zeros.
 
     Example:
         >>> q = pack([torch.randn(5, 2, 8), torch.randn(3, 2, 8)])
@@ -395,7 +408,8 @@ def varlen_attention(
                     f"and {kb.batch_size} instead.")
     out = varlen_attention_packed(qb.values, kb.values, vb.values, qb.cu_seqlens, kb.cu_seqlens, qb.max_seqlen,
                                   kb.max_seqlen, causal=causal, scale=scale, dropout_p=dropout_p, policy=policy,
-                                  seqlens_q=qb.seqlens, seqlens_k=kb.seqlens)
+                                  seqlens_q=qb.seqlens, seqlens_k=kb.seqlens, window=window, softcap=softcap,
+                                  sinks=sinks)
     result = qb.with_values(out)
     return result.to_nested() if any(kinds) else result
 
@@ -415,6 +429,9 @@ def varlen_attention_packed(
     policy: Any = None,
     seqlens_q: Sequence[int] | None = None,
     seqlens_k: Sequence[int] | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`varlen_attention` on raw packed tensors, flash-attn's ``flash_attn_varlen_func`` layout.
 
@@ -424,6 +441,8 @@ def varlen_attention_packed(
         max_seqlen_q, max_seqlen_k: the longest query / key sequence.
         causal, scale, dropout_p, policy: as :func:`varlen_attention`.
         seqlens_q, seqlens_k: the lengths as Python ints, if known (saves a device sync per call).
+        window, softcap, sinks: as :func:`varlen_attention` (the window aligned bottom-right per sequence, like
+            ``window_size`` of flash-attn's ``flash_attn_varlen_func``; sinks ``(Hq,)``).
 
     Returns:
         ``(T_q, Hq, Dv)``.
@@ -432,7 +451,7 @@ def varlen_attention_packed(
 
     return _varlen.run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        causal=causal, scale=scale, dropout_p=dropout_p, policy=policy,
-                       seqlens_q=seqlens_q, seqlens_k=seqlens_k)
+                       seqlens_q=seqlens_q, seqlens_k=seqlens_k, window=window, softcap=softcap, sinks=sinks)
 
 
 def explain_varlen(
@@ -443,14 +462,19 @@ def explain_varlen(
     causal: bool | str = False,
     dropout_p: float = 0.0,
     policy: Any = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> Any:
     """The :class:`~sdpa_flash._varlen.VarlenPlan` :func:`varlen_attention` would follow: which path
     (grouped dense calls, the flash varlen kernel, or a hybrid), the groups, the estimated cost of each
-    candidate path, and why the others were not chosen. Runs nothing."""
+    candidate path, and why the others were not chosen (a packed kernel that takes no window, softcap or sinks
+    says so). Takes :func:`varlen_attention`'s arguments (the same checks and errors); runs nothing."""
     from . import _varlen
 
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, VarlenBatch):
             raise _fail(f"Expected {name} to be a VarlenBatch, but got {type(t).__name__} instead.")
     return _varlen.explain(query.values, key.values, value.values, query.seqlens, key.seqlens,
-                           causal=causal, dropout_p=dropout_p, policy=policy)
+                           causal=causal, dropout_p=dropout_p, policy=policy, window=window, softcap=softcap,
+                           sinks=sinks)

@@ -4,7 +4,9 @@ It has FA4's entry points with FA4's argument conventions — (B, S, H, D) layou
 window resolution of 4.0.0b36 (a side is reset to unbounded only when *both* are negative, so ``(-1, 0)`` is an
 empty band), float16/bfloat16 only, ``cu_seqlens`` int32 with Python-int ``max_seqlen`` — and computes the
 result with plain float32 PyTorch, so the CPU tests can check how sdpa_flash calls FA4: layouts, causal
-corners, GQA, windows, packed batches and the custom ops' autograd. It records every call in ``CALLS``.
+corners, GQA, windows, softcap and ``learnable_sink`` (dense and packed, each sequence of a packed batch aligned
+to its own corner; the sink's gradient comes from autograd through the float32 arithmetic, as FA4's own
+``autograd.Function`` gives it), packed batches and the custom ops' autograd. It records every call in ``CALLS``.
 The numbers it gives are float32 attention rounded to the input dtype, not FA4's kernel.
 """
 
@@ -90,7 +92,8 @@ def flash_attn_varlen_func(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=Non
                            deterministic=False, **unused):
     CALLS.append(("flash_attn_varlen_func", {"causal": causal, "window_size": window_size,
                                              "max_seqlen_q": max_seqlen_q, "max_seqlen_k": max_seqlen_k,
-                                             "deterministic": deterministic}))
+                                             "deterministic": deterministic, "softcap": softcap,
+                                             "sink": learnable_sink is not None}))
     _check(q, k, v)
     for cu in (cu_seqlens_q, cu_seqlens_k):
         assert cu is not None and cu.dtype == torch.int32 and cu.stride(0) == 1, "cu_seqlens: int32, contiguous"
@@ -101,7 +104,8 @@ def flash_attn_varlen_func(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=Non
     outs, lses = [], []
     for i in range(len(cq) - 1):
         qi, ki, vi = q[cq[i]:cq[i + 1]][None], k[ck[i]:ck[i + 1]][None], v[ck[i]:ck[i + 1]][None]
-        o, lse = _attend(qi, ki, vi, softmax_scale, causal, *window_size, softcap)
+        # per sequence, as FA4 aligns causal masking and the window: each sequence's own bottom-right corner
+        o, lse = _attend(qi, ki, vi, softmax_scale, causal, *window_size, softcap, learnable_sink)
         outs.append(o[0])
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, -1)

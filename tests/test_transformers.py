@@ -422,9 +422,6 @@ def test_softcap_and_sinks_pass_through(mask: str) -> None:
 
 def test_unsupported_options_raise_typed_errors() -> None:
     q, k, v = qkv()
-    cu = torch.tensor([0, 6], dtype=torch.int32)
-    with pytest.raises(sdpa_flash.AttentionInputError, match="softcap"):
-        hf.attention_forward(FakeModule(True, 2), q[:1], k[:1], v[:1], None, softcap=30.0, cu_seq_lens_q=cu)
     with pytest.raises(sdpa_flash.AttentionInputError, match="0/1"):
         hf.attention_forward(FakeModule(True, 2), q, k, v, torch.full((2, 6), 0.5))
     with pytest.raises(sdpa_flash.AttentionInputError, match="new attn_implementation name"):
@@ -440,6 +437,34 @@ def test_packed_cu_seq_lens_kwargs_attend_within_each_sequence() -> None:
     seg = torch.repeat_interleave(torch.arange(3), torch.tensor(lens))
     block = (seg[:, None] == seg[None, :]) & torch.ones(10, 10, dtype=torch.bool).tril()
     check_against_math(out, q, k, v, block[None, None], False, None)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_cu_seq_lens_take_softcap_sinks_and_the_sliding_window(causal: bool) -> None:
+    """Packed sequences (flash-attention's cu_seq_lens_q/k) with Gemma 2's softcap, gpt-oss's s_aux and a sliding
+    window: each sequence on its own, the window as transformers' flash path passes it, (W - 1, W - 1) per sequence
+    (causal masking caps the right side of a causal layer)."""
+    lens = [3, 7, 2]
+    q, k, v = qkv(b=1, sq=12, sk=12, d=8, seed=4)
+    s_aux = torch.randn(4, generator=torch.Generator().manual_seed(5))
+    cu = torch.tensor([0, 3, 10, 12], dtype=torch.int32)
+    kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7, softcap=5.0, s_aux=s_aux,
+              sliding_window=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no fused kernel does softcap or sinks on the CPU: a fallback warning
+        out, _ = hf.attention_forward(FakeModule(causal, 2), q, k, v, None, **kw)
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor(lens))
+    pos = torch.arange(12) - cu[:-1].long()[seg]  # position within the sequence
+    rel = pos[None, :] - pos[:, None]
+    allowed = (seg[:, None] == seg[None, :]) & (rel >= -2) & (rel <= (0 if causal else 2))
+    ref = reference_attention(q, k, v, attn_mask=allowed[None, None], softcap=5.0, sinks=s_aux)
+    same = reference_attention(q, k, v, attn_mask=allowed[None, None], softcap=5.0, sinks=s_aux, dtype=None)
+    c = compare_to_reference(out.transpose(1, 2), same, ref)
+    assert c.passed, str(c)
+    route = hf.explain(FakeModule(causal, 2), q, k, v, None, **kw)
+    assert route.path == "packed" and route.plan is not None
+    assert route.plan.spec.softcap == 5.0 and route.plan.spec.sinks
+    assert route.plan.spec.window == ((2, None) if causal else (2, 2)), route.plan.spec
 
 
 @needs_v5

@@ -194,9 +194,10 @@ def test_bad_variant_arguments_raise_before_any_kernel(kw: dict[str, Any], match
 
 
 @pytest.mark.parametrize("left_padding", [False, True])
-def test_key_padding_with_variants_is_the_dense_masked_call(left_padding: bool) -> None:
-    """The packed route takes no variants yet: the padding becomes a mask on the dense route, padded query rows
-    zero. With Sq == Sk a window and causal masking depend on j - i only, so this is per-sequence exact."""
+def test_key_padding_with_variants_equals_the_dense_masked_call(left_padding: bool) -> None:
+    """With Sq == Sk and each row's real tokens one run, a window and causal masking depend on j - i only, so the
+    packed route (which takes the variants) computes what the dense call with the padding as a mask does, padded
+    query rows zero; each sequence as if alone. (Other paddings: tests/test_varlen_variants.py.)"""
     q, k, v, s = (t.detach() for t in _inputs(2, 4, 2, 12, 12, 8, torch.float64, True))
     kpm = torch.ones(2, 12, dtype=torch.bool)
     kpm[1, :4] = False if left_padding else True
@@ -204,12 +205,27 @@ def test_key_padding_with_variants_is_the_dense_masked_call(left_padding: bool) 
     kw = dict(causal=True, window=(3, 0), softcap=4.0, sinks=s, policy="chunked")
     out = sdpa_flash.attention(q, k, v, key_padding_mask=kpm, **kw)
     dense = sdpa_flash.attention(q, k, v, attn_mask=kpm[:, None, None, :], **kw)
-    torch.testing.assert_close(out, dense * kpm[:, None, :, None], rtol=0, atol=0)
+    torch.testing.assert_close(out, dense * kpm[:, None, :, None], rtol=1e-12, atol=1e-12)
     real = kpm[1]  # one sequence alone, packed by hand: the same rows
     alone = sdpa_flash.attention(q[1:, :, real], k[1:, :, real], v[1:, :, real], **kw)
     torch.testing.assert_close(out[1:, :, real], alone, rtol=1e-12, atol=1e-12)
     plan = sdpa_flash.explain(q, k, v, key_padding_mask=kpm, **kw)
-    assert any("takes no window, softcap, sinks yet" in n for n in plan.notes), plan.notes
+    assert plan.spec.window == (3, None) and plan.spec.softcap == 4.0 and plan.spec.sinks, plan  # the varlen plan
+
+
+@pytest.mark.parametrize("policy", ["math", None])
+def test_math_takes_a_square_causal_window_as_one_mask(policy: Any) -> None:
+    """Sq == Sk: causal would be the kernel's own flag, but the math op takes no flag with a mask, so the causal
+    corner joins the window's mask."""
+    _check("math", 1, 2, 2, 16, 16, 8, torch.float64, True, (3, 0), None, False)
+    q = torch.randn(1, 2, 16, 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = sdpa_flash.attention(q, q, q, causal=True, window=(3, 0), policy=policy)
+    torch.testing.assert_close(out, reference_attention(q, q, q, causal=True, window=(3, 0)), rtol=1e-12,
+                               atol=1e-12)
+    plan = sdpa_flash.explain(q, q, q, causal=True, window=(3, 0), policy=policy)
+    assert plan.backend == "math" and any("causal materialised" in n for n in plan.notes), plan.notes
 
 
 def test_other_libraries_spellings_name_ours() -> None:

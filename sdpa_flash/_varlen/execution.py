@@ -51,6 +51,7 @@ class _Exec:
     flash_calls: Any = None  # stats() counter of the packed varlen call for this plan, taken on its first call
     varlen_run: Any = None  # the packed kernel: run(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale)
     direct: _Direct | None = None  # the groups' kernels called directly, one autograd node for all (see _Direct)
+    variants: dict[str, Any] = dataclasses.field(default_factory=dict)  # window/softcap for the packed kernel
 
 
 def _build_exec(p: VarlenPlan, device: torch.device) -> _Exec:
@@ -103,6 +104,8 @@ def _build_exec(p: VarlenPlan, device: torch.device) -> _Exec:
                varlen, order)
     if varlen is not None:
         ex.varlen_run = BACKENDS[p.varlen_backend].varlen()
+        ex.variants = {name: value for name, value in (("window", s.window), ("softcap", s.softcap))
+                       if value is not None}
     ex.direct = _Direct.build(p, ex, device, cu_q, cu_k)
     return ex
 
@@ -154,20 +157,21 @@ def _policy(policy: Any) -> Policy:
 
 
 def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seqlens_q: Sequence[int],
-            seqlens_k: Sequence[int], *, causal: Any = False, dropout_p: float = 0.0, policy: Any = None
-            ) -> VarlenPlan:
-    spec = _spec_of(query, key, value, tuple(seqlens_q), tuple(seqlens_k), causal, dropout_p)
+            seqlens_k: Sequence[int], *, causal: Any = False, dropout_p: float = 0.0, policy: Any = None,
+            window: Any = None, softcap: Any = None, sinks: Any = None) -> VarlenPlan:
+    spec = _spec_of(query, key, value, tuple(seqlens_q), tuple(seqlens_k), causal, dropout_p, window, softcap, sinks)
     return plan_varlen(spec, capabilities(query.device), _policy(policy))
 
 
 def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_q: Any, cu_seqlens_k: Any,
         max_seqlen_q: int, max_seqlen_k: int, *, causal: Any = False, scale: float | None = None,
         dropout_p: float = 0.0, policy: Any = None, seqlens_q: Sequence[int] | None = None,
-        seqlens_k: Sequence[int] | None = None) -> torch.Tensor:
+        seqlens_k: Sequence[int] | None = None, window: Any = None, softcap: Any = None,
+        sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Execute the plan for one packed call; see :func:`sdpa_flash.varlen.varlen_attention_packed`."""
     lens_q = _host_lengths(cu_seqlens_q, seqlens_q, max_seqlen_q, "cu_seqlens_q")
     lens_k = _host_lengths(cu_seqlens_k, seqlens_k, max_seqlen_k, "cu_seqlens_k")
-    spec = _spec_of(query, key, value, lens_q, lens_k, causal, dropout_p)
+    spec = _spec_of(query, key, value, lens_q, lens_k, causal, dropout_p, window, softcap, sinks)
     if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
         raise AttentionInputError(f"Expected scale to be None or a finite float, but got {scale!r} instead.")
     pol = _policy(policy)
@@ -179,7 +183,7 @@ def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_
         if len(_exec_cache) >= 64:
             _exec_cache.clear()
         ex = _exec_cache[key_] = _build_exec(p, dev)
-    return _execute(p, ex, query, key, value, dropout_p, scale, pol)
+    return _execute(p, ex, query, key, value, dropout_p, scale, pol, sinks if spec.sinks else None)
 
 
 def _group_inputs(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
@@ -219,7 +223,7 @@ def _place_outputs(p: VarlenPlan, ex: _Exec, n: int, og: torch.Tensor, outs: lis
 
 
 def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             dropout_p: float, scale: float | None, pol: Policy) -> torch.Tensor:
+             dropout_p: float, scale: float | None, pol: Policy, sinks: torch.Tensor | None = None) -> torch.Tensor:
     from .._dense import dense_attention as attention
 
     spec = p.spec
@@ -235,7 +239,7 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
             return grouped
         for i, o in zip(ex.direct.members, ex.direct.split(grouped), strict=True):
             outs[i] = o
-        return _finish(p, ex, query, key, value, dropout_p, softmax_scale, pol, outs)
+        return _finish(p, ex, query, key, value, dropout_p, softmax_scale, pol, outs, sinks)
     streams = _side_streams(dev, p.streams) if p.streams and dev.type == "cuda" and len(p.groups) > 1 else []
     main = torch.cuda.current_stream(dev) if streams else None
     inputs = _group_inputs(p, ex, query, key, value)
@@ -261,21 +265,24 @@ def _execute(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, v
             if contiguous:  # (b, H, L, D) contiguous, the layout the dense kernels are fastest on
                 qg, kg, vg = (t.transpose(1, 2).contiguous() for t in (qg, kg, vg))
                 og = attention(qg, kg, vg, attn_mask=mask, causal=causal, dropout_p=dropout_p,
-                               scale=softmax_scale, policy=pol).transpose(1, 2)
+                               scale=softmax_scale, policy=pol, window=spec.window, softcap=spec.softcap,
+                               sinks=sinks).transpose(1, 2)
             else:
                 og = attention(qg, kg, vg, attn_mask=mask, causal=causal, dropout_p=dropout_p,
-                               scale=softmax_scale, layout="bshd", policy=pol)
+                               scale=softmax_scale, layout="bshd", policy=pol, window=spec.window,
+                               softcap=spec.softcap, sinks=sinks)
             if main is not None:
                 og.record_stream(main)
             _place_outputs(p, ex, n, og, outs)
     if main is not None:
         for st in streams:
             main.wait_stream(st)
-    return _finish(p, ex, query, key, value, dropout_p, softmax_scale, pol, outs)
+    return _finish(p, ex, query, key, value, dropout_p, softmax_scale, pol, outs, sinks)
 
 
 def _finish(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            dropout_p: float, softmax_scale: float, pol: Policy, outs: list[torch.Tensor | None]) -> torch.Tensor:
+            dropout_p: float, softmax_scale: float, pol: Policy, outs: list[torch.Tensor | None],
+            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The flash varlen part and the zero rows, then the packed output (``outs``: per sequence, or ``None``)."""
     spec = p.spec
     hq, dv = spec.heads_q, spec.head_dim_v
@@ -287,11 +294,15 @@ def _finish(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, va
             # rk is None exactly when rq is
             qv, kv, vv = query.index_select(0, rq), key.index_select(0, rk), value.index_select(0, rk)  # type: ignore[arg-type]
         qv, kv, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (qv, kv, vv))
-        ov = ex.varlen_run(qv, kv, vv, cq, ck, mq, mk, dropout_p, spec.causal is not None, softmax_scale)
+        if spec.variants:  # (keywords a packed kernel gets only when it declares them: see Backend.varlen)
+            ov = ex.varlen_run(qv, kv, vv, cq, ck, mq, mk, dropout_p, spec.causal is not None, softmax_scale,
+                               **ex.variants, **({} if sinks is None else {"sinks": sinks}))
+        else:
+            ov = ex.varlen_run(qv, kv, vv, cq, ck, mq, mk, dropout_p, spec.causal is not None, softmax_scale)
         if ex.flash_calls is None:
             ex.flash_calls = _plan_counter(p.varlen_backend, f"{p.varlen_backend} varlen op", spec.describe())
         next(ex.flash_calls)
-        if pol.shadow and not dropout_p:
+        if pol.shadow and not dropout_p and not spec.variants:  # (the shadow's reference has no variants)
             seed = _shadow.tick(p.varlen_backend, pol.shadow)
             if seed is not None:
                 _shadow_one_sequence(p, pol, qv, kv, vv, ov, softmax_scale, seed)
@@ -306,7 +317,7 @@ def _finish(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, va
     out = query.new_zeros(query.shape[0], hq, dv) if not pieces else pieces[0] if len(pieces) == 1 else \
         torch.cat(pieces)
     if spec.needs_grad and not out.requires_grad:  # only zeros (no sequence sees a key): still differentiable
-        out = _Zeros.apply(out, query, key, value)
+        out = _Zeros.apply(out, query, key, value, *(() if sinks is None else (sinks,)))
     return out
 
 
@@ -357,8 +368,10 @@ class _Direct:
     def build(cls, p: VarlenPlan, ex: _Exec, device: torch.device, cu_q: list[int], cu_k: list[int]
               ) -> _Direct | None:
         s = p.spec
-        if not p.groups or p.streams or s.dropout or min(s.head_dim, s.head_dim_v) < 2:
-            return None  # (side streams: each group's kernels are issued on its stream by the per-group path)
+        if not p.groups or p.streams or s.dropout or s.variants or min(s.head_dim, s.head_dim_v) < 2:
+            # (side streams: each group's kernels are issued on its stream by the per-group path; the kernels'
+            # own ops of autograd_ops take no window, softcap or sinks)
+            return None
         caps = capabilities(device)
         calls = []
         for g in p.groups:

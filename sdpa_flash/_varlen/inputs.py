@@ -9,7 +9,16 @@ from typing import Any
 
 import torch
 
-from .._validate import causal_kind, check_dropout, check_heads, check_same, check_tensor
+from .._validate import (
+    causal_kind,
+    check_dropout,
+    check_heads,
+    check_packed_window,
+    check_same,
+    check_sinks,
+    check_softcap,
+    check_tensor,
+)
 from ..errors import AttentionInputError
 from .planning import VarlenSpec
 
@@ -18,7 +27,8 @@ __all__: list[str] = []
 
 
 def _spec_of(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seqlens_q: tuple[int, ...],
-             seqlens_k: tuple[int, ...], causal: Any, dropout_p: float) -> VarlenSpec:
+             seqlens_k: tuple[int, ...], causal: Any, dropout_p: float, window: Any = None, softcap: Any = None,
+             sinks: Any = None) -> VarlenSpec:
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(name, t, 3, "packed (T, H, D)")
     check_same(query, key, value)
@@ -38,9 +48,13 @@ def _spec_of(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seqlen
                                   f"{sum(seqlens_k)} instead.")
     kind = causal_kind(causal)
     check_dropout(dropout_p)
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    win = check_packed_window(window, kind, seqlens_q, seqlens_k)
+    cap = check_softcap(softcap)
+    has_sinks = check_sinks(sinks, hq, query.device)
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad or (
+        has_sinks and sinks.requires_grad))
     return VarlenSpec(query.device.type, query.dtype, hq, hk, query.shape[-1], value.shape[-1], seqlens_q, seqlens_k,
-                      kind, dropout_p > 0, needs_grad)
+                      kind, dropout_p > 0, needs_grad, win, cap, has_sinks)
 
 
 def _host_lengths(cu: Any, given: Sequence[int] | None, max_seqlen: int, what: str) -> tuple[int, ...]:

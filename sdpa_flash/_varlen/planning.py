@@ -12,11 +12,12 @@ from collections.abc import Sequence
 import torch
 
 from .. import _caches
+from .._validate import check_window
 from ..capability import Capabilities
 from ..errors import BackendUnavailableError
 from ..planner import plan as dense_plan
 from ..policy import Policy
-from ..spec import AttentionSpec, dtype_name
+from ..spec import AttentionSpec, Window, dtype_name
 from .cost import CostModel, cost_model
 
 __all__ = ["Group", "VarlenPlan", "VarlenSpec", "plan_varlen"]
@@ -26,7 +27,11 @@ __all__ = ["Group", "VarlenPlan", "VarlenSpec", "plan_varlen"]
 # --------------------------------------------------------------------------------------------- data
 @dataclasses.dataclass(frozen=True)
 class VarlenSpec:
-    """What a varlen call's plan depends on (lengths as host tuples; shapes in (T, H, D) terms)."""
+    """What a varlen call's plan depends on (lengths as host tuples; shapes in (T, H, D) terms).
+
+    ``window``, ``softcap`` and ``sinks`` are :class:`~sdpa_flash.spec.AttentionSpec`'s, the window aligned per
+    sequence (bottom-right: query i of sequence s sees key j iff ``-left <= j - (i + Lk_s - Lq_s) <= right``).
+    """
 
     device_type: str
     dtype: torch.dtype
@@ -39,6 +44,14 @@ class VarlenSpec:
     causal: str | None = None
     dropout: bool = False
     needs_grad: bool = False
+    window: Window | None = None
+    softcap: float | None = None
+    sinks: bool = False
+
+    @property
+    def variants(self) -> bool:
+        """A window, softcap or sinks."""
+        return self.window is not None or self.softcap is not None or self.sinks
 
     def describe(self) -> str:
         n = len(self.seqlens_q)
@@ -55,6 +68,12 @@ class VarlenSpec:
             parts.append("dropout")
         if self.needs_grad:
             parts.append("requires grad")
+        if self.window is not None:
+            parts.append(f"window={self.window} per sequence")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap:g}")
+        if self.sinks:
+            parts.append("sinks")
         return ", ".join(parts)
 
 
@@ -153,8 +172,14 @@ class VarlenPlan:
 # -------------------------------------------------------------------------------------------- planning
 def _dense_spec(spec: VarlenSpec, b: int, lq: int, lk: int, causal: str | None, mask: str | None,
                 d: int | None = None) -> AttentionSpec:
+    """The dense call of ``b`` sequences padded to ``(lq, lk)``, with the batch's variants; the window as that call
+    keeps it (dropped where it covers every key of the padded shape, as :func:`sdpa_flash.attention` drops it)."""
+    window = spec.window
+    if window is not None and not (causal == "top_left" and lq != lk):  # (planning's exact pairs: see _grouping)
+        window = check_window(window, causal, lq, lk)
     return AttentionSpec(spec.device_type, spec.dtype, b, spec.heads_q, spec.heads_kv, lq, lk, d or spec.head_dim,
-                         spec.head_dim_v, causal, mask, spec.dropout, spec.needs_grad)
+                         spec.head_dim_v, causal, mask, spec.dropout, spec.needs_grad, window=window,
+                         softcap=spec.softcap, sinks=spec.sinks)
 
 
 def _coordinate_dim(d: int) -> int:
@@ -197,13 +222,20 @@ def _grouping(spec: VarlenSpec, ids: list[int], model: CostModel, pad_keys: str,
               bwd: bool) -> tuple[float, list[Group]]:
     """Cheapest cut of ``ids`` (sorted by ``(L_k, L_q)``) into contiguous groups: dynamic programming on the
     cost model. ``pad_keys`` is how padding keys are hidden (``"coordinate"``, ``"mask"``, or ``"none"``:
-    groups whose key lengths differ are not allowed)."""
+    groups whose key lengths differ are not allowed).
+
+    With a window, a group's dense call aligns it to the padded shape's corner (offset ``len_k - len_q``) while each
+    sequence's own corner is ``L_k - L_q``: so the members of a non-causal group share ``L_k - L_q`` (right padding
+    then keeps every real query's window where it was; the padding keys past a window's reach stay hidden by the
+    key padding, and a window that reaches them also reaches the last real key, so no real query sees padding
+    alone). Causal groups are square or exact already."""
     n = len(ids)
     if not n:
         return 0.0, []
     lq = [spec.seqlens_q[i] for i in ids]
     lk = [spec.seqlens_k[i] for i in ids]
     causal = spec.causal is not None
+    same_offset = spec.window is not None and not causal
     best = [0.0] + [math.inf] * n
     cut = [0] * (n + 1)
     kinds = [""] * (n + 1)
@@ -214,6 +246,8 @@ def _grouping(spec: VarlenSpec, ids: list[int], model: CostModel, pad_keys: str,
         for i in range(j - 1, max(-1, j - 1 - model.max_group_span), -1):
             mq, mk, nq, nk = max(mq, lq[i]), max(mk, lk[i]), min(nq, lq[i]), min(nk, lk[i])
             square = square and lq[i] == lk[i]
+            if same_offset and lk[i] - lq[i] != lk[j - 1] - lq[j - 1]:
+                break  # a window is aligned per sequence (see above): one offset per group
             d = spec.head_dim
             if nq == mq and nk == mk:
                 kind = "none"
@@ -267,7 +301,8 @@ def _plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy, model_key
     longest = max(live, key=lambda i: spec.seqlens_q[i] * spec.seqlens_k[i])
     big_q, big_k = spec.seqlens_q[longest], spec.seqlens_k[longest]
     d_coord = _coordinate_dim(spec.head_dim)
-    pad_keys = model.padding
+    # the coordinate hides a padding key by a huge negative score, which a softcap would bound at -softcap: a mask
+    pad_keys = "mask" if spec.softcap is not None and model.padding == "coordinate" else model.padding
     dense_causal = spec.causal
 
     def dense_reasons(mask: str | None, d: int | None = None) -> tuple[str, list[str]]:

@@ -392,6 +392,8 @@ class Backend:
         if req.same_head_dim_v:
             pad_v = pad_qk
         window_mask = spec.window if spec.window is not None and not req.window else None
+        if window_mask is not None and strategy == "kernel" and not req.mask_with_causal:
+            strategy = "mask"  # the window arrives as a mask, which this kernel takes only without its causal flag
         has_mask = spec.mask is not None or strategy == "mask" or window_mask is not None
         return Prep(
             repeat_kv=1 if req.native_gqa or not spec.heads_kv else spec.heads_q // spec.heads_kv,
@@ -452,8 +454,10 @@ class Backend:
 
     def varlen_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
         """Why one packed call cannot run a ragged batch whose longest query and key give ``spec`` (causal, if
-        any, bottom-right): the dense reasons, less those about the causal corner (a packed kernel aligns causal
-        per sequence)."""
+        any, bottom-right; a window, softcap and sinks as the batch has them, the window aligned per sequence):
+        the dense reasons, less those about the causal corner (a packed kernel aligns causal per sequence). The
+        variants are the :class:`Requirements` data (``window``, ``softcap``, ``sinks``), as for dense calls; a
+        backend whose packed kernel differs from its dense one there overrides this."""
         if not self.VARLEN:
             return ["has no packed (cu_seqlens) kernel"]
         return [r for r in self.not_supported_reasons(spec, caps) if "causal" not in r] + self.unpadded_reasons(spec,
@@ -471,7 +475,12 @@ class Backend:
 
     def varlen(self) -> Callable[..., torch.Tensor]:
         """``run(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale) -> out``, packed (T, H, D) in and
-        out, ``cu_*`` int32 on the device, causal aligned bottom-right per sequence."""
+        out, ``cu_*`` int32 on the device, causal aligned bottom-right per sequence.
+
+        Batches with variants add keywords, each only when the batch has it (so a kernel whose
+        :meth:`varlen_reasons` refuses a variant never sees its keyword): ``window=(left, right)`` (bottom-right
+        per sequence, ``None`` per side unbounded; see :data:`sdpa_flash.spec.Window`), ``softcap=c`` and
+        ``sinks=`` the ``(Hq,)`` sink logits (differentiable: the kernel gives their gradient)."""
         raise NotImplementedError(f"{self.name} has no packed (cu_seqlens) kernel")
 
     # ------------------------------------------------------------------------------------------- doing

@@ -291,11 +291,16 @@ class FA4Backend(Backend):
         det = torch.are_deterministic_algorithms_enabled
 
         def run(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, dropout_p: float,
-                causal: bool, scale: float | None) -> Tensor:
+                causal: bool, scale: float | None, *, window: tuple[int | None, int | None] | None = None,
+                softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
+            # window_size (per sequence, bottom-right: FA4's own alignment), softcap and learnable_sink are FA4's
+            # arguments; its varlen autograd.Function gives the sink's gradient (interface.py, FlashAttnVarlenFunc)
             with _on_device(q) if guard else _NULL:
                 return fn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(max_q),
                           max_seqlen_k=int(max_k), softmax_scale=scale, causal=bool(causal),
-                          deterministic=det() and q.requires_grad)[0]
+                          window_size=(None, None) if window is None else window_arg(*window),
+                          learnable_sink=None if sinks is None else sinks.float(), softcap=softcap or 0.0,
+                          deterministic=det() and (q.requires_grad or (sinks is not None and sinks.requires_grad)))[0]
 
         return run
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 
+from ..errors import SdpaFlashError
 from ..spec import AttentionSpec
 from ._base import Backend, Device, KernelCall, KernelFn, KernelOptions, Requirements, Runner, with_plain
 
@@ -68,9 +71,23 @@ class FlashBackend(Backend):
     VARLEN = True
 
     def varlen_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
+        """The dense requirements (equal head dims, multiples of 8, ...), except where the packed op differs from
+        the dense one: it takes a window itself (``window_size_left/right``, where this torch's op schemas have
+        them: :func:`packed_window_args`), and sinks by an exact adaptation of its log-sum-exp (see
+        :class:`_PackedSinks`); softcap stays refused, as the requirements say."""
         if caps.device_type != "cuda":
             return [f"the flash varlen kernel is CUDA only (this is {caps.device_type})"]
-        return super().varlen_reasons(spec, caps)  # (equal head dims, multiples of 8: the requirements data)
+        why = []
+        if spec.window is not None:
+            if not packed_window_args():
+                why.append(f"this PyTorch's packed flash ops (aten._flash_attention_forward/_backward, torch "
+                           f"{torch.__version__}) take no window_size_left/right; a newer torch has them")
+            spec = dataclasses.replace(spec, window=None)  # (one reason, not the dense runner's too)
+        if spec.sinks:
+            if spec.dropout:
+                why.append("sinks with dropout_p > 0: the packed op's sink adaptation runs without dropout")
+            spec = dataclasses.replace(spec, sinks=False)
+        return super().varlen_reasons(spec, caps) + why
 
     def varlen(self) -> Callable[..., torch.Tensor]:
         return _flash_varlen
@@ -116,10 +133,81 @@ def _cpu_kernel(op: Callable[..., Any]) -> KernelFn:
     return with_plain(call, plain)
 
 
+# ----------------------------------------------------------------------------------- the packed (varlen) op
+# The ops, looked up when called (module globals: a test stands a CPU model of them in; no CUDA is touched here).
+_PACKED_FWD: Any = getattr(torch.ops.aten, "_flash_attention_forward", None)
+_PACKED_BWD: Any = getattr(torch.ops.aten, "_flash_attention_backward", None)
+
+
+@functools.cache
+def packed_window_args() -> bool:
+    """Whether this torch's packed flash ops take a window: ``window_size_left`` and ``window_size_right`` in the
+    schemas of both ``aten._flash_attention_forward`` and ``aten._flash_attention_backward`` (read once; no CUDA)."""
+    wanted = {"window_size_left", "window_size_right"}
+    try:
+        ops = (torch.ops.aten._flash_attention_forward, torch.ops.aten._flash_attention_backward)
+        return all(wanted <= {a.name for a in op.default._schema.arguments} for op in ops)
+    except (AttributeError, RuntimeError):  # a build without the ops
+        return False
+
+
+def _window_kwargs(window: tuple[int | None, int | None] | None) -> dict[str, int]:
+    """FlashAttention-2's window: ``-1`` per unbounded side; aligned bottom-right per sequence like ours."""
+    if window is None:
+        return {}
+    left, right = window
+    return {"window_size_left": -1 if left is None else left, "window_size_right": -1 if right is None else right}
+
+
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                  max_q: int, max_k: int, dropout_p: float, causal: bool, scale: float | None) -> torch.Tensor:
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, False,
-                                                   scale=scale)[0]
+                  max_q: int, max_k: int, dropout_p: float, causal: bool, scale: float | None, *,
+                  window: tuple[int | None, int | None] | None = None, sinks: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    kw = _window_kwargs(window)
+    if sinks is not None:  # (dropout is refused with sinks: see FlashBackend.varlen_reasons)
+        out: torch.Tensor = _PackedSinks.apply(q, k, v, sinks, cu_q, cu_k, max_q, max_k, causal, scale, kw)
+        return out
+    return _PACKED_FWD(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, False, scale=scale, **kw)[0]
+
+
+class _PackedSinks(torch.autograd.Function):
+    """The packed flash op with one sink logit per query head, exactly.
+
+    A sink is one more softmax column with no value, so with the op's own output ``O`` and log-sum-exp ``lse`` (of
+    the scores alone) the result is ``O * sigmoid(lse - sink)`` row by row. The backward is the op's own backward
+    run on that result with ``lse' = logaddexp(lse, sink)``: its recomputed probabilities ``exp(S - lse')`` are then
+    the sink softmax's, and its ``rowsum(dO * O)`` the sink output's, which is the exact gradient of q, k and v. The
+    sinks' own gradient is ``-sum_rows sigmoid(sink - lse) * rowsum(dO * O)``. A row that sees no key gives 0 (the
+    op's ``lse`` there is infinite: ``sigmoid`` gives 1 or 0, never NaN), as the dense convention says.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, causal: bool, scale: float | None,
+                window: dict[str, int]) -> torch.Tensor:
+        out, lse, rng, unused, _ = _PACKED_FWD(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale,
+                                               **window)
+        if tuple(lse.shape) != (q.shape[1], q.shape[0]):
+            raise SdpaFlashError(f"the packed flash op returned a log-sum-exp of shape {tuple(lse.shape)}, not (H, T) "
+                                 f"= ({q.shape[1]}, {q.shape[0]}): this torch ({torch.__version__}) lays it out "
+                                 "otherwise, so its sinks cannot be applied; pass policy='chunked' (or 'fa4')")
+        sink = sinks.detach().float()[:, None]
+        out = (out.float() * torch.sigmoid(lse - sink).t()[..., None]).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, torch.logaddexp(lse, sink), rng, unused, cu_q, cu_k, sinks)
+        ctx.args = (max_q, max_k, causal, scale, window)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # as the op's own backward
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse_sink, rng, unused, cu_q, cu_k, sinks = ctx.saved_tensors
+        max_q, max_k, causal, scale, window = ctx.args
+        grad = grad.contiguous()
+        dq, dk, dv = _PACKED_BWD(grad, q, k, v, out, lse_sink, cu_q, cu_k, max_q, max_k, 0.0, causal, rng, unused,
+                                 scale=scale, **window)
+        p_sink = torch.exp(sinks.detach().float()[:, None] - lse_sink)  # (H, T): sigmoid(sink - lse)
+        dsink = -(p_sink * (grad.float() * out.float()).sum(-1).t()).sum(1)
+        return dq, dk, dv, dsink.to(sinks.dtype), None, None, None, None, None, None, None
 
 
 _CUDA = _cuda_kernel(torch._scaled_dot_product_flash_attention)

@@ -36,7 +36,8 @@ Which path each call takes (``route_counts()``, ``record()``, :func:`explain`):
                entries): ``attention(..., key_padding_mask=...)``
 ``dense``      anything else (sliding windows, packed-sequence or chunked masks, static caches, biases, masks
                that differ per head, ``torch.compile``): ``attention(..., attn_mask=mask)``, exact
-``packed``     flash-attention-style ``cu_seq_lens_q/k`` keyword arguments: ``varlen_attention_packed``
+``packed``     flash-attention-style ``cu_seq_lens_q/k`` keyword arguments: ``varlen_attention_packed`` (softcap,
+               ``s_aux`` sinks and ``sliding_window`` included, the window per sequence)
 =============  =========================================================================================
 
 Padded query rows differ from ``"sdpa"`` on the varlen path (they are zeros here, and a weighted average of
@@ -44,7 +45,9 @@ nothing in particular there); transformers never lets them influence a real toke
 
 Sliding windows are never ignored: a layer called with ``sliding_window=W`` and more than ``W`` keys never takes
 the varlen path; it uses the windowed mask transformers built, or, when the call has no mask, a causal window
-mask built here (non-causal windows without a mask raise :class:`sdpa_flash.AttentionInputError`).
+mask built here (non-causal windows without a mask raise :class:`sdpa_flash.AttentionInputError`). On the
+``packed`` path ``sliding_window=W`` is ``window=(W - 1, W - 1)`` for every sequence, as transformers' own
+flash-attention path passes it (a causal layer's right side is capped by causal masking).
 """
 
 from __future__ import annotations

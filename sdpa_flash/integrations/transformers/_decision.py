@@ -116,13 +116,15 @@ def variants(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def packed_window(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """transformers' ``sliding_window=W`` on the packed (``cu_seq_lens``) route as flash-attention's varlen call
+    takes it: ``window=(W - 1, W - 1)``, per sequence (causal masking caps the right side of a causal layer)."""
+    w = kwargs.get("sliding_window")
+    return {} if w is None else {"window": (int(w) - 1, int(w) - 1)}
+
+
 def _prepare(module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask: Any, is_causal: bool | None,
              kwargs: dict[str, Any]) -> _Decision:
-    extra = variants(kwargs)
-    if extra and kwargs.get("cu_seq_lens_q") is not None:
-        raise AttentionInputError(f"Expected no {' or '.join(extra)} with packed sequences (cu_seq_lens_q), but "
-                                  "got them: sdpa_flash's packed route does not take them yet. Pass the batch "
-                                  "padded, with its attention mask.")
     if kwargs.get("output_attentions") and "output_attentions" not in _warned:
         _warned.add("output_attentions")
         warnings.warn("sdpa_flash does not return attention weights (output_attentions=True); use "

@@ -12,7 +12,7 @@ from ...attention import attention
 from ...attention import explain as _explain
 from ...errors import AttentionInputError
 from ...policy import PolicyLike
-from ._decision import _module_causal, _prepare, variants
+from ._decision import _module_causal, _prepare, packed_window, variants
 from ._masks import _compiling
 from ._routes import Route, _count
 
@@ -72,8 +72,9 @@ def attention_forward(
         is_causal: overrides ``module.is_causal`` for a call without a mask.
         **kwargs: ``sliding_window`` (never ignored), ``position_bias`` (added to the scores), ``softcap`` (Gemma 2)
             and ``s_aux`` (gpt-oss's sinks) as :func:`sdpa_flash.attention`'s ``softcap=`` and ``sinks=``,
-            flash-attention's ``cu_seq_lens_q/k`` and ``max_length_q/k`` (packed sequences, ``B = 1``; not with
-            softcap or sinks); others are ignored, as transformers' ``"sdpa"`` does.
+            flash-attention's ``cu_seq_lens_q/k`` and ``max_length_q/k`` (packed sequences, ``B = 1``: with
+            softcap, sinks and ``sliding_window``, which is then ``window=(W - 1, W - 1)`` per sequence, as
+            transformers' flash-attention path passes it); others are ignored, as transformers' ``"sdpa"`` does.
 
     Returns:
         ``(output, None)``: ``(B, Sq, Hq, Dv)``, contiguous, and no attention weights.
@@ -98,21 +99,31 @@ def _forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.T
     return out.transpose(1, 2).contiguous(), None
 
 
-def _packed(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
-            scaling: float | None, is_causal: bool | None, policy: Any, kwargs: dict[str, Any]) -> torch.Tensor:
-    from ...varlen import varlen_attention_packed
-
+def _packed_args(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool | None,
+                 kwargs: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+    """The packed ``(T, H, D)`` query, key and value and the engine's keywords for a ``cu_seq_lens`` call (causal
+    bottom-right per sequence, as flash-attention's varlen call aligns it; the variants passed through)."""
     if query.shape[0] != 1:
         raise AttentionInputError(f"Expected batch size 1 with cu_seq_lens_q (packed sequences), but got query of "
                                   f"shape {tuple(query.shape)} instead.")
     cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"])
     lens_q = tuple(int(x) for x in (cu_q[1:] - cu_q[:-1]).tolist())
     lens_k = lens_q if cu_k is cu_q else tuple(int(x) for x in (cu_k[1:] - cu_k[:-1]).tolist())
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
+    packed = tuple(t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     causal = "bottom_right" if _module_causal(module, is_causal) else False
-    out = varlen_attention_packed(q, k, v, cu_q, cu_k, max(lens_q, default=0), max(lens_k, default=0),
-                                  causal=causal, scale=scaling, dropout_p=dropout, policy=policy,
-                                  seqlens_q=lens_q, seqlens_k=lens_k)
+    return packed, {"cu_q": cu_q, "cu_k": cu_k, "lens_q": lens_q, "lens_k": lens_k, "causal": causal,
+                    **variants(kwargs), **packed_window(kwargs)}
+
+
+def _packed(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
+            scaling: float | None, is_causal: bool | None, policy: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+    from ...varlen import varlen_attention_packed
+
+    (q, k, v), a = _packed_args(module, query, key, value, is_causal, kwargs)
+    lens_q, lens_k = a.pop("lens_q"), a.pop("lens_k")
+    out = varlen_attention_packed(q, k, v, a.pop("cu_q"), a.pop("cu_k"), max(lens_q, default=0),
+                                  max(lens_k, default=0), scale=scaling, dropout_p=dropout, policy=policy,
+                                  seqlens_q=lens_q, seqlens_k=lens_k, **a)
     return out.transpose(0, 1)[None]  # (1, H, T, Dv): transposed back by the caller
 
 
@@ -132,11 +143,16 @@ def explain(
     """The :class:`Route` a call of the attention function would take, with the plan, without running it.
 
     ``route.plan`` is :func:`sdpa_flash.explain`'s answer for the call it would make: a
-    :class:`sdpa_flash.varlen` plan (``VarlenPlan``) on the varlen path, a :class:`sdpa_flash.Plan` otherwise.
+    :class:`sdpa_flash.varlen` plan (``VarlenPlan``) on the varlen and packed paths, a :class:`sdpa_flash.Plan`
+    otherwise.
     """
     d = _prepare(module, query, key, attention_mask, is_causal, kwargs)
     if d.path == "packed":
-        plan = None
+        from ... import _varlen
+
+        (q, k, v), a = _packed_args(module, query, key, value, is_causal, kwargs)
+        del a["cu_q"], a["cu_k"]
+        plan = _varlen.explain(q, k, v, a.pop("lens_q"), a.pop("lens_k"), dropout_p=dropout, policy=policy, **a)
     elif d.path == "varlen":
         plan = _explain(query, key, value, key_padding_mask=d.kpm, causal=d.causal or False, dropout_p=dropout,
                         scale=scaling, policy=policy, **variants(kwargs))
