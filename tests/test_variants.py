@@ -10,6 +10,7 @@ against the float64 reference, with the same-dtype reference's own error as the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -39,23 +40,23 @@ def _tiles(bq: int, bk: int) -> Iterator[None]:
         chunked_mod._block_sizes = saved
 
 
-def _inputs(b: int, hq: int, hkv: int, sq: int, sk: int, d: int, dtype: torch.dtype, sinks: bool, seed: int = 0
-            ) -> tuple[torch.Tensor, ...]:
+def _inputs(b: int, hq: int, hkv: int, sq: int, sk: int, d: int, dtype: torch.dtype, sinks: bool, seed: int = 0,
+            device: str = "cpu") -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, hq, sq, d, generator=g, dtype=torch.float64)
     k = torch.randn(b, hkv, sk, d, generator=g, dtype=torch.float64)
     v = torch.randn(b, hkv, sk, d, generator=g, dtype=torch.float64)
     s = torch.randn(hq, generator=g, dtype=torch.float64) * 2 if sinks else None
-    out = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
     if s is not None:
-        out.append(s.float().requires_grad_())  # float32 sinks, as FA4 and gpt-oss keep them
+        out.append(s.to(device=device, dtype=torch.float32).requires_grad_())  # float32, as FA4 and gpt-oss keep them
     return tuple(out)
 
 
 def _check(policy: str, b: int, hq: int, hkv: int, sq: int, sk: int, d: int, dtype: torch.dtype, causal: Any,
-           window: Any, softcap: Any, sinks: bool, seed: int = 0) -> None:
+           window: Any, softcap: Any, sinks: bool, seed: int = 0, device: str = "cpu") -> None:
     """attention() under ``policy`` against the float64 reference by the tolerance rule, forward and backward."""
-    leaves = _inputs(b, hq, hkv, sq, sk, d, dtype, sinks, seed)
+    leaves = _inputs(b, hq, hkv, sq, sk, d, dtype, sinks, seed, device)
     q, k, v = leaves[:3]
     s = leaves[3] if sinks else None
     kw = dict(causal=causal, window=window, softcap=softcap)
@@ -64,7 +65,7 @@ def _check(policy: str, b: int, hq: int, hkv: int, sq: int, sk: int, d: int, dty
         out = sdpa_flash.attention(q, k, v, sinks=s, policy=policy, **kw)
     same = reference_attention(q, k, v, sinks=s, dtype=None, **kw)
     ref = reference_attention(q, k, v, sinks=s, dtype=torch.float64, **kw)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(device)
     names = ("out", "dq", "dk", "dv", "dsinks")[:len(leaves) + 1]
     got = (out, *torch.autograd.grad(out, leaves, grad.to(out.dtype)))
     want_same = (same, *torch.autograd.grad(same, leaves, grad.to(same.dtype)))
@@ -357,3 +358,41 @@ def test_a_layer_that_must_see_the_call_gets_the_window_as_a_mask() -> None:
         with pytest.raises(BackendUnavailableError, match="no softcap or attention sinks"):
             sdpa_flash.attention(q, k, v, softcap=3.0)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------- CUDA flash windows
+def test_cuda_flash_takes_the_window_itself_where_torch_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without FA4 a windowed call on Hopper runs on FlashAttention-2's own window (cuDNN and efficient are refused
+    with the reason); a torch whose flash ops lack window_size_left/right says so instead."""
+    from sdpa_flash import Capabilities
+    from sdpa_flash._validate import attention_spec
+    from sdpa_flash.backends import flash as flash_mod
+    from sdpa_flash.planner import plan
+
+    caps = Capabilities.synthetic("cuda", (9, 0))
+    q = torch.empty(2, 8, 1024, 64, dtype=torch.bfloat16, device="meta")
+    kv = torch.empty(2, 2, 1024, 64, dtype=torch.bfloat16, device="meta")
+    spec = dataclasses.replace(attention_spec(q, kv, kv, None, True, 0.0, None, "bhsd", (127, 0)), device_type="cuda")
+    p = plan(spec, caps)
+    assert p.backend == "flash" and not p.fallback and p.prep.window_mask is None, p.explain()
+    assert "sliding window" in p.reasons["cudnn"][0]
+    monkeypatch.setattr(flash_mod, "packed_window_args", lambda: False)
+    plan.cache_clear()  # type: ignore[attr-defined]  # functools' cache API on the public wrapper
+    try:
+        p = plan(spec, caps)
+        assert p.backend != "flash" and "take no window_size_left/right" in p.reasons["flash"][0], p.explain()
+    finally:
+        monkeypatch.undo()
+        plan.cache_clear()  # type: ignore[attr-defined]  # (the same)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_flash_window_matches_float64_math(causal: bool) -> None:
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the CUDA flash kernel needs sm80+")
+    window = (37, 0) if causal else (37, 11)
+    leaves = _inputs(2, 8, 2, 300, 300, 64, torch.bfloat16, False, device="cuda")
+    plan = sdpa_flash.explain(*leaves, causal=causal, window=window, policy="flash")
+    assert plan.prep.window_mask is None  # the kernel's own window, no mask
+    _check("flash", 2, 8, 2, 300, 300, 64, torch.bfloat16, causal, window, None, False, device="cuda")

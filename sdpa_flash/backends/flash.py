@@ -33,6 +33,9 @@ class FlashBackend(Backend):
             contiguous_last_dim=True,
             # PyTorch passes deterministic=True to FlashAttention-2's backward under deterministic mode.
             deterministic_backward=True,
+            # FlashAttention-2's own window (aten._flash_attention_forward/_backward's window_size_left/right, where
+            # this torch's schemas have them: extra_reasons says when they do not), bottom-right aligned like ours.
+            window=True,
         ),
         # The CPU kernel: blocked online softmax; masks yes, dropout no, any head dim, top-left causal. Dropout: torch
         # 2.13's aten._scaled_dot_product_flash_attention_for_cpu raises "Currently do not support dropout > 0"
@@ -53,6 +56,9 @@ class FlashBackend(Backend):
 
     def extra_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
         cc = caps.compute_capability
+        if spec.window is not None and caps.device_type == "cuda" and not packed_window_args():
+            return [f"this PyTorch's flash ops (aten._flash_attention_forward/_backward, torch {torch.__version__}) "
+                    "take no window_size_left/right; a newer torch has them"]
         # sm86-sm89 (and sm120/121) lack the shared memory for the large-head-dim backward kernels.
         if cc is not None and spec.needs_grad and ((8, 6) <= cc <= (8, 9) or (12, 0) <= cc <= (12, 1)):
             if (spec.head_dim > 224 and spec.dropout) or 192 < spec.head_dim <= 224:
@@ -78,11 +84,6 @@ class FlashBackend(Backend):
         if caps.device_type != "cuda":
             return [f"the flash varlen kernel is CUDA only (this is {caps.device_type})"]
         why = []
-        if spec.window is not None:
-            if not packed_window_args():
-                why.append(f"this PyTorch's packed flash ops (aten._flash_attention_forward/_backward, torch "
-                           f"{torch.__version__}) take no window_size_left/right; a newer torch has them")
-            spec = dataclasses.replace(spec, window=None)  # (one reason, not the dense runner's too)
         if spec.sinks:
             if spec.dropout:
                 why.append("sinks with dropout_p > 0: the packed op's sink adaptation runs without dropout")
@@ -100,10 +101,20 @@ class FlashBackend(Backend):
 
 def _cuda_kernel(op: Callable[..., Any]) -> KernelFn:
     def call(c: KernelCall) -> torch.Tensor:
+        if c.window is not None:
+            return _windowed(c.q, c.k, c.v, c.dropout_p, c.causal, c.scale, _window_kwargs(c.window))
         return op(c.q, c.k, c.v, c.dropout_p, c.causal, False, scale=c.scale)[0]
 
     def plain(options: KernelOptions) -> Runner:
         is_causal = options.causal
+        if options.window is not None:
+            kw = _window_kwargs(options.window)
+
+            def run_windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                             dropout_p: float, scale: float | None) -> torch.Tensor:
+                return _windowed(q, k, v, dropout_p, is_causal, scale, kw)
+
+            return run_windowed
 
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                 dropout_p: float, scale: float | None) -> torch.Tensor:
@@ -157,6 +168,15 @@ def _window_kwargs(window: tuple[int | None, int | None] | None) -> dict[str, in
         return {}
     left, right = window
     return {"window_size_left": -1 if left is None else left, "window_size_right": -1 if right is None else right}
+
+
+def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, causal: bool | str,
+              scale: float | None, window: dict[str, int]) -> torch.Tensor:
+    """A dense call with a sliding window: FlashAttention-2's op on the (B, S, H, D) views of (B, H, S, D) tensors
+    (no copy; the op's own autograd formula passes the window to its backward), the output back as (B, H, S, D)."""
+    out = _PACKED_FWD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, q.shape[2], k.shape[2],
+                      dropout_p, bool(causal), False, scale=scale, **window)[0]
+    return out.transpose(1, 2)
 
 
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,

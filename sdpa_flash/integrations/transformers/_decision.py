@@ -22,17 +22,17 @@ class _Decision:
     causal: str | None = None
     kpm: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    window: tuple[int, int] | None = None  # a causal sliding window, passed to attention() as it is (no mask)
 
 
 def _module_causal(module: Any, is_causal: bool | None) -> bool:
     return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
 
 
-def _window_mask(sq: int, sk: int, window: int, device: torch.device) -> torch.Tensor:
-    """Causal sliding window, bottom-right aligned: query i (position i + sk - sq) sees keys j in (pos - W, pos]."""
-    pos = torch.arange(sq, device=device)[:, None] + (sk - sq)
-    j = torch.arange(sk, device=device)[None, :]
-    return ((j <= pos) & (j > pos - window))[None, None]
+def _window(sliding_window: int) -> tuple[int, int]:
+    """transformers' causal ``sliding_window=W`` (query at position p sees keys in ``(p - W, p]``) as
+    :func:`sdpa_flash.attention`'s ``window=(W - 1, 0)`` (bottom-right aligned, inclusive)."""
+    return (int(sliding_window) - 1, 0)
 
 
 def _decide(module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask: Any, is_causal: bool | None,
@@ -47,9 +47,8 @@ def _decide(module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask:
                     f"Expected an attention mask for a non-causal layer with sliding_window={sliding_window} and "
                     f"{sk} keys, but got attention_mask=None; sdpa_flash will not ignore the window. Pass the mask "
                     "transformers builds for the window, or use attn_implementation='eager'.")
-            # windowed: sliding_window is not None
-            return _Decision("dense", f"sliding_window={sliding_window} < {sk} keys and no mask: causal window mask "
-                             "built here", mask=_window_mask(sq, sk, int(sliding_window), query.device))  # type: ignore[arg-type]
+            return _Decision("no_mask", f"sliding_window={sliding_window} < {sk} keys and no mask: the window "
+                             "passed to the kernel", "bottom_right", window=_window(sliding_window))  # type: ignore[arg-type]  # windowed: not None
         return _Decision("no_mask", "transformers passed no mask (no padding)", "top_left" if causal else None)
     if not isinstance(attention_mask, torch.Tensor):
         raise AttentionInputError(f"Expected attention_mask to be a torch.Tensor or None, but got "
@@ -65,6 +64,18 @@ def _decide(module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask:
     if _compiling():
         return _Decision("dense", "torch.compile is tracing (the varlen path reads lengths on the host)", mask=mask)
     info = _lookup(_built, attention_mask) if attention_mask.shape[-2:] == (sq, sk) else None
+    if windowed and (info is None or info[0] is None):
+        # transformers' sliding-window mask: causal, the window, and key padding (or why not); the window then
+        # goes to the kernel as an argument, and only the padding (if any) as a mask
+        kind, kpm, _ = _classify(mask, query.shape[0], sq, sk, int(sliding_window))  # type: ignore[arg-type]  # windowed: not None
+        if kind == "causal":
+            reason = f"the mask is causal attention with sliding_window={sliding_window}"
+            if kpm is None:
+                return _Decision("no_mask", f"{reason}, no padding: the window passed to the kernel", "bottom_right",
+                                 window=_window(sliding_window))  # type: ignore[arg-type]  # windowed: not None
+            return _Decision("varlen", f"{reason}, with key padding: the window passed to the kernel", "bottom_right",
+                             kpm=kpm, window=_window(sliding_window))  # type: ignore[arg-type]  # windowed: not None
+        info = None  # not the window's: a plain mask is refused below, another pattern runs as it is
     if info is None:
         info = _classify(mask, query.shape[0], sq, sk)
     kind, kpm, why = info
@@ -95,14 +106,20 @@ def _decide_2d(module: Any, query: torch.Tensor, key: torch.Tensor, mask: torch.
     kpm = mask != 0
     causal = sq > 1 and _module_causal(module, is_causal)
     ck = "bottom_right" if causal else None
-    if windowed or _compiling():
+    window = _window(sliding_window) if windowed else None  # type: ignore[arg-type]  # windowed: not None
+    if windowed and not causal:
+        raise AttentionInputError(
+            f"Expected a causal layer with sliding_window={sliding_window} and a 2-D padding mask, but the layer is "
+            "not causal; sdpa_flash will not guess where its window lies. Pass the 4-D mask transformers builds, or "
+            "use attn_implementation='eager'.")
+    if _compiling():
         dense = kpm[:, None, None, :]
-        if causal:  # (windowed: sliding_window is not None)
-            dense = dense & (_window_mask(sq, sk, int(sliding_window), query.device) if windowed  # type: ignore[arg-type]
-                             else causal_mask_tensor("bottom_right", sq, sk, query.device)[None, None])
-        why = f"sliding_window={sliding_window}" if windowed else "torch.compile is tracing"
-        return _Decision("dense", f"2-D padding mask, dense because {why}", mask=dense)
-    return _Decision("varlen", "2-D key padding mask", ck, kpm=kpm.contiguous())
+        if causal:
+            dense = dense & causal_mask_tensor("bottom_right", sq, sk, query.device)[None, None]
+        return _Decision("dense", "2-D padding mask, dense because torch.compile is tracing", mask=dense,
+                         causal=None, window=window)
+    why = f", sliding_window={sliding_window} passed to the kernel" if windowed else ""
+    return _Decision("varlen", f"2-D key padding mask{why}", ck, kpm=kpm.contiguous(), window=window)
 
 
 def variants(kwargs: dict[str, Any]) -> dict[str, Any]:

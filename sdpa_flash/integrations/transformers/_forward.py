@@ -90,10 +90,10 @@ def _forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.T
         out = _packed(module, query, key, value, dropout, scaling, is_causal, policy, kwargs)
     elif d.path == "varlen":
         out = attention(query, key, value, key_padding_mask=d.kpm, causal=d.causal or False, dropout_p=dropout,
-                        scale=scaling, policy=policy, **variants(kwargs))
+                        scale=scaling, policy=policy, window=d.window, **variants(kwargs))
     else:
         out = attention(query, key, value, attn_mask=d.mask, causal=d.causal or False, dropout_p=dropout,
-                        scale=scaling, policy=policy, **variants(kwargs))
+                        scale=scaling, policy=policy, window=d.window, **variants(kwargs))
     if not _compiling():
         _count(module, query, key, d)
     return out.transpose(1, 2).contiguous(), None

@@ -113,17 +113,31 @@ def mask_function(
     return mask
 
 
-def _classify(mask: torch.Tensor, b: int, sq: int, sk: int) -> tuple[str | None, torch.Tensor | None, str | None]:
-    """Recognise a 4-D mask made by someone else: causal / bidirectional + key padding, or why not (cached)."""
-    got = _lookup(_seen, mask)
-    if got is not None:
+_seen_windowed: dict[tuple[int, int], tuple[Any, int, tuple[str | None, torch.Tensor | None, str | None]]] = {}
+
+
+def _classify(mask: torch.Tensor, b: int, sq: int, sk: int, window: int | None = None
+              ) -> tuple[str | None, torch.Tensor | None, str | None]:
+    """Recognise a 4-D mask made by someone else: causal / bidirectional + key padding, or why not (cached).
+    With ``window=W``: whether it is causal attention under transformers' sliding window of ``W`` keys (a query at
+    position p sees keys in ``(p - W, p]``) plus key padding — then ``"causal"`` means exactly that."""
+    if window is None:
+        got = _lookup(_seen, mask)
+        if got is None:
+            got = _classify_now(mask, b, sq, sk)
+            _remember(_seen, mask, got)
         return got
-    info = _classify_now(mask, b, sq, sk)
-    _remember(_seen, mask, info)
+    hit = _seen_windowed.get((id(mask), window))
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        return hit[2]
+    info = _classify_now(mask, b, sq, sk, window)
+    if len(_seen_windowed) >= 256:
+        _seen_windowed.clear()
+    _seen_windowed[(id(mask), window)] = (weakref.ref(mask), mask._version, info)
     return info
 
 
-def _classify_now(mask: torch.Tensor, b: int, sq: int, sk: int
+def _classify_now(mask: torch.Tensor, b: int, sq: int, sk: int, window: int | None = None
                   ) -> tuple[str | None, torch.Tensor | None, str | None]:
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2] not in (1, sq) or mask.shape[-1] != sk or \
             mask.shape[0] not in (1, b):
@@ -139,13 +153,29 @@ def _classify_now(mask: torch.Tensor, b: int, sq: int, sk: int
     else:
         return None, None, f"a mask of dtype {mask.dtype}"
     allowed = allowed.expand(b, *allowed.shape[1:])
+    if allowed.shape[1] == 1 and window is not None:
+        return None, None, "a mask without rows cannot hold a sliding window"
     if allowed.shape[1] == 1:  # (B, 1, 1, Sk): key padding broadcast over the queries
         kpm = allowed[:, 0, :]
         if not bool((kpm.sum(-1) > 0).all()):
             return None, None, "a sequence with no key at all"
         return "bidirectional", (None if bool(kpm.all()) else kpm.contiguous()), None
     rows = torch.arange(sq, device=mask.device)[:, None] + (sk - sq)
-    causal = torch.arange(sk, device=mask.device)[None, :] <= rows  # bottom-right aligned
+    cols = torch.arange(sk, device=mask.device)[None, :]
+    causal = cols <= rows  # bottom-right aligned
+    if window is not None:
+        causal = causal & (cols > rows - window)
+        # the last query's window is all it sees: the padding outside it is read from the first query of each key
+        seen = (allowed & causal[None]).any(1)
+        kpm = seen | ~causal.any(0)[None, :]
+        real_rows = kpm[:, sk - sq:] if sq <= sk else torch.ones(b, sq, dtype=torch.bool, device=mask.device)
+        ignore = ~real_rows[:, :, None]
+        if not bool(((allowed == (causal & kpm[:, None, :])) | ignore).all()):
+            return None, None, f"a 4-D mask that is not causal attention with a sliding window of {window} plus key " \
+                               "padding"
+        if not bool((kpm.sum(-1) > 0).all()):
+            return None, None, "a sequence with no key at all"
+        return "causal", (None if bool(kpm.all()) else kpm.contiguous()), None
     kpm = allowed[:, -1, :]  # the last query sees every key that is not padding, under either pattern
     real_rows = kpm[:, sk - sq:] if sq <= sk else torch.ones(b, sq, dtype=torch.bool, device=mask.device)
     ignore = ~real_rows[:, :, None]  # padded queries: their rows are free (transformers ignores their output)
