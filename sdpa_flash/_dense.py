@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from . import _caches, _shadow
 from . import policy as _policy
 from . import stats as _stats
-from ._failures import record_failure
+from ._failures import is_refusal, record_failure
 from ._validate import attention_fields, attention_spec
 from .backends import BACKENDS
 from .backends._base import merge_causal, merge_mask
 from .capability import capabilities
-from .errors import AttentionInputError, BackendUnavailableError, KernelFailedError, SdpaFlashError
+from .errors import AttentionInputError, BackendUnavailableError, KernelFailedError
 from .planner import Plan, _nondeterministic, plan
 from .policy import Policy, PolicyLike, resolve_policy
 from .spec import AttentionSpec, window_mask_tensor
@@ -244,22 +244,13 @@ class _FirstCallFailed(Exception):
         self.backend, self.spec = backend, spec
 
 
-_OOM: tuple[type[BaseException], ...] = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
-
-
-def _refusal(exc: BaseException) -> bool:
-    """Whether a first-call exception may be the kernel refusing the configuration (see :mod:`._failures`): not an
-    input error of ours, not running out of memory."""
-    return not isinstance(exc, (SdpaFlashError, *_OOM)) and "out of memory" not in str(exc).lower()
-
-
 def _first_call(run: Callable[..., torch.Tensor], ck: Any, entry: Any, backend: str, spec: AttentionSpec
                 ) -> Callable[..., torch.Tensor]:
     def first(*args: Any) -> torch.Tensor:
         try:
             out = run(*args)
         except Exception as exc:
-            if _refusal(exc):
+            if is_refusal(exc):
                 raise _FirstCallFailed(backend, spec) from exc
             raise
         if _cache.get(ck) is not None:

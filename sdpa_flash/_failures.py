@@ -14,19 +14,32 @@ What is not a kernel's refusal is never recorded: input errors (they are the cal
 whether the kernel can build it).
 
 The class of a call is its :class:`~sdpa_flash.spec.AttentionSpec` with the batch size left out: the batch never
-changes which kernel a library builds, the sequence lengths can (FA4 gives a query of one tile its own kernel).
+changes which kernel a library builds, the sequence lengths can (FA4 gives a query of one tile its own kernel). A
+backend's packed (``cu_seqlens``) kernel is recorded apart from its dense one, under ``"<name> (packed)"``, for the
+spec the planner gives a ragged batch (its longest query and key as one sequence).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from . import _caches
 from .spec import AttentionSpec
 
-__all__ = ["failure_reasons", "forget_failures", "record_failure", "recorded_failures"]
+__all__ = ["failure_reasons", "forget_failures", "is_refusal", "record_failure", "recorded_failures"]
 
 _failed: dict[tuple[str, AttentionSpec], str] = {}
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether a kernel's exception at its first call may be the kernel refusing the configuration: not one of our
+    own errors (they are the caller's), not running out of memory."""
+    from .errors import SdpaFlashError
+
+    oom = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
+    return not isinstance(exc, (SdpaFlashError, *oom)) and "out of memory" not in str(exc).lower()
 
 
 def _class_of(spec: AttentionSpec) -> AttentionSpec:

@@ -303,7 +303,7 @@ def _reasons(name: str, spec: AttentionSpec, caps: Capabilities, packed: bool) -
     """Why ``name`` cannot run ``spec`` through the entry point in question (dense runner or packed kernel)."""
     backend = BACKENDS[name]
     if packed:
-        return backend.varlen_reasons(spec, caps)
+        return backend.varlen_reasons(spec, caps) + failure_reasons(f"{name} (packed)", spec)
     return backend.not_supported_reasons(spec, caps) + failure_reasons(name, spec)
 
 

@@ -137,3 +137,95 @@ def test_a_strict_policy_after_a_recorded_failure_gives_the_reason(plug: Any) ->
         sdpa_flash.attention(q, q, q, policy="once")
     forget_failures()
     sdpa_flash.attention(q, q, q, policy="once")  # forgotten: tried again (and runs: it fails only once)
+
+
+# ------------------------------------------------------------------------------------------------- packed
+class PackedFailing(Backend):
+    """A packed (cu_seqlens) kernel on the CPU that fails on the calls numbered in ``fail_on`` (per-sequence SDPA
+    otherwise), ranked first: what FA4's packed kernel is on a GPU."""
+
+    VARLEN = True
+    REQUIREMENTS: ClassVar[dict[str, Requirements]] = {"cpu": Requirements(dtypes=frozenset({torch.float32}))}
+
+    def __init__(self, name: str, fail_on: tuple[int, ...] = (1,)) -> None:
+        self.name, self.fail_on, self.calls = name, fail_on, 0
+
+    def kernel(self, device_type: str, *, traced: bool = False) -> Any:
+        return lambda c: torch.nn.functional.scaled_dot_product_attention(c.q, c.k, c.v, is_causal=bool(c.causal))
+
+    def varlen(self) -> Any:
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                max_q: int, max_k: int, dropout_p: float, causal: bool, scale: float | None) -> torch.Tensor:
+            self.calls += 1
+            if self.calls in self.fail_on:
+                raise RuntimeError(JIT_ERROR)
+            outs = []
+            for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+                qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+                outs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+                            .transpose(0, 1))
+            return torch.cat(outs)
+
+        return run
+
+
+def _packed_batch() -> Any:
+    from sdpa_flash import varlen
+
+    g = torch.Generator().manual_seed(0)
+    return varlen.pack([torch.randn(n, 2, 16, generator=g) for n in (40, 7, 23)])
+
+
+@pytest.fixture
+def packed_first(plug: Any) -> Iterator[Any]:
+    """Register ``PackedFailing(name)`` and make the CPU's cost model take one packed call by it for any batch."""
+    import dataclasses
+
+    from sdpa_flash import _varlen as engine
+
+    saved = engine.COST_MODELS["cpu"]
+
+    def register(name: str) -> PackedFailing:
+        engine.COST_MODELS["cpu"] = dataclasses.replace(
+            saved, call_us=1e9, call_us_bwd=1e9, varlen_call_us=0, varlen_call_us_bwd=0, varlen_rate=1e9,
+            varlen_rate_bwd=1e9, varlen_kernels=((name, 0.0, 0.0, 1e9, 1e9),))
+        engine.clear_caches()
+        backend: PackedFailing = plug(PackedFailing(name), before="flash")
+        return backend
+
+    yield register
+    engine.COST_MODELS["cpu"] = saved
+    engine.clear_caches()
+
+
+def test_a_packed_kernel_that_fails_at_its_first_call_is_rerouted_once(packed_first: Any) -> None:
+    from sdpa_flash import varlen
+
+    bad = packed_first("packedjit")
+    x = _packed_batch()
+    assert varlen.explain_varlen(x, x, x, causal=True).varlen_backend == "packedjit"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = varlen.varlen_attention(x, x, x, causal=True)
+        again = varlen.varlen_attention(x, x, x, causal=True)
+    assert bad.calls == 1
+    said = [str(w.message) for w in caught if "packed kernel failed at its first call" in str(w.message)]
+    assert len(said) == 1 and JIT_ERROR in said[0], [str(w.message) for w in caught]
+    for got in (out, again):
+        for o, seq in zip(got.unpack(), x.unpack(), strict=True):
+            s = seq.transpose(0, 1)
+            want = reference_attention(s, s, s, causal=True).transpose(0, 1)
+            torch.testing.assert_close(o, want.to(o.dtype), rtol=1e-5, atol=1e-5)
+    plan = varlen.explain_varlen(x, x, x, causal=True)
+    assert plan.varlen_backend != "packedjit"
+    assert any(name == "packedjit (packed)" for name, _ in recorded_failures())
+
+
+def test_a_packed_kernel_failure_under_a_strict_policy_raises_the_kernels_message(packed_first: Any) -> None:
+    from sdpa_flash import varlen
+
+    packed_first("packedstrict")
+    x = _packed_batch()
+    with pytest.raises(KernelFailedError, match="DSLRuntimeError") as info:
+        varlen.varlen_attention(x, x, x, causal=True, policy="packedstrict")
+    assert info.value.backend == "packedstrict" and not recorded_failures()

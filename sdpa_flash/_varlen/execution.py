@@ -6,8 +6,10 @@ the entry points :func:`run` and :func:`explain`; see :mod:`sdpa_flash._varlen`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,14 +17,15 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import _caches, _shadow
+from .._failures import is_refusal, record_failure
 from ..backends import BACKENDS
 from ..capability import capabilities
-from ..errors import AttentionInputError, BackendUnavailableError
+from ..errors import AttentionInputError, BackendUnavailableError, KernelFailedError
 from ..planner import plan as dense_plan
 from ..policy import Policy, get_policy, resolve_policy
 from ..stats import plan_counter as _plan_counter
 from .inputs import _host_lengths, _spec_of
-from .planning import VarlenPlan, _coordinate_dim, _dense_spec, plan_varlen
+from .planning import VarlenPlan, _coordinate_dim, _dense_spec, packed_spec, plan_varlen
 
 __all__ = ["clear_caches", "explain", "run"]
 
@@ -183,7 +186,45 @@ def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_
         if len(_exec_cache) >= 64:
             _exec_cache.clear()
         ex = _exec_cache[key_] = _build_exec(p, dev)
-    return _execute(p, ex, query, key, value, dropout_p, scale, pol, sinks if spec.sinks else None)
+    try:
+        return _execute(p, ex, query, key, value, dropout_p, scale, pol, sinks if spec.sinks else None)
+    except _PackedFirstCallFailed as failed:
+        exc = failed.__cause__ or failed
+        name = failed.backend
+        what = (f"the {name} backend's packed kernel failed at its first call for {spec.describe()}: "
+                f"{type(exc).__name__}: {exc}")
+        earlier = _rerouting.get()
+        if earlier or pol.strict or pol.fallback == "error":
+            why = (f"after {earlier}" if earlier else f"policy {pol} allows no other backend" if pol.strict
+                   else f"policy {pol} has fallback='error'")
+            raise KernelFailedError(f"sdpa_flash: {what} ({why}). Run it under policy='auto' to let another path "
+                                    f"take this batch, or report the kernel's error to the {name} kernel's project.",
+                                    backend=name, inputs=spec.describe()) from exc
+        reason = record_failure(f"{name} (packed)", packed_spec(spec), exc)
+        token = _rerouting.set(what)
+        try:
+            out = run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                      scale=scale, dropout_p=dropout_p, policy=policy, seqlens_q=lens_q, seqlens_k=lens_k,
+                      window=window, softcap=softcap, sinks=sinks)
+        finally:
+            _rerouting.reset(token)
+        again = plan_varlen(spec, capabilities(query.device), pol)
+        warnings.warn(f"sdpa_flash: {what}. This batch ran on {again.path}"
+                      f"{f' ({again.varlen_backend})' if again.varlen_backend else ''} instead, and such batches will "
+                      f"from now on in this process (the {name} packed kernel's reason: {reason}).", UserWarning,
+                      stacklevel=3)
+        return out
+
+
+class _PackedFirstCallFailed(Exception):
+    """A packed kernel raised at its first call for a plan (internal: :func:`run` reroutes or raises)."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__(backend)
+        self.backend = backend
+
+
+_rerouting: contextvars.ContextVar[str] = contextvars.ContextVar("sdpa_flash_packed_rerouting", default="")
 
 
 def _group_inputs(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
@@ -294,11 +335,16 @@ def _finish(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, va
             # rk is None exactly when rq is
             qv, kv, vv = query.index_select(0, rq), key.index_select(0, rk), value.index_select(0, rk)  # type: ignore[arg-type]
         qv, kv, vv = (t if t.stride(-1) == 1 else t.contiguous() for t in (qv, kv, vv))
-        if spec.variants:  # (keywords a packed kernel gets only when it declares them: see Backend.varlen)
-            ov = ex.varlen_run(qv, kv, vv, cq, ck, mq, mk, dropout_p, spec.causal is not None, softmax_scale,
-                               **ex.variants, **({} if sinks is None else {"sinks": sinks}))
-        else:
-            ov = ex.varlen_run(qv, kv, vv, cq, ck, mq, mk, dropout_p, spec.causal is not None, softmax_scale)
+        try:
+            if spec.variants:  # (keywords a packed kernel gets only when it declares them: see Backend.varlen)
+                ov = ex.varlen_run(qv, kv, vv, cq, ck, mq, mk, dropout_p, spec.causal is not None, softmax_scale,
+                                   **ex.variants, **({} if sinks is None else {"sinks": sinks}))
+            else:
+                ov = ex.varlen_run(qv, kv, vv, cq, ck, mq, mk, dropout_p, spec.causal is not None, softmax_scale)
+        except Exception as exc:
+            if ex.flash_calls is None and is_refusal(exc):  # its first call: the kernel may refuse the configuration
+                raise _PackedFirstCallFailed(p.varlen_backend) from exc
+            raise
         if ex.flash_calls is None:
             ex.flash_calls = _plan_counter(p.varlen_backend, f"{p.varlen_backend} varlen op", spec.describe())
         next(ex.flash_calls)

@@ -186,6 +186,13 @@ def _coordinate_dim(d: int) -> int:
     return -(-(d + 1) // 8) * 8
 
 
+def packed_spec(spec: VarlenSpec) -> AttentionSpec:
+    """What the one planner is asked for a ragged batch's packed kernel: its longest query and key as one sequence
+    (causal, if any, bottom-right), with the batch's variants."""
+    return _dense_spec(spec, 1, max(spec.seqlens_q, default=1), max(spec.seqlens_k, default=1),
+                       "bottom_right" if spec.causal else None, None)
+
+
 def _varlen_kernel(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> tuple[str, list[str]]:
     """The backend whose packed (``cu_seqlens``) kernel runs this batch in one call, and why not, when none can.
 
@@ -197,10 +204,8 @@ def _varlen_kernel(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> tupl
     if spec.causal == "top_left" and spec.seqlens_q != spec.seqlens_k:
         return "", ["causal='top_left' with query and key lengths that differ: packed kernels align causal "
                     "bottom-right (pass causal='bottom_right' for flash-attn's convention)"]
-    dense = _dense_spec(spec, 1, max(spec.seqlens_q, default=1), max(spec.seqlens_k, default=1),
-                        "bottom_right" if spec.causal else None, None)
     try:
-        return dense_plan(dense, caps, policy, entry="packed").backend, []
+        return dense_plan(packed_spec(spec), caps, policy, entry="packed").backend, []
     except BackendUnavailableError as exc:
         return "", [f"{name}: {r}" for name, why in exc.reasons.items() for r in why]
 
