@@ -1,0 +1,155 @@
+# ruff: noqa: B023  (closures are timed immediately, inside the loop that binds them)
+"""Held out from the tune run: does ``auto`` with a tuned table pick the fastest path on shapes it never timed?
+
+Issue #26's check. The shapes are the quick grid's dense classes drawn with another seed (``--seed``, default 1;
+``tune`` measures each class's usual shape, or the shapes of its own seed), so none is a tuned point. For each:
+``attention()`` as ``auto`` decides with the table in force (``SDPA_FLASH_TABLE=...`` or the tune directory), the
+same with the shipped table / built-in rules (``--compare-shipped``), FA4's ``flash_attn_func`` called directly on
+contiguous (B, S, H, D) copies, and ``F.scaled_dot_product_attention`` forced to each of cuDNN, FLASH and
+EFFICIENT inside ``sdpa_kernel``, interleaved in rounds; forward and forward+backward as the class says. The ratio
+is the best of the others over ``attention()``'s time (goal: >= 0.98 at every point).
+
+``auto``'s two decisions are read with ``explain()`` under each table; each is then timed as ``attention(...,
+policy=<that backend>)``: the same layer and kernel as ``auto`` (the planner's cache makes the policy's cost the
+same), so both tables are measured in one interleaved run.
+
+    SDPA_FLASH_TABLE=/path/tuned.json PYTHONPATH=. python benchmarks/held_out.py --out held_out.json \
+        --compare-shipped [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import sdpa_flash
+from sdpa_flash import _caches
+from sdpa_flash.backends import fa4 as fa4_backend
+from sdpa_flash.bench._timing import Settings, Timed, interleave
+from sdpa_flash.planner import ranking_source
+from sdpa_flash.tuning._grid import ShapeClass, grid
+
+FORCED = {"sdpa[cudnn]": SDPBackend.CUDNN_ATTENTION, "sdpa[flash]": SDPBackend.FLASH_ATTENTION,
+          "sdpa[efficient]": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def decisions(c: ShapeClass, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compare: bool
+              ) -> dict[str, tuple[str, str]]:
+    """``{"auto[tuned]": (backend, table source), "auto[shipped]": ...}`` as explain() decides under each table."""
+    causal = c.causal is not None
+    out = {}
+    caps = sdpa_flash.capabilities(q.device)
+    forced = os.environ.get("SDPA_FLASH_TABLE")
+    sources = [("auto[tuned]", forced)] + ([("auto[shipped]", None)] if compare else [])
+    for label, table in sources:
+        with _env("SDPA_FLASH_TABLE", table), _env("SDPA_FLASH_TUNE_DIR", None if table is None else
+                                                    os.environ.get("SDPA_FLASH_TUNE_DIR")):
+            _caches.clear_all()
+            plan = sdpa_flash.explain(q, k, v, causal=causal)
+            _, source = ranking_source(caps, plan.spec)
+            out[label] = (plan.backend, source)
+    _caches.clear_all()
+    return out
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Any:
+    saved = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+        if name == "SDPA_FLASH_TUNE_DIR":  # no user table: an empty directory, never the user's cache
+            os.environ[name] = os.path.join(os.path.dirname(__file__), ".no-tables")
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="held_out.json")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--compare-shipped", action="store_true")
+    ap.add_argument("--rounds", type=int, default=9)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    caps = sdpa_flash.capabilities(dev)
+    settings = Settings.for_device("cuda", rounds=args.rounds, budget_s=0.5, warmup_ms=20.0)
+    info = {"torch": torch.__version__, "device": caps.name, "fa4": fa4_backend.installed_version(),
+            "cudnn": caps.cudnn_version, "table": os.environ.get("SDPA_FLASH_TABLE"), "seed": args.seed}
+    print(info, flush=True)
+    rows: list[dict[str, Any]] = []
+    for c in (c for c in grid(caps, quick=True, seed=args.seed) if c.entry == "dense"):
+        g = torch.Generator(device="cuda").manual_seed(c.sq + c.d)
+        q = torch.randn(c.batch, c.heads, c.sq, c.d, device=dev, dtype=c.dtype, generator=g)
+        k, v = (torch.randn(c.batch, c.kv_heads, c.sk, dd, device=dev, dtype=c.dtype, generator=g)
+                for dd in (c.d, c.dv))
+        causal = c.causal is not None
+        leaves = [t.clone().requires_grad_(c.training) for t in (q, k, v)]
+        chosen = decisions(c, *leaves, args.compare_shipped)
+        calls: dict[str, tuple[Any, Any, bool]] = {}
+        for label, (backend, _) in chosen.items():
+            calls[label] = (lambda a, b, d, be=backend: sdpa_flash.attention(a, b, d, causal=causal, policy=be),
+                            None, False)
+        for name, backend in FORCED.items():
+            calls[name] = (lambda a, b, d: F.scaled_dot_product_attention(a, b, d, is_causal=causal,
+                                                                         enable_gqa=c.gqa),
+                           lambda be=backend: sdpa_kernel([be]), False)
+        if fa4_backend.installed_version() is not None:
+            fn = fa4_backend.load().flash_attn_func
+            calls["fa4 direct"] = (lambda a, b, d: fn(a, b, d, causal=causal)[0], None, True)
+        items = []
+        for name, (call, ctx, bshd) in calls.items():
+            ts = [t.transpose(1, 2).contiguous() if bshd else t for t in (q, k, v)]
+            if c.training:
+                ls = [t.clone().requires_grad_() for t in ts]
+                try:
+                    with ctx() if ctx else contextlib.nullcontext():
+                        gout = torch.randn_like(call(*ls))
+                except Exception as exc:  # this path cannot run the class: n/a
+                    rows.append({"class": c.describe(), "path": name, "error": repr(exc)[:200]})
+                    continue
+
+                def fn_(i: int, call: Any = call, ls: list[torch.Tensor] = ls, gout: torch.Tensor = gout) -> Any:
+                    return torch.autograd.grad(call(*ls), ls, gout)
+            else:
+                def fn_(i: int, call: Any = call, ts: list[torch.Tensor] = ts) -> Any:
+                    with torch.no_grad():
+                        return call(*ts)
+            items.append(Timed(name, fn_, ctx or contextlib.nullcontext))
+        res = interleave(items, dev, settings, measure_peak=False)
+        ok = {str(n): r for n, r in res.items() if not isinstance(r, BaseException)}
+        others = {n: r.median_ms for n, r in ok.items() if not n.startswith("auto[")}
+        best = min(others, key=others.__getitem__) if others else None
+        line = f"{c.shape_text():48s}"
+        for label, (backend, source) in chosen.items():
+            ms = ok[label].median_ms if label in ok else float("nan")
+            ratio = others[best] / ms if best else float("nan")
+            line += f" | {label} {backend} {ms:.4f} ms -> {ratio:.3f}x"
+            rows.append({"class": c.describe(), "shape": c.shape_text(), "path": label, "backend": backend,
+                         "source": source, "ms": ms, "spread": ok[label].spread if label in ok else None,
+                         "best_other": best, "best_ms": others.get(best) if best else None, "ratio": ratio})
+        line += f" | best other {best} {others.get(best, float('nan')):.4f} ms"
+        print(line, flush=True)
+        for n, ms in others.items():
+            rows.append({"class": c.describe(), "shape": c.shape_text(), "path": n, "ms": ms})
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
