@@ -529,10 +529,10 @@ def make_runner(kernel: KernelFn, spec: AttentionSpec, prep: Prep, *, masked_val
     truncate_keys, causal_mask, float_bias = prep.truncate_keys, prep.causal_mask, prep.float_bias
     if (repeat_kv, pad_qk_to, pad_v_to, truncate_keys, causal_mask, window_mask) == (1, None, None, False, None, None):
         if not float_bias:
-            # The common case: nothing to adapt, one kernel call (kernels may supply a flatter closure; it takes
-            # no sinks, which go through the kernel function).
+            # The common case: nothing to adapt, one kernel call (kernels may supply a flatter closure; unless it
+            # says it takes them, sinks go through the kernel function).
             plain: Callable[[KernelOptions], Runner] | None = getattr(kernel, "plain", None)
-            if plain is not None and not spec.sinks:
+            if plain is not None and (not spec.sinks or getattr(kernel, "plain_takes_sinks", False)):
                 return plain(options)
 
             def run_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -585,9 +585,13 @@ def make_runner(kernel: KernelFn, spec: AttentionSpec, prep: Prep, *, masked_val
     return run
 
 
-def with_plain(kernel: Callable[[KernelCall], torch.Tensor], plain: Callable[[KernelOptions], Runner]) -> KernelFn:
-    """Attach ``plain(options) -> Runner``, a one-frame runner for calls that need no adaptation."""
+def with_plain(kernel: Callable[[KernelCall], torch.Tensor], plain: Callable[[KernelOptions], Runner], *,
+               takes_sinks: bool = False) -> KernelFn:
+    """Attach ``plain(options) -> Runner``, a one-frame runner for calls that need no adaptation; ``takes_sinks``:
+    its runner takes the sinks as a seventh argument (``run(q, k, v, mask, dropout_p, scale, sinks)``), so calls
+    with sinks get it too."""
     kernel.plain = plain  # type: ignore[attr-defined]  # a function attribute, read back with getattr()
+    kernel.plain_takes_sinks = takes_sinks  # type: ignore[attr-defined]  # (the same)
     return kernel
 
 

@@ -274,8 +274,8 @@ class FA4Backend(Backend):
         return make_runner(call, spec, prep, masked_value=self.MASKED_VALUE, zero_masked_rows=self.ZERO_MASKED_ROWS)
 
     def bshd_runner(self, spec: AttentionSpec, prep: Prep) -> Runner | None:
-        if prep != Prep(kernel_causal=prep.kernel_causal) or spec.sinks:
-            return None  # padding, truncation or a mask (or sinks, passed per call): the (B, H, S, D) runner
+        if prep != Prep(kernel_causal=prep.kernel_causal):
+            return None  # padding, truncation or a mask: the (B, H, S, D) runner
         return _plain(load().flash_attn_func, bool(prep.kernel_causal), _deterministic(spec), _multi_gpu(),
                       bhsd=False, window=spec.window, softcap=spec.softcap)
 
@@ -370,7 +370,7 @@ def _eager_kernel(mod: ModuleType, deterministic: bool, guard: bool) -> KernelFn
         return _plain(fn, bool(options.causal), deterministic, guard, bhsd=True, window=options.window,
                       softcap=options.softcap)
 
-    return with_plain(call, plain)
+    return with_plain(call, plain, takes_sinks=True)
 
 
 # ------------------------------------------------------------------------------ torch.compile: custom ops
