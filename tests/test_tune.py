@@ -212,7 +212,8 @@ def test_packed_kernels_and_failures_are_measured(tune_dir: pathlib.Path) -> Non
         caps = sdpa_flash.capabilities("cpu")
         q = torch.randn(16, 2, 64, 16)
         auto = sdpa_flash.explain(q, q, q, causal=True)
-        assert auto.backend == "packedcpu" and "RuntimeError: no kernel for this tile" in auto.reasons["broken"][0]
+        # auto runs what this machine measured fastest (either of the two that ran); the one that raised says why
+        assert auto.backend == dense.order[0] and "RuntimeError: no kernel for this tile" in auto.reasons["broken"][0]
         p = sdpa_flash.explain(q, q, q, causal=True, policy=["broken", "flash"])  # even where a policy names it
         assert p.backend == "flash"
         assert p.reasons["broken"][0].startswith("raised on this class of calls when tuned: RuntimeError: no kernel "
@@ -379,15 +380,16 @@ def test_report_names_the_table_in_force_and_a_stale_one(tune_dir: pathlib.Path,
     caps = sdpa_flash.capabilities("cpu")
     assert report("cpu", check=False)["tuned_table"]["in_force"] == "built-in rules (sdpa_flash/_ranking.py)"
     rule = RankingRule("cpu", ("flash", "math", "chunked"), "tuned by hand", head_dim=(1, 64), dtype=torch.float32)
-    path = _write(_table_for(caps, rule, torch="2.11.0"), tune_dir)
+    old = "2.10.0" if caps.torch_version != "2.10.0" else "2.9.0"  # (not this torch, whichever CI runs)
+    path = _write(_table_for(caps, rule, torch=old), tune_dir)
     _caches.clear_all()
     with pytest.warns(TunedTableWarning, match="stale"):
         tuned = report("cpu", check=False)["tuned_table"]
     assert tuned["path"] is None and tuned["stale"] == [
-        {"path": str(path), "why": f"measured with torch 2.11.0, this is {caps.torch_version}"}]
+        {"path": str(path), "why": f"measured with torch {old}, this is {caps.torch_version}"}]
     assert main(["--device", "cpu", "--no-check"]) == 0
     out = capsys.readouterr().out
-    assert (f"  stale, ignored: {path}: measured with torch 2.11.0, this is {caps.torch_version}; "
+    assert (f"  stale, ignored: {path}: measured with torch {old}, this is {caps.torch_version}; "
             "`python -m sdpa_flash tune` refreshes it") in out
     fresh = _write(_table_for(caps, rule), tune_dir)
     _caches.clear_all()
