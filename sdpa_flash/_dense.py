@@ -20,7 +20,6 @@ Two situations leave the fast path:
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import sys
 import warnings
@@ -33,12 +32,12 @@ import torch.nn.functional as F
 from . import _caches, _shadow
 from . import policy as _policy
 from . import stats as _stats
-from ._failures import is_refusal, record_failure
+from ._failures import is_refusal, record_or_raise, retrying
 from ._validate import attention_fields, attention_spec
 from .backends import BACKENDS
 from .backends._base import merge_causal, merge_mask
 from .capability import capabilities
-from .errors import AttentionInputError, BackendUnavailableError, KernelFailedError
+from .errors import AttentionInputError, BackendUnavailableError
 from .planner import Plan, _nondeterministic, plan
 from .policy import Policy, PolicyLike, resolve_policy
 from .spec import AttentionSpec, window_mask_tensor
@@ -260,9 +259,6 @@ def _first_call(run: Callable[..., torch.Tensor], ck: Any, entry: Any, backend: 
     return first
 
 
-_rerouting: contextvars.ContextVar[str] = contextvars.ContextVar("sdpa_flash_rerouting", default="")
-
-
 def _reroute(failed: _FirstCallFailed, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              attn_mask: torch.Tensor | None, causal: bool | str, dropout_p: float, scale: float | None, layout: str,
              pol: Policy, window: Any, softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
@@ -271,20 +267,10 @@ def _reroute(failed: _FirstCallFailed, query: torch.Tensor, key: torch.Tensor, v
     exc = failed.__cause__ or failed
     backend, inputs = failed.backend, failed.spec.describe(layout)
     what = f"the {backend} kernel failed at its first call for {inputs}: {type(exc).__name__}: {exc}"
-    earlier = _rerouting.get()
-    if earlier or pol.strict or pol.fallback == "error":
-        why = (f"after {earlier}" if earlier else
-               f"policy {pol} allows no other backend" if pol.strict else f"policy {pol} has fallback='error'")
-        raise KernelFailedError(
-            f"sdpa_flash: {what} ({why}). Run it under policy='auto' to let another backend take these inputs, or "
-            f"report the kernel's error to the {backend} kernel's project.", backend=backend, inputs=inputs) from exc
-    reason = record_failure(backend, failed.spec, exc)
-    token = _rerouting.set(what)
-    try:
+    reason = record_or_raise(backend, backend, failed.spec, exc, pol, inputs, what)
+    with retrying(what):
         out = dense_attention(query, key, value, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p, scale=scale,
                               layout=layout, policy=pol, window=window, softcap=softcap, sinks=sinks)
-    finally:
-        _rerouting.reset(token)
     p = dense_explain(query, key, value, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p, scale=scale,
                       layout=layout, policy=pol, window=window, softcap=softcap, sinks=sinks)
     warnings.warn(f"sdpa_flash: {what}. The {p.backend} backend ran the call instead, and will run these inputs "

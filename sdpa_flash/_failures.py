@@ -21,14 +21,22 @@ spec the planner gives a ragged batch (its longest query and key as one sequence
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import _caches
 from .spec import AttentionSpec
 
-__all__ = ["failure_reasons", "forget_failures", "is_refusal", "record_failure", "recorded_failures"]
+if TYPE_CHECKING:
+    from .policy import Policy
+
+__all__ = ["failure_reasons", "forget_failures", "is_refusal", "record_failure", "record_or_raise", "recorded_failures",
+           "retrying"]
 
 _failed: dict[tuple[str, AttentionSpec], str] = {}
 
@@ -56,6 +64,38 @@ def record_failure(backend: str, spec: AttentionSpec, exc: BaseException) -> str
     _failed[(backend, _class_of(spec))] = reason
     _caches.clear_all()
     return reason
+
+
+_retrying: contextvars.ContextVar[str] = contextvars.ContextVar("sdpa_flash_retrying", default="")
+
+
+def record_or_raise(backend: str, recorded_as: str, spec: AttentionSpec, exc: BaseException, policy: Policy,
+                    inputs: str, what: str) -> str:
+    """The one decision after a first-call failure (``what`` says it in words): raise
+    :class:`~sdpa_flash.errors.KernelFailedError` when ``policy`` allows no other backend (one backend, ``"fused"``,
+    ``fallback="error"``) or the call is already a retry after another failure; else record it under
+    ``recorded_as`` for ``spec``'s class and return the reason the planner will give. The caller then retries the
+    call once, inside :func:`retrying`."""
+    from .errors import KernelFailedError
+
+    earlier = _retrying.get()
+    if earlier or policy.strict or policy.fallback == "error":
+        why = (f"after {earlier}" if earlier else f"policy {policy} allows no other backend" if policy.strict
+               else f"policy {policy} has fallback='error'")
+        raise KernelFailedError(
+            f"sdpa_flash: {what} ({why}). Run it under policy='auto' to let another backend take these inputs, or "
+            f"report the kernel's error to the {backend} kernel's project.", backend=backend, inputs=inputs) from exc
+    return record_failure(recorded_as, spec, exc)
+
+
+@contextlib.contextmanager
+def retrying(what: str) -> Iterator[None]:
+    """The retry after the failure ``what``: a second first-call failure inside it raises, naming both."""
+    token = _retrying.set(what)
+    try:
+        yield
+    finally:
+        _retrying.reset(token)
 
 
 def failure_reasons(backend: str, spec: AttentionSpec) -> list[str]:

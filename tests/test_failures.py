@@ -3,6 +3,7 @@ moves on once with one warning, strict policies raise the kernel's message (sdpa
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -179,23 +180,15 @@ def _packed_batch() -> Any:
 @pytest.fixture
 def packed_first(plug: Any) -> Iterator[Any]:
     """Register ``PackedFailing(name)`` and make the CPU's cost model take one packed call by it for any batch."""
-    import dataclasses
+    from varlen_cost import cost_model, force_packed  # tests/ is on sys.path
 
-    from sdpa_flash import _varlen as engine
+    with contextlib.ExitStack() as stack:
+        def register(name: str) -> PackedFailing:
+            stack.enter_context(cost_model("cpu", force_packed("cpu", name)))
+            backend: PackedFailing = plug(PackedFailing(name), before="flash")
+            return backend
 
-    saved = engine.COST_MODELS["cpu"]
-
-    def register(name: str) -> PackedFailing:
-        engine.COST_MODELS["cpu"] = dataclasses.replace(
-            saved, call_us=1e9, call_us_bwd=1e9, varlen_call_us=0, varlen_call_us_bwd=0, varlen_rate=1e9,
-            varlen_rate_bwd=1e9, varlen_kernels=((name, 0.0, 0.0, 1e9, 1e9),))
-        engine.clear_caches()
-        backend: PackedFailing = plug(PackedFailing(name), before="flash")
-        return backend
-
-    yield register
-    engine.COST_MODELS["cpu"] = saved
-    engine.clear_caches()
+        yield register
 
 
 def test_a_packed_kernel_that_fails_at_its_first_call_is_rerouted_once(packed_first: Any) -> None:

@@ -3,17 +3,16 @@ per-sequence attention (values and gradients) on every path the engine can choos
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import itertools
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from varlen_cost import cost_model, models  # tests/ is on sys.path
 
 import sdpa_flash
 from sdpa_flash import AttentionInputError, BackendUnavailableError, varlen
@@ -28,32 +27,6 @@ def seqs(lengths: list[int], h: int = 2, d: int = 8, *, seed: int = 0, dtype: to
          device: str = "cpu") -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(n, h, d, generator=g).to(device=device, dtype=dtype) for n in lengths]
-
-
-def models(device_type: str) -> dict[str, engine.CostModel]:
-    """The engine's cost model, and variants that force each way of grouping (every one must be exact)."""
-    base = engine.COST_MODELS[device_type]
-    huge = 1e9
-    return {
-        "default": base,
-        "per-sequence": dataclasses.replace(base, max_group_span=1),
-        "one group, mask padding": dataclasses.replace(base, padding="mask", call_us=huge, call_us_bwd=huge),
-        "one group, coordinate padding": dataclasses.replace(base, padding="coordinate", call_us=huge,
-                                                             call_us_bwd=huge),
-        "one group, equal lengths only": dataclasses.replace(base, padding="none", call_us=huge, call_us_bwd=huge),
-    }
-
-
-@contextlib.contextmanager
-def cost_model(device_type: str, model: engine.CostModel) -> Iterator[None]:
-    saved = engine.COST_MODELS[device_type]
-    engine.COST_MODELS[device_type] = model
-    engine.clear_caches()
-    try:
-        yield
-    finally:
-        engine.COST_MODELS[device_type] = saved
-        engine.clear_caches()
 
 
 def check_against_per_sequence(lq: list[int], lk: list[int], causal: bool | str, *, hq: int = 2, hkv: int = 2,

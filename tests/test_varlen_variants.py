@@ -16,7 +16,6 @@ Refusals are checked as data: ``explain_varlen`` names the route and every packe
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
 from collections.abc import Iterator
@@ -28,6 +27,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from varlen_cost import cost_model, force_packed
+from varlen_cost import models as cpu_models
 
 import sdpa_flash
 from sdpa_flash import AttentionInputError, BackendUnavailableError, Capabilities, varlen
@@ -188,28 +189,7 @@ def _floors(c: Case, leaves: list[torch.Tensor], out64: torch.Tensor, go: torch.
 
 def models() -> dict[str, engine.CostModel]:
     """The CPU cost model, and variants that force each way of grouping (every one must be exact)."""
-    base = engine.COST_MODELS["cpu"]
-    huge = 1e9
-    return {
-        "default": base,
-        "per-sequence": dataclasses.replace(base, max_group_span=1),
-        "one group, mask padding": dataclasses.replace(base, padding="mask", call_us=huge, call_us_bwd=huge),
-        "one group, coordinate padding": dataclasses.replace(base, padding="coordinate", call_us=huge,
-                                                             call_us_bwd=huge),
-        "one group, equal lengths only": dataclasses.replace(base, padding="none", call_us=huge, call_us_bwd=huge),
-    }
-
-
-@contextlib.contextmanager
-def cost_model(device_type: str, model: engine.CostModel) -> Iterator[None]:
-    saved = engine.COST_MODELS[device_type]
-    engine.COST_MODELS[device_type] = model
-    engine.clear_caches()
-    try:
-        yield
-    finally:
-        engine.COST_MODELS[device_type] = saved
-        engine.clear_caches()
+    return cpu_models("cpu")
 
 
 LQ = [5, 1, 7, 7, 3, 12, 0, 4, 9, 9, 30]
@@ -612,12 +592,6 @@ def _cuda_lengths(cross: bool) -> tuple[list[int], list[int]]:
     return lq, lk
 
 
-def _force_packed(kernel: str) -> engine.CostModel:
-    base = engine.COST_MODELS["cuda"]
-    return dataclasses.replace(base, call_us=1e9, call_us_bwd=1e9, varlen_call_us=0, varlen_call_us_bwd=0,
-                               varlen_rate=1e9, varlen_rate_bwd=1e9, varlen_kernels=((kernel, 0.0, 0.0, 1e9, 1e9),))
-
-
 CUDA_VARIANTS = {
     "window": {"window": (48, 16)},
     "causal window": {"window": (63, None), "causal": "bottom_right"},
@@ -635,7 +609,7 @@ def test_cuda_flash_packed_op_with_variants_equals_per_sequence_attention(varian
     if "window" in kw and not flash_mod.packed_window_args():
         pytest.skip(f"torch {torch.__version__}'s packed flash op takes no window")
     lq, lk = _cuda_lengths(cross)
-    with cost_model("cuda", _force_packed("flash")):
+    with cost_model("cuda", force_packed("cuda", "flash")):
         for dtype in (torch.bfloat16, torch.float16):
             case = Case(lq, lk, **kw, hq=8, hkv=2, d=64, dv=64, dtype=dtype)
             b = varlen.from_cu_seqlens(torch.zeros(sum(lq), 8, 64, device="cuda", dtype=dtype),
@@ -659,7 +633,7 @@ def test_cuda_fa4_packed_call_with_variants_equals_per_sequence_attention(varian
     kw = {**CUDA_VARIANTS.get(variant, {}), **({"softcap": 20.0} if variant == "softcap" else {})}
     lq, lk = _cuda_lengths(cross)
     lq, lk = [n for n in lq if n], [m for n, m in zip(lq, lk, strict=True) if n]
-    with cost_model("cuda", _force_packed("fa4")):
+    with cost_model("cuda", force_packed("cuda", "fa4")):
         for dtype in (torch.bfloat16, torch.float16):
             run_and_check(Case(lq, lk, **kw, hq=8, hkv=2, d=64, dv=64, dtype=dtype), policy="fa4", device="cuda")
 

@@ -6,7 +6,6 @@ the entry points :func:`run` and :func:`explain`; see :mod:`sdpa_flash._varlen`.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import math
 import warnings
@@ -17,10 +16,10 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import _caches, _shadow
-from .._failures import is_refusal, record_failure
+from .._failures import is_refusal, record_or_raise, retrying
 from ..backends import BACKENDS
 from ..capability import capabilities
-from ..errors import AttentionInputError, BackendUnavailableError, KernelFailedError
+from ..errors import AttentionInputError, BackendUnavailableError
 from ..planner import plan as dense_plan
 from ..policy import Policy, get_policy, resolve_policy
 from ..stats import plan_counter as _plan_counter
@@ -193,21 +192,11 @@ def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_
         name = failed.backend
         what = (f"the {name} backend's packed kernel failed at its first call for {spec.describe()}: "
                 f"{type(exc).__name__}: {exc}")
-        earlier = _rerouting.get()
-        if earlier or pol.strict or pol.fallback == "error":
-            why = (f"after {earlier}" if earlier else f"policy {pol} allows no other backend" if pol.strict
-                   else f"policy {pol} has fallback='error'")
-            raise KernelFailedError(f"sdpa_flash: {what} ({why}). Run it under policy='auto' to let another path "
-                                    f"take this batch, or report the kernel's error to the {name} kernel's project.",
-                                    backend=name, inputs=spec.describe()) from exc
-        reason = record_failure(f"{name} (packed)", packed_spec(spec), exc)
-        token = _rerouting.set(what)
-        try:
+        reason = record_or_raise(name, f"{name} (packed)", packed_spec(spec), exc, pol, spec.describe(), what)
+        with retrying(what):
             out = run(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                       scale=scale, dropout_p=dropout_p, policy=policy, seqlens_q=lens_q, seqlens_k=lens_k,
                       window=window, softcap=softcap, sinks=sinks)
-        finally:
-            _rerouting.reset(token)
         again = plan_varlen(spec, capabilities(query.device), pol)
         warnings.warn(f"sdpa_flash: {what}. This batch ran on {again.path}"
                       f"{f' ({again.varlen_backend})' if again.varlen_backend else ''} instead, and such batches will "
@@ -222,9 +211,6 @@ class _PackedFirstCallFailed(Exception):
     def __init__(self, backend: str) -> None:
         super().__init__(backend)
         self.backend = backend
-
-
-_rerouting: contextvars.ContextVar[str] = contextvars.ContextVar("sdpa_flash_packed_rerouting", default="")
 
 
 def _group_inputs(p: VarlenPlan, ex: _Exec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
