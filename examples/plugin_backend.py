@@ -56,6 +56,8 @@ class EinsumBackend(sdpa_flash.Backend):
         deterministic_backward=True,
     )
     REQUIREMENTS: ClassVar[dict[str, sdpa_flash.Requirements]] = {"cpu": _REQ, "cuda": _REQ}
+    # How sdpa_flash.testing.ran_backends() sees this kernel run (a Triton kernel: a part of its GPU kernel's name)
+    PROFILER_NAMES = ("aten::einsum",)
 
     def kernel(self, device_type: str, *, traced: bool = False) -> sdpa_flash.backends.KernelFn:
         return einsum_attention  # plain PyTorch ops: torch.compile traces it as it is

@@ -25,6 +25,7 @@ from sdpa_flash import AttentionInputError, BackendUnavailableError
 from sdpa_flash.compat import bert_padding as bp
 from sdpa_flash.compat._plan import CompatSpec, plan_call
 from sdpa_flash.compat.testing import assert_flash_close, flash_reference, flash_varlen_reference
+from sdpa_flash.policy import resolve_policy
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -262,21 +263,35 @@ def test_varlen_with_a_paged_kv_block_table() -> None:
 
 
 # ------------------------------------------------------------------------------------------------- planning
-def test_plan_on_a_cuda_profile_prefers_flex_and_says_why_not_when_it_cannot() -> None:
+def test_plan_on_a_cuda_profile_hands_variants_to_the_planner_then_flex() -> None:
+    from sdpa_flash.backends import get_backend
+    from sdpa_flash.compat._flex import environment_reasons
+    from sdpa_flash.planner import plan
+    from sdpa_flash.spec import AttentionSpec
+
     caps = sdpa_flash.Capabilities.synthetic("cuda", (9, 0), total_memory=140 * 2**30)
     spec = CompatSpec("dense", "cuda", torch.bfloat16, 1, 16, 16, 4096, 4096, 128, 128,
                       C.Features(causal=True, left=1024, right=0))
+    # The kernel is the one planner's choice, as attention(window=...) would make it
+    kernel = plan(AttentionSpec("cuda", torch.bfloat16, 1, 16, 16, 4096, 4096, 128, 128, "top_left",
+                                window=(1024, None)), caps)
     p = plan_call(spec, caps)
-    from sdpa_flash.compat._flex import environment_reasons
-
+    if get_backend(kernel.backend).fused:  # torch's flash op takes window sizes here (feature-detected)
+        assert p.path == "sdpa" and not p.fallback and "window=" in p.explain()
+    # Under a policy whose kernels have no window (cuDNN), FlexAttention is next, then the masked path
+    cudnn = plan_call(spec, caps, policy=resolve_policy("cudnn"))
+    assert "cudnn" in cudnn.reasons["sdpa"][0] and "window" in cudnn.reasons["sdpa"][0]
     if environment_reasons("cuda", (9, 0)):  # no Triton on this machine: the fallback is explained
-        assert p.path == "masked" and p.fallback and "flex" in p.reasons
+        assert cudnn.path == "masked" and cudnn.fallback and "flex" in cudnn.reasons
         with pytest.raises(BackendUnavailableError, match="fall back"):
-            plan_call(spec, caps, fallback_mode="error")
+            plan_call(spec, caps, fallback_mode="error", policy=resolve_policy("cudnn"))
     else:
-        assert p.path == "flex"
+        assert cudnn.path == "flex" and not cudnn.fallback
+    # Softcap: no fused kernel of this profile does it without FlashAttention-4, and no mask can say it
     softcap = CompatSpec("dense", "cuda", torch.bfloat16, 1, 16, 16, 4096, 4096, 128, 128, C.Features(softcap=30.0))
-    assert "softcap is a non-linear" in plan_call(softcap, caps).reasons["masked"][0]
+    sp = plan_call(softcap, caps)
+    assert sp.path != "sdpa" and any("fa4" in r for r in sp.reasons["sdpa"])
+    assert "softcap is a non-linear" in sp.reasons["masked"][0]
     dropout = CompatSpec("dense", "cuda", torch.bfloat16, 1, 16, 16, 4096, 4096, 128, 128,
                          C.Features(alibi="heads"), dropout=True)
     assert any("dropout" in r for r in plan_call(dropout, caps).reasons["flex"])

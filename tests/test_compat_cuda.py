@@ -90,21 +90,27 @@ def test_flex_path_bf16_forward_backward(case: str, shape: tuple[int, ...]) -> N
             warnings.filterwarnings("error", message="sdpa_flash.compat")  # no fallback: flex must have run
             outs, lse, g = fwd_bwd(C.flash_attn_func, q, k, v, grad, **kw)
     assert_flash_close(outs, q, k, v, grad_out=g, lse=lse, **kw)
-    auto = C.explain_flash_attn(C.flash_attn_func, q, k, v, **kw).path
-    assert auto == ("fa4" if "alibi" not in FLEX[case] and sdpa_flash.capabilities(DEV).kernel_version("fa4")
-                    and torch.cuda.get_device_capability() >= (9, 0) else "flex")
+    auto = C.explain_flash_attn(C.flash_attn_func, q, k, v, **kw)
+    fa4 = sdpa_flash.capabilities(DEV).kernel_version("fa4") and torch.cuda.get_device_capability() >= (9, 0)
+    if "alibi" in FLEX[case]:  # no fused kernel has ALiBi
+        assert auto.path == "flex", auto.explain()
+    elif fa4:  # the planner's kernel for windows and softcap: FA4 (bf16, head dim 64 here)
+        assert (auto.path, auto.kernel) == ("sdpa", "fa4"), auto.explain()
+    else:  # windows: PyTorch's flash kernel where its ops take window sizes; softcap: FlexAttention
+        assert auto.path == ("sdpa" if auto.kernel else "flex"), auto.explain()
+        assert auto.kernel in (None, "flash") and not ("softcap" in FLEX[case] and auto.kernel)
 
 
 @pytest.mark.sm90
 @pytest.mark.skipif(not (torch.cuda.is_available() and sdpa_flash.capabilities("cuda").kernel_version("fa4")),
                     reason="needs flash-attn-4 (pip install 'sdpa_flash[fa4]')")
 @pytest.mark.parametrize("case", [c for c in FLEX if "alibi" not in FLEX[c]])
-def test_fa4_path_bf16_forward_backward(case: str) -> None:
+def test_windows_and_softcap_on_the_planners_fa4_bf16_forward_backward(case: str) -> None:
     shape = SHAPES[0]
     q, k, v, grad = make(*shape, seed=len(case))
     kw = _kw(FLEX[case], shape[0], shape[3])
     plan = C.explain_flash_attn(C.flash_attn_func, q, k, v, **kw)
-    assert plan.path == "fa4", plan.explain()
+    assert (plan.path, plan.kernel) == ("sdpa", "fa4"), plan.explain()
     outs, lse, g = fwd_bwd(C.flash_attn_func, q, k, v, grad, **kw)
     assert_flash_close(outs, q, k, v, grad_out=g, lse=lse, **kw)
 

@@ -10,6 +10,7 @@ installed: the real kernel against the float64 reference (the project's toleranc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import subprocess
@@ -67,6 +68,7 @@ def test_missing_package_reads_like_an_install_hint() -> None:
 
 
 def test_installed_version_is_read_from_metadata_not_by_import(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {m for m in sys.modules if m.startswith("flash_attn")}  # (FA4 itself, where other tests ran it here)
     v = fa4_mod.installed_version()
     assert v is None or v.startswith("4.")
     # a distribution's metadata and file list are enough; nothing of it is imported
@@ -79,7 +81,7 @@ def test_installed_version_is_read_from_metadata_not_by_import(tmp_path, monkeyp
     (tmp_path / "flash_attn" / "cute" / "interface.py").write_text("raise AssertionError('imported')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert fa4_mod.installed_version() == "4.0.0b99"
-    assert not any(m.startswith("flash_attn") for m in sys.modules)
+    assert {m for m in sys.modules if m.startswith("flash_attn")} == before
 
 
 # ---------------------------------------------------------------------------------------- the decision
@@ -319,21 +321,23 @@ def test_the_packed_fa4_call_obeys_the_denylist_and_head_dim_multiples() -> None
 
 
 @pytest.mark.parametrize(("head_dim", "training", "on_fa4"), [(80, True, False), (80, False, True),
-                                                               (59, False, False), (64, True, True)])
-def test_compat_fa4_path_obeys_the_denylist_and_head_dim_multiples(head_dim: int, training: bool,
-                                                                   on_fa4: bool) -> None:
-    # flash-attn 2.8's own suite found both on the H200: dQ off by O(1) at head dims 40/80, and FA4's assertion
-    # on head dims 59/111 (the dense backend pads those; compat's fa4 path hands FA4 the tensors as they are)
+                                                               (59, False, True), (64, True, True)])
+def test_compat_windows_get_the_planners_kernel_and_its_denylist(head_dim: int, training: bool,
+                                                                 on_fa4: bool) -> None:
+    # flash-attn 2.8's own suite found dQ off by O(1) at head dims 40/80 on the H200 (the denylist keeps FA4's
+    # backward off them); head dim 59 is padded to 64 by the dense route, as for attention()
     from sdpa_flash.compat._common import Features
     from sdpa_flash.compat._plan import CompatSpec, plan_call
 
     cs = CompatSpec("dense", "cuda", torch.bfloat16, 2, 8, 8, 512, 512, head_dim, head_dim,
                     Features(causal=True, left=64, right=0), needs_grad=training)
     p = plan_call(cs, SM90_FA4)
-    assert (p.path == "fa4") == on_fa4, p.explain()  # (otherwise flex, or masked where Triton is missing)
-    if not on_fa4:
-        why = " ".join(p.reasons["fa4"])
-        assert ("Dao-AILab/flash-attention#2896" if head_dim == 80 else "multiples of 8") in why
+    assert (p.kernel == "fa4") == on_fa4, p.explain()
+    if not on_fa4:  # the planner's next kernel with a window of its own (CUDA flash), else FlexAttention
+        kernel = plan(spec(head_dim=80, head_dim_v=80, seqlen_q=512, seqlen_k=512, window=(64, None),
+                           needs_grad=True), SM90_FA4)
+        assert any("2896" in r for r in kernel.reasons["fa4"])
+        assert p.kernel == (kernel.backend if p.path == "sdpa" else None)
 
 
 # ------------------------------------------------------------------------------------------------ varlen
@@ -574,14 +578,20 @@ def test_cuda_torch_registry_works_or_restores_fa2() -> None:
 
 # ------------------------------------------------------------------------------------- flash-attn compat
 @pytest.fixture
-def compat_on_fa4(fake_fa4, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """compat planning as on an H200 with FA4 installed; the FA4 calls go to the CPU stand-in."""
-    from sdpa_flash.compat import _plan, _run
+def compat_on_fa4(fake_fa4, monkeypatch: pytest.MonkeyPatch, request):  # type: ignore[no-untyped-def]
+    """compat planning and the policy layer under it as on an H200 with FA4 installed; the FA4 calls go to the CPU
+    stand-in, and a ragged batch's one packed call is made the cheapest route."""
+    from sdpa_flash import _caches, _dense, _varlen
+    from sdpa_flash._varlen import execution
+    from sdpa_flash.compat import _run
 
-    monkeypatch.setattr(_run, "capabilities", lambda device: SM90_FA4)
-    _plan.plan_call.cache_clear()
+    for module in (_run, _dense, execution):
+        monkeypatch.setattr(module, "capabilities", lambda device: SM90_FA4)
+    model = _varlen.COST_MODELS["cuda"]
+    monkeypatch.setitem(_varlen.COST_MODELS, "cuda", dataclasses.replace(model, call_us=1e9, call_us_bwd=1e9))
+    _caches.clear_all()
+    request.addfinalizer(_caches.clear_all)
     yield fake_fa4
-    _plan.plan_call.cache_clear()
 
 
 @pytest.mark.parametrize(("window", "softcap", "causal"), [((16, 0), 0.0, False), ((-1, 0), 0.0, False),
@@ -595,11 +605,12 @@ def test_compat_windows_and_softcap_run_on_fa4(compat_on_fa4, window, softcap, c
     k, v = (torch.randn(2, 28, 2, 16, dtype=torch.bfloat16) for _ in range(2))
     kw = {"window_size": window, "softcap": softcap, "causal": causal}
     p = explain_flash_attn(flash_attn_func, q, k, v, **kw)
-    if window[0] < 0 and not softcap:  # (-1, -1) is no window, (-1, 0) is plain causal: SDPA's kernels take those
-        assert p.path == "sdpa"
-    else:
-        assert p.path == "fa4", p.explain()
-    with use_path("fa4"):
+    assert p.path == "sdpa", p.explain()
+    plain = window[0] < 0 and not softcap  # (-1, -1) is no window, (-1, 0) plain causal: planned when it runs
+    assert p.kernel == (None if plain else "fa4"), p.explain()
+    compat_on_fa4.CALLS.clear()
+    # (a plain call's kernel is the ranking's: cuDNN on an H200, which this CPU cannot run, so FA4 is named)
+    with sdpa_flash.use_policy("fa4") if plain else contextlib.nullcontext():
         out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, **kw)
     with use_path("exact"):
         ref, ref_lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, **kw)
@@ -607,8 +618,11 @@ def test_compat_windows_and_softcap_run_on_fa4(compat_on_fa4, window, softcap, c
     finite = torch.isfinite(ref_lse)
     assert torch.equal(finite, torch.isfinite(lse)) and (lse[~finite] == float("inf")).all()
     torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-3, rtol=1e-3)
-    call = [c for c in compat_on_fa4.CALLS if c[0] == "flash_attn_func"][-1][1]
-    assert call["window_size"] == fa4_mod.window_arg(*window) or causal  # -1 became None per side
+    (name, call), = compat_on_fa4.CALLS  # one FA4 call, the window and softcap in it
+    assert name == "flash_attn_func"
+    if not plain:
+        assert call["window_size"] == fa4_mod.window_arg(*window) or causal  # -1 became None per side
+        assert call["softcap"] == softcap
 
 
 def test_compat_varlen_window_runs_one_fa4_call(compat_on_fa4) -> None:  # type: ignore[no-untyped-def]
@@ -620,24 +634,27 @@ def test_compat_varlen_window_runs_one_fa4_call(compat_on_fa4) -> None:  # type:
     q, k, v = (torch.randn(sum(lens), 4, 16, dtype=torch.bfloat16) for _ in range(3))
     args = (q, k, v, cu, cu, max(lens), max(lens))
     out = flash_attn_varlen_func(*args, causal=True, window_size=(3, 0), softcap=10.0)
-    assert [c[0] for c in compat_on_fa4.CALLS].count("flash_attn_varlen_func") == 1
+    assert [c[0] for c in compat_on_fa4.CALLS] == ["flash_attn_varlen_func"]
     with use_path("exact"):
         ref = flash_attn_varlen_func(*args, causal=True, window_size=(3, 0), softcap=10.0)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_compat_fa4_path_reasons(compat_on_fa4) -> None:  # type: ignore[no-untyped-def]
+def test_compat_kernel_reasons_are_the_planners(compat_on_fa4) -> None:  # type: ignore[no-untyped-def]
     from sdpa_flash.compat import explain_flash_attn, flash_attn_func
 
     q = torch.randn(1, 8, 2, 16)
     p = explain_flash_attn(flash_attn_func, q, q, q, window_size=(2, 2))
-    assert p.path != "fa4" and any("dtype=float32" in r for r in p.reasons["fa4"])
+    assert p.path != "sdpa" and p.kernel is None
+    assert any(r.startswith("the planner would run it on") and "dtype=float32" in r for r in p.reasons["sdpa"])
     qb = q.bfloat16()
     p = explain_flash_attn(flash_attn_func, qb, qb, qb, window_size=(2, 2), alibi_slopes=torch.ones(2))
-    assert "FlashAttention-4 has no ALiBi" in p.reasons["fa4"]
-    with sdpa_flash.use_policy("cudnn,flash"):
+    assert p.path != "sdpa" and "no ALiBi" in p.reasons["sdpa"][0]
+    with sdpa_flash.use_policy("cudnn"):
         p = explain_flash_attn(flash_attn_func, qb, qb, qb, window_size=(2, 2))
-    assert p.path != "fa4" and "does not allow the fa4 backend" in p.reasons["fa4"][0]
+    assert p.path != "sdpa" and any("cudnn" in r and "window" in r for r in p.reasons["sdpa"]), p.explain()
+    with sdpa_flash.use_policy("fa4"):
+        assert explain_flash_attn(flash_attn_func, qb, qb, qb, window_size=(2, 2)).kernel == "fa4"
 
 
 def test_bshd_runner_takes_the_tensors_as_they_are(fake_fa4) -> None:  # type: ignore[no-untyped-def]

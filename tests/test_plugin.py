@@ -21,6 +21,7 @@ from sdpa_flash.testing import (
     assert_close_to_reference,
     attention_outputs,
     attention_problems,
+    ran_backends,
 )
 
 
@@ -72,6 +73,12 @@ def test_a_plug_in_is_a_policy_name_and_is_explained(einsum: Any) -> None:
     assert "head dim zero-padded 20->24" in plan.notes
     assert str(plan).startswith("einsum via examples/plugin_backend.py")
     assert "einsum" in sdpa_flash.capabilities("cpu").backends
+
+
+def test_ran_backends_sees_the_plug_in_by_its_profiler_names(einsum: Any) -> None:
+    q = torch.randn(1, 4, 24, 16)
+    assert ran_backends(lambda: sdpa_flash.attention(q, q, q, policy="einsum")) == {"einsum"}
+    assert ran_backends(lambda: sdpa_flash.attention(q, q, q, policy="math")) == {"math"}
 
 
 def test_what_the_kernel_cannot_do_is_refused_with_its_reason(einsum: Any) -> None:

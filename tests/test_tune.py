@@ -266,12 +266,29 @@ def test_grids_cover_their_classes_and_seeds_move_the_points() -> None:
     assert [c.key for c in a] == [c.key for c in quick] == [c.key for c in b]  # the same classes ...
     assert [(c.sq, c.d) for c in a] != [(c.sq, c.d) for c in b]  # ... measured at other points
     assert [(c.sq, c.d) for c in a] == [(c.sq, c.d) for c in grid(H200, quick=True, seed=1)]
+    for seed in range(40):  # every drawn shape is a valid call: whole GQA groups at any drawn head dim
+        assert all(c.heads % c.kv_heads == 0 for c in grid(H200, quick=False, seed=seed))
     for c in a + b:
         hd, sq, sk = c.ranges
         assert hd[0] <= max(c.d, c.dv) <= hd[1] and sq[0] <= c.sq <= sq[1] and sk[0] <= c.sk <= sk[1]
     for classes in (SEQLEN_CLASSES, HEAD_DIM_CLASSES):  # contiguous and covering
         assert classes[0][0] == 1 and classes[-1][1] == 2**31 - 1
         assert all(hi + 1 == lo for (_, hi), (lo, _) in itertools.pairwise(classes))
+
+
+def test_a_run_can_be_limited_to_the_dtypes_a_model_uses(tmp_path: pathlib.Path) -> None:
+    bf16 = grid(H200, quick=False, dtypes=(torch.bfloat16,))
+    assert {c.dtype for c in bf16} == {torch.bfloat16} and len(bf16) * 2 == len(grid(H200, quick=False))
+    table = sdpa_flash.tune(quick=True, device="cpu", rounds=1, dtypes=["float64"], out=tmp_path / "t.json")
+    assert table.measurements and all("float64" in m["class"] and "float32" not in m["class"]
+                                      for m in table.measurements)
+    assert "dtypes=['float64']" in table.run["command"]
+    for bad, match in ((["int8"], "Expected dtypes to name floating-point dtypes"), ([], "at least one")):
+        with pytest.raises(sdpa_flash.AttentionInputError, match=match):
+            sdpa_flash.tune(quick=True, device="cpu", dtypes=bad, write=False)
+    with pytest.raises(sdpa_flash.AttentionInputError, match="either dtypes"):
+        sdpa_flash.tune(configs=[{"heads": 2, "head_dim": 8, "seqlen": 8}], device="cpu", dtypes=["float32"],
+                        write=False)
 
 
 # -------------------------------------------------------------------------------------------- which table

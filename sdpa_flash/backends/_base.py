@@ -255,6 +255,10 @@ class Backend:
     PACKAGE: ClassVar[str | None] = None
     """The distribution a backend installed as its own package comes from (``"flash-attn-4"``): its version is
     probed into :attr:`Capabilities.kernels` and ranged by ``DenylistEntry(kernel=...)``. ``None``: part of torch."""
+    PROFILER_NAMES: ClassVar[tuple[str, ...]] = ()
+    """Substrings of ``torch.profiler`` event names (CPU ops, or GPU kernel names on CUDA) that show this backend's
+    kernel ran, for :func:`sdpa_flash.testing.ran_backends`; needed by kernels that are not an aten op (a CuTe or
+    Triton kernel: its GPU kernel's name). PyTorch's own attention ops are known already."""
 
     # ----------------------------------------------------------------------------------------- probing
     def installed_version(self) -> str | None:

@@ -244,6 +244,8 @@ class FA4Backend(Backend):
     ROUTE_REASON = ("FlashAttention-4's own function is called directly (no global flags change); (B, H, S, D) "
                     "inputs reach it as (B, S, H, D) views, without a copy")
     REQUIREMENTS: ClassVar[dict[str, Requirements]] = {"cuda": _SM90}
+    # Its CuTe kernels are named after their module: kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90...
+    PROFILER_NAMES = ("flash_attncute",)
 
     def installed_version(self) -> str | None:
         return installed_version()

@@ -3,13 +3,12 @@
 The functions below take flash-attn 2.8's arguments, in its order and with its defaults, and return what it
 returns. Each call is planned onto one exact path (see :func:`explain_flash_attn`):
 
-* ``sdpa`` — no window, softcap or ALiBi: :func:`sdpa_flash.attention` with ``layout="bshd"`` and bottom-right
-  causal masking (the policy's fused kernels, no copy), or the varlen entry point for packed sequences;
-* ``fa4`` — windows and softcap on Hopper/Blackwell when FlashAttention-4 is installed (``sdpa_flash[fa4]``), the
-  policy allows it, the head dims are multiples of 8 and no denylist entry vetoes FA4 for the call: its own
-  ``flash_attn_func`` / ``flash_attn_varlen_func``, windows mapped side by side
-  (``-1`` to its ``None``), ``softmax_lse`` as flash-attn 2 gives it (``+inf`` where FA4 writes ``-inf``);
-* ``flex`` — windows, softcap, ALiBi on CUDA: PyTorch's FlexAttention, compiled once per call structure;
+* ``sdpa`` — :func:`sdpa_flash.attention` with ``layout="bshd"`` and bottom-right causal masking (the policy's
+  fused kernels, no copy), or the varlen entry point for packed sequences. Windows and softcap go here too when the
+  one planner gives them a fused kernel that does them natively (FlashAttention-4 with ``sdpa_flash[fa4]`` on
+  Hopper/Blackwell; PyTorch's flash kernel for windows): the same ranking, tuned table and denylist as
+  ``attention(window=..., softcap=...)``; the plan names the kernel (:attr:`CompatPlan.kernel`);
+* ``flex`` — windows, softcap, ALiBi on CUDA otherwise: PyTorch's FlexAttention, compiled once per call structure;
 * ``masked`` — windows / ALiBi elsewhere: :func:`sdpa_flash.attention` with a boolean mask / float bias;
 * ``exact`` — anything else (softcap on the CPU, dropout with softcap, ``return_attn_probs`` with dropout, a
   deterministic backward on CUDA): tiled plain PyTorch with its own backward.

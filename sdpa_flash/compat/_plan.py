@@ -1,19 +1,19 @@
 """Which path a flash-attn call takes, and why the others were not taken.
 
-Five paths, each exact:
+Four paths, each exact. The kernel is never chosen here: which kernel runs a call is the one planner's decision
+(:func:`sdpa_flash.planner.plan`, the ranking, a tuned table, the denylist, plug-in backends), as for
+:func:`sdpa_flash.attention`. The other paths are formulations for what no fused kernel of the policy takes:
 
-* ``sdpa``: :func:`sdpa_flash.attention` (``layout="bshd"``, bottom-right causal) or the varlen entry point — the
-  policy layer's fused kernels, for calls with no window, softcap or ALiBi;
-* ``fa4``: FlashAttention-4's own ``flash_attn_func`` / ``flash_attn_varlen_func`` for windows and softcap on
-  Hopper/Blackwell, when it is installed, the sdpa_flash policy allows the ``fa4`` backend, the head dims are
-  multiples of 8 and the denylist does not veto FA4 for the call (FA4 defines
-  windows, softcap and bottom-right causal as flash-attn 2 does; ``-1`` window sides become FA4's ``None``);
-* ``flex``: FlexAttention (:mod:`sdpa_flash.compat._flex`) for windows, softcap and ALiBi on CUDA;
+* ``sdpa``: :func:`sdpa_flash.attention` (``layout="bshd"``, bottom-right causal, ``window=``, ``softcap=``) or the
+  varlen engine: the policy layer's kernels. Windows and softcap go here when the planner gives them a fused
+  kernel that does them natively (FlashAttention-4; PyTorch's flash kernel for windows);
+* ``flex``: FlexAttention (:mod:`sdpa_flash.compat._flex`) for windows, softcap and ALiBi on CUDA otherwise;
 * ``masked``: :func:`sdpa_flash.attention` with the window as a boolean mask and ALiBi as an additive float bias
   built from flash-attn's definitions (no softcap: it is not additive);
-* ``exact``: tiled plain PyTorch with its own backward (:mod:`sdpa_flash.compat._exact`): everything, any device.
+* ``exact``: tiled plain PyTorch with its own backward (:mod:`sdpa_flash.compat._exact`): everything, any device,
+  and the dropout pattern (``return_attn_probs=True`` with dropout).
 
-:func:`plan_call` is pure and cached on ``(CompatSpec, Capabilities, forced path, fallback mode, budget)``.
+:func:`plan_call` is pure and cached on its arguments.
 """
 
 from __future__ import annotations
@@ -27,15 +27,17 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from .. import _caches
+from .._validate import check_window
 from ..capability import Capabilities
 from ..errors import AttentionInputError, BackendUnavailableError
-from ..spec import dtype_name, format_bytes
+from ..policy import Policy, resolve_policy
+from ..spec import AttentionSpec, dtype_name, format_bytes
 from . import _flex
 from ._common import Features
 
 __all__ = ["PATHS", "CompatPlan", "CompatSpec", "plan_call", "use_path"]
 
-PATHS = ("sdpa", "fa4", "flex", "masked", "exact")
+PATHS = ("sdpa", "flex", "masked", "exact")
 _CPU_MASK_BUDGET = 4 * 2**30
 
 
@@ -103,12 +105,14 @@ class CompatPlan:
     """What runs for one kind of flash-attn call, and why.
 
     Attributes:
-        path: ``"sdpa"``, ``"fa4"``, ``"flex"``, ``"masked"`` or ``"exact"``.
+        path: ``"sdpa"``, ``"flex"``, ``"masked"`` or ``"exact"``.
         spec: the call's summary.
         order: the paths considered, in order.
         reasons: for every other path, why it was not taken.
         notes: how the call is carried out on that path.
         fallback: the first choice for this device could not run the call.
+        kernel: on the ``sdpa`` path with a window or softcap, the fused kernel the planner chose (the backend's
+            name); ``None`` otherwise (a plain call's kernel is planned when it runs: ``sdpa_flash.explain``).
     """
 
     path: str
@@ -117,14 +121,16 @@ class CompatPlan:
     reasons: Mapping[str, tuple[str, ...]]
     notes: tuple[str, ...] = ()
     fallback: bool = False
+    kernel: str | None = None
 
     def __str__(self) -> str:
-        head = self.path + (" [fallback]" if self.fallback else "")
+        head = self.path + (f" ({self.kernel})" if self.kernel else "") + (" [fallback]" if self.fallback else "")
         return "\n".join((head, *(f"  {name}: {r[0]}" for name, r in self.reasons.items() if r)))
 
     def explain(self) -> str:
         """A multi-line account: inputs, the path, how, and each other path's reasons."""
-        lines = [f"path:    {self.path}" + ("  [fallback]" if self.fallback else ""),
+        lines = [f"path:    {self.path}" + (f" on {self.kernel}" if self.kernel else "")
+                 + ("  [fallback]" if self.fallback else ""),
                  f"inputs:  {self.spec.describe()}", f"order:   {' > '.join(self.order)}"]
         lines += [f"how:     {n}" for n in self.notes]
         for name, why in self.reasons.items():
@@ -138,7 +144,7 @@ _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("sdpa_flash
 
 @contextlib.contextmanager
 def use_path(path: str | None) -> Iterator[None]:
-    """Force one path (``"sdpa"``, ``"fa4"``, ``"flex"``, ``"masked"``, ``"exact"``) for flash-attn calls here.
+    """Force one path (``"sdpa"``, ``"flex"``, ``"masked"``, ``"exact"``) for flash-attn calls here.
 
     A forced path that cannot run the call raises :class:`~sdpa_flash.BackendUnavailableError` with its reasons.
     ``None`` restores automatic choice. Scoped to this thread / asyncio task (a ``contextvars`` variable).
@@ -167,50 +173,53 @@ def _shared_reasons(spec: CompatSpec) -> list[str]:
     return reasons
 
 
-def _fa4_reasons(spec: CompatSpec, caps: Capabilities, fa4_allowed: bool) -> list[str]:
-    """Why FA4's own functions cannot run this call: the API's own limits here, the kernel's from the one planner."""
-    from ..errors import BackendUnavailableError
+def _kernel(spec: CompatSpec, caps: Capabilities, policy: Policy) -> tuple[str | None, list[str]]:
+    """The fused kernel the one planner gives a call with a window or softcap, or ``None`` and the planner's reasons.
+
+    The call is planned as ``attention()`` (dense calls) or the varlen engine (its packed kernel, else its grouped
+    dense route) would plan it, under the policy in force, so the ranking, a tuned table, the denylist and any
+    plug-in backend decide here as they do everywhere else. Only a fused kernel counts: when the planner would land
+    on a tiled or materialising reference (chunked, math), FlexAttention and the exact path are the better ones.
+    """
+    from ..backends import get_backend
     from ..planner import plan
-    from ..policy import resolve_policy
-    from ..spec import AttentionSpec
 
     f = spec.features
-    if not fa4_allowed:
-        return ["the sdpa_flash policy in force does not allow the fa4 backend"]
-    reasons = []
-    if spec.api == "kvcache":
-        reasons.append("flash_attn_with_kvcache (cache append, rotary, cache_batch_idx) has no FA4 entry point")
-    if f.alibi:
-        reasons.append("FlashAttention-4 has no ALiBi")
-    if spec.probs:
-        reasons.append("return_attn_probs=True with dropout_p > 0 returns the dropout pattern, which only the exact "
-                       "path exposes")
+    window = check_window((f.left, f.right), "bottom_right" if f.causal else None, spec.seqlen_q, spec.seqlen_k)
     dense = AttentionSpec(spec.device_type, spec.dtype, max(spec.batch, 1), spec.heads_q, spec.heads_kv,
                           max(spec.seqlen_q, 1), max(spec.seqlen_k, 1), spec.head_dim, spec.head_dim_v,
-                          "bottom_right" if f.causal else None, None, spec.dropout, spec.needs_grad)
-    # This path hands FA4 the tensors as they are (no padding, no mask, causal bottom-right): the contract of the
-    # planner's packed entry, whatever the API
-    try:
-        plan(dense, caps, resolve_policy("fa4"), entry="packed")
-    except BackendUnavailableError as exc:
-        reasons += [r for why in exc.reasons.values() for r in why]
-    return reasons
+                          "bottom_right" if f.causal else None, None, spec.dropout, spec.needs_grad,
+                          window=window, softcap=f.softcap or None)
+    reasons: list[str] = []
+    for entry in ("packed", "dense") if spec.api == "varlen" else ("dense",):
+        try:
+            chosen = plan(dense, caps, policy, entry=entry)
+        except BackendUnavailableError as exc:
+            reasons += [f"{name}: {why[0]}" for name, why in exc.reasons.items() if why]
+            continue
+        if get_backend(chosen.backend).fused:
+            return chosen.backend, []
+        reasons.append(f"the planner would run it on {chosen.backend}, not a fused kernel; "
+                       + "; ".join(f"{name}: {why[0]}" for name, why in chosen.reasons.items()
+                                   if why and get_backend(name).fused))
+    return None, reasons or ["no backend of the policy in force runs it"]
 
 
-def _reasons(path: str, spec: CompatSpec, caps: Capabilities, budget: int | None, fa4_allowed: bool = True
-             ) -> list[str]:
+def _reasons(path: str, spec: CompatSpec, caps: Capabilities, budget: int | None, policy: Policy) -> list[str]:
     f = spec.features
     if path == "exact":
         return []
     if path == "flex":
         return _flex.not_supported_reasons(spec, caps)
-    if path == "fa4":
-        return _fa4_reasons(spec, caps, fa4_allowed)
     reasons = _shared_reasons(spec)
     if path == "sdpa":
-        if f.extra:
-            reasons.insert(0, f"SDPA's kernels take a causal flag or a mask, not {', '.join(f.extra)} "
-                              "(the masked, flex and exact paths do)")
+        if f.alibi:
+            reasons.insert(0, "the policy layer's kernels have no ALiBi (the flex, masked and exact paths do)")
+        elif spec.api == "kvcache" and f.extra:
+            reasons.insert(0, f"per-row key ranges with {', '.join(f.extra)}: the policy layer's kernels take "
+                              "them as a causal flag or a mask only")
+        elif f.extra and not reasons:
+            reasons += _kernel(spec, caps, policy)[1]
         return reasons
     # masked
     if f.softcap > 0:
@@ -229,13 +238,13 @@ def _order(spec: CompatSpec, caps: Capabilities) -> tuple[str, ...]:
     if not spec.features.extra:
         return ("sdpa", "exact")
     if caps.device_type == "cuda":  # (the device the call's tensors are on)
-        return ("fa4", "flex", "masked", "exact")
-    return ("masked", "exact", "flex")
+        return ("sdpa", "flex", "masked", "exact")
+    return ("sdpa", "masked", "exact", "flex")
 
 
 @functools.lru_cache(maxsize=4096)
 def plan_call(spec: CompatSpec, caps: Capabilities, forced: str | None = None, fallback_mode: str = "warn_once",
-              budget: int | None = None, flex_failed: bool = False, fa4_allowed: bool = True) -> CompatPlan:
+              budget: int | None = None, flex_failed: bool = False, policy: Policy | None = None) -> CompatPlan:
     """Choose the path for ``spec`` on ``caps``.
 
     Args:
@@ -246,8 +255,8 @@ def plan_call(spec: CompatSpec, caps: Capabilities, forced: str | None = None, f
             FlexAttention to a slower path on CUDA.
         budget: bytes the masked path may materialise (``None``: half the device memory; 4 GiB on the CPU).
         flex_failed: FlexAttention raised for this call before (it is then not tried again).
-        fa4_allowed: the sdpa_flash policy in force allows the ``fa4`` backend (``auto``, ``fused`` or a list
-            naming it).
+        policy: the sdpa_flash policy in force (``None``: ``auto``), under which the ``sdpa`` path's kernel is
+            planned.
 
     Raises:
         BackendUnavailableError: the forced path cannot run the call, or (``fallback_mode="error"``) only a
@@ -255,11 +264,12 @@ def plan_call(spec: CompatSpec, caps: Capabilities, forced: str | None = None, f
     """
     if budget is None:
         budget = caps.total_memory // 2 if caps.total_memory else _CPU_MASK_BUDGET
+    policy = policy or resolve_policy("auto")
     order = (forced,) if forced else _order(spec, caps)
     blocked: dict[str, tuple[str, ...]] = {}
     chosen = None
     for path in order:
-        why = _reasons(path, spec, caps, budget, fa4_allowed)
+        why = _reasons(path, spec, caps, budget, policy)
         if path == "flex" and flex_failed and not forced:
             why = ["FlexAttention raised for this call earlier in this process (see the warning it gave)"]
         if why:
@@ -271,10 +281,10 @@ def plan_call(spec: CompatSpec, caps: Capabilities, forced: str | None = None, f
         raise BackendUnavailableError(f"The {order[0]} path cannot run this flash-attn call."
                                       if forced else "No path can run this flash-attn call.",
                                       inputs=spec.describe(), reasons=blocked)
-    # FA4 is optional and covers only part of the calls: not running it is never a fallback; leaving FlexAttention
-    # (the first choice without FA4) for a slower path is
-    first = next((p for p in order if p != "fa4"), order[0])
-    fallback = forced is None and chosen not in (first, "fa4") and spec.device_type == "cuda"
+    # A fused kernel for a window or softcap is optional (FlashAttention-4 is an extra, PyTorch's flash kernel has
+    # no softcap): not running one is never a fallback; leaving FlexAttention for a slower path is
+    preferred = ("sdpa", "flex") if spec.features.extra else ("sdpa",)
+    fallback = forced is None and chosen not in preferred and spec.device_type == "cuda"
     if fallback and fallback_mode == "error":
         raise BackendUnavailableError(f"This flash-attn call would fall back to the {chosen} path, and the policy's "
                                       "fallback mode is 'error'.", inputs=spec.describe(), reasons=blocked)
@@ -282,27 +292,30 @@ def plan_call(spec: CompatSpec, caps: Capabilities, forced: str | None = None, f
     for path in PATHS:
         if path in reasons or path == chosen:
             continue
-        why = _reasons(path, spec, caps, budget, fa4_allowed)
+        why = _reasons(path, spec, caps, budget, policy)
         if forced:
             reasons[path] = (f"not used: the {forced} path was forced (sdpa_flash.compat.use_path)",)
         elif path in order:
-            reasons[path] = tuple(why) or (f"ranked below {chosen} for {caps.device_type}",)
+            reasons[path] = tuple(why) or (f"not needed: the {chosen} path runs the call",)
         else:
             reasons[path] = tuple(why) or ("not needed: the call has no window, softcap or ALiBi",)
-    return CompatPlan(chosen, spec, order, reasons, _notes(chosen, spec), fallback)
+    kernel = _kernel(spec, caps, policy)[0] if chosen == "sdpa" and spec.features.extra else None
+    return CompatPlan(chosen, spec, order, reasons, _notes(chosen, spec), fallback, kernel)
 
 
 def _notes(path: str, spec: CompatSpec) -> tuple[str, ...]:
     f = spec.features
     notes = []
     if path == "sdpa":
+        variants = "".join(f", {a}" for a, on in (("window=", f.window), ("softcap=", f.softcap > 0)) if on)
         if spec.api == "varlen":
-            notes.append("sdpa_flash varlen attention over the packed sequences (per-sequence bottom-right causal)")
+            notes.append("sdpa_flash varlen attention over the packed sequences (per-sequence bottom-right causal"
+                         f"{variants})")
         elif spec.key_ranges:
             notes.append("sdpa_flash.attention() with the per-row valid keys as a boolean mask")
         else:
             notes.append("sdpa_flash.attention(layout='bshd'" + (", causal='bottom_right'" if f.causal else "")
-                         + "): the policy's fused kernels, no copy")
+                         + f"{variants}): the policy's fused kernels, no copy")
     elif path == "masked":
         what = []
         if f.causal or f.window or spec.key_ranges:
@@ -311,10 +324,6 @@ def _notes(path: str, spec: CompatSpec) -> tuple[str, ...]:
             what.append("ALiBi as an additive float bias (-inf where masked)")
         notes.append("sdpa_flash.attention() with " + " and ".join(what or ["no mask"])
                      + (", one sequence at a time" if spec.api == "varlen" else ""))
-    elif path == "fa4":
-        notes.append("FlashAttention-4's flash_attn_" + ("varlen_func over the packed sequences" if spec.api == "varlen"
-                                                         else "func on the (B, S, H, D) tensors")
-                     + " with the window and softcap in the kernel")
     elif path == "flex":
         how = {"dense": "block mask cached per shape and window", "varlen": "a document block mask over the packed "
                "sequences", "kvcache": "per-row key ranges masked in the score function"}[spec.api]

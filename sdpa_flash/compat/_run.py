@@ -30,8 +30,7 @@ def plan_for(spec: CompatSpec, device: torch.device) -> CompatPlan:
     forced = forced_path()
     if spec.batch == 0 or spec.seqlen_q == 0 or spec.seqlen_k == 0 or spec.heads_q == 0:
         forced = forced or "exact"
-    fa4_allowed = pol.name in ("auto", "fused") or "fa4" in pol.backends
-    p = plan_call(spec, caps, forced, pol.fallback, pol.memory_budget, (spec, caps) in _broken_flex, fa4_allowed)
+    p = plan_call(spec, caps, forced, pol.fallback, pol.memory_budget, (spec, caps) in _broken_flex, pol)
     if p.fallback and pol.fallback == "warn_once":
         first = p.reasons.get(p.order[0], ("",))[0]
         if (p.path, first) not in _warned:
@@ -108,11 +107,9 @@ def run_dense(plan: CompatPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             _flex_failed(plan.spec, q.device, exc)
             return run_dense(plan_for(plan.spec, q.device), q, k, v, feats, scale, softmax_scale, slopes, dropout_p,
                              want_lse, want_probs)
-    elif path == "fa4":
-        out, lse = _fa4_dense(q, k, v, feats, softmax_scale, plan.spec.deterministic, want_lse)
     elif path == "sdpa":
         out = attention(q, k, v, causal="bottom_right" if feats.causal else False, dropout_p=dropout_p,
-                        scale=softmax_scale, layout="bshd")
+                        scale=softmax_scale, layout="bshd", **_variants(feats))
     elif path == "masked":
         mask = feature_mask(Geometry.dense(sq, sk, q.device), feats, slopes, q.dtype)
         out = attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale, layout="bshd")
@@ -218,23 +215,14 @@ def run_varlen(plan: CompatPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             _flex_failed(plan.spec, q.device, exc)
             return run_varlen(plan_for(plan.spec, q.device), q, k, v, cu_q, cu_k, lq, lk, max_q, max_k, feats,
                               scale, softmax_scale, slopes, dropout_p, want_lse, want_probs)
-    empty_keys = any(lk[b + 1] == lk[b] and lq[b + 1] > lq[b] for b in range(nseq))
-    if path == "fa4" and not empty_keys:
-        out, lse = _fa4_varlen(q[: lq[-1]], k[: lk[-1]], v[: lk[-1]], cu_q, cu_k, max_q, max_k, feats, softmax_scale,
-                               plan.spec.deterministic, want_lse)
-        if lq[-1] < tq:  # rows past the last sequence give 0 (and an lse of +inf)
-            out = torch.cat([out, out.new_zeros((tq - lq[-1], hq, dv))], 0)
-            if lse is not None:
-                lse = torch.cat([lse, lse.new_full((hq, tq - lq[-1]), float("inf"))], 1)
-        return out, lse, None
-    if path == "sdpa" and not feats.extra:
+    if path == "sdpa":
         packed = _lead_varlen()
         if packed is not None:
             sizes_q = [b - a for a, b in itertools.pairwise(lq)]
             sizes_k = [b - a for a, b in itertools.pairwise(lk)]
             out = packed(q[: lq[-1]], k[: lk[-1]], v[: lk[-1]], cu_q, cu_k, max_q, max_k,
                          causal="bottom_right" if feats.causal else False, scale=softmax_scale, dropout_p=dropout_p,
-                         seqlens_q=sizes_q, seqlens_k=sizes_k)
+                         seqlens_q=sizes_q, seqlens_k=sizes_k, **_variants(feats))
             if lq[-1] < tq:  # rows past the last sequence give 0
                 out = torch.cat([out, out.new_zeros((tq - lq[-1], hq, dv))], 0)
             lse = _varlen_lse(q, k, lq, lk, feats, scale, slopes) if want_lse else None
@@ -264,45 +252,14 @@ def run_varlen(plan: CompatPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out, lse, probs
 
 
-# ---------------------------------------------------------------------------------------------------- FA4
-def _fa4_args(feats: Features, softmax_scale: float | None, deterministic: bool) -> dict[str, Any]:
-    from ..backends.fa4 import window_arg
-
-    return {"softmax_scale": softmax_scale, "causal": feats.causal, "window_size": window_arg(feats.left, feats.right),
-            "softcap": float(feats.softcap), "deterministic": bool(deterministic or
-                                                                    torch.are_deterministic_algorithms_enabled())}
-
-
-def _fa4_lse(lse: torch.Tensor | None, want: bool) -> torch.Tensor | None:
-    """FA4's lse as compat returns it: no gradient, and ``+inf`` (flash-attn 2's value) for rows that see no key,
-    where FA4 writes ``-inf``."""
-    if not want or lse is None:
-        return None
-    lse = lse.detach()
-    return lse.masked_fill(lse == float("-inf"), float("inf"))
-
-
-def _fa4_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feats: Features, softmax_scale: float | None,
-               deterministic: bool, want_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from ..backends import fa4
-
-    with fa4._on_device(q):
-        out, lse = fa4.load().flash_attn_func(q, k, v, return_lse=want_lse,
-                                              **_fa4_args(feats, softmax_scale, deterministic))
-    return out, _fa4_lse(lse, want_lse)
-
-
-def _fa4_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                max_q: int, max_k: int, feats: Features, softmax_scale: float | None, deterministic: bool,
-                want_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from ..backends import fa4
-
-    with fa4._on_device(q):
-        out, lse = fa4.load().flash_attn_varlen_func(
-            q, k, v, cu_seqlens_q=cu_q.to(torch.int32).contiguous(), cu_seqlens_k=cu_k.to(torch.int32).contiguous(),
-            max_seqlen_q=int(max_q), max_seqlen_k=int(max_k), return_lse=want_lse,
-            **_fa4_args(feats, softmax_scale, deterministic))
-    return out, _fa4_lse(lse, want_lse)
+def _variants(feats: Features) -> dict[str, Any]:
+    """The window and softcap as :func:`sdpa_flash.attention` takes them (flash-attn's ``-1``: unbounded)."""
+    out: dict[str, Any] = {}
+    if feats.window:
+        out["window"] = (feats.left, feats.right)
+    if feats.softcap > 0:
+        out["softcap"] = float(feats.softcap)
+    return out
 
 
 def _exact_plan(plan: CompatPlan) -> CompatPlan:

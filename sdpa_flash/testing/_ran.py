@@ -39,17 +39,31 @@ def ran_backends(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> set[str]:
     the call changes: no torch function mode is pushed (which would make ``attention()`` take the
     ``F.scaled_dot_product_attention`` route). Cannot nest inside another active profiler.
 
+    Kernels that are not an aten op (FlashAttention-4's CuTe kernels, a plug-in's Triton kernel) are seen by the
+    names their backend declares (:attr:`Backend.PROFILER_NAMES <sdpa_flash.backends.Backend.PROFILER_NAMES>`),
+    among the GPU kernels the profiler records on CUDA.
+
     Returns:
-        A subset of ``{"flash", "cudnn", "efficient", "math", "chunked", "overrideable"}``; empty when no
-        attention kernel ran (e.g. ``fn`` raised before running one, which propagates).
+        A subset of ``{"flash", "cudnn", "efficient", "math", "chunked", "overrideable"}`` and of the registered
+        backends that declare profiler names (``"fa4"``); empty when no attention kernel ran (e.g. ``fn`` raised
+        before running one, which propagates).
 
     Example:
         >>> q = torch.randn(1, 2, 8, 16)
         >>> ran_backends(lambda: sdpa_flash.attention(q, q, q, policy="math"))  # doctest: +SKIP
         {'math'}
     """
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    from ..backends import BACKENDS
+
+    declared = {name: b.PROFILER_NAMES for name, b in BACKENDS.items() if b.PROFILER_NAMES}
+    activities = [ProfilerActivity.CPU]
+    if declared and torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
         fn(*args, **kwargs)
-    return {_KERNEL_EVENTS[e.name] for e in prof.events() if e.name in _KERNEL_EVENTS}
+    names = {e.name for e in prof.events()}
+    ran = {_KERNEL_EVENTS[n] for n in names if n in _KERNEL_EVENTS}
+    return ran | {b for b, subs in declared.items() if any(s in n for n in names for s in subs)}

@@ -24,6 +24,7 @@ import torch
 
 from .. import _caches
 from ..errors import AttentionInputError
+from ..spec import FLOAT_DTYPES, dtype_name
 from ._table import (
     TablesInForce,
     TunedTable,
@@ -49,6 +50,7 @@ def tune(
     out: str | os.PathLike[str] | None = None,
     write: bool = True,
     progress: Callable[[str], None] | None = None,
+    dtypes: Sequence[torch.dtype | str] | None = None,
 ) -> TunedTable:
     """Time every backend that can run each class of calls on this device, and write the ranking table.
 
@@ -75,6 +77,9 @@ def tune(
             where the planner finds it).
         write: write the file (plans are then made afresh, so the next call uses it).
         progress: called with one line per class as it is measured (the command line prints them).
+        dtypes: measure the grid in these dtypes only (``torch.bfloat16`` or ``"bfloat16"``; default: bfloat16,
+            and float16 too in a full run, on a GPU that has bfloat16). Not with ``configs``, whose entries name
+            their own dtype.
 
     Returns:
         The :class:`TunedTable` (``path`` set when written).
@@ -83,14 +88,16 @@ def tune(
         AttentionInputError: a bad argument or configuration.
     """
     args = [f"quick={quick!r}"] if quick else []
-    args += [f"{k}={v!r}" for k, v in (("configs", configs), ("rounds", rounds), ("seed", seed)) if v is not None]
+    args += [f"{k}={v!r}" for k, v in (("configs", configs), ("rounds", rounds), ("seed", seed), ("dtypes", dtypes))
+             if v is not None]
     return run_tune(quick=quick, configs=configs, device=device, rounds=rounds, seed=seed, out=out, write=write,
-                    progress=progress, command=f"sdpa_flash.tune({', '.join(args)})")
+                    progress=progress, command=f"sdpa_flash.tune({', '.join(args)})", dtypes=dtypes)
 
 
 def run_tune(*, quick: bool, configs: Sequence[Mapping[str, Any]] | None, device: torch.device | str | int | None,
              rounds: int | None, seed: int | None, out: str | os.PathLike[str] | None, write: bool,
-             progress: Callable[[str], None] | None, command: str) -> TunedTable:
+             progress: Callable[[str], None] | None, command: str,
+             dtypes: Sequence[torch.dtype | str] | None = None) -> TunedTable:
     """:func:`tune`, with the command line to record (the command line's entry point)."""
     from ..capability import capabilities
     from ._grid import from_configs, grid
@@ -103,10 +110,15 @@ def run_tune(*, quick: bool, configs: Sequence[Mapping[str, Any]] | None, device
         if value is not None and (type(value) is not int or not lo <= value <= hi):
             raise AttentionInputError(f"Expected {name} to be None or an int in [{lo}, {hi}], but got {value!r} "
                                       "instead.")
+    if dtypes is not None and configs is not None:
+        raise AttentionInputError("Expected either dtypes=... or configs=..., but got both instead (each "
+                                  "configuration names its own dtype).")
+    wanted = None if dtypes is None else _dtypes(dtypes)
     caps = capabilities(device)
     dev = torch.device(caps.device_type, caps.device_index)  # type: ignore[arg-type]  # index None works; stubs say int
     mode = "model" if configs is not None else "quick" if quick else "full"
-    classes = from_configs(configs, caps) if configs is not None else grid(caps, quick=quick, seed=seed)
+    classes = from_configs(configs, caps) if configs is not None else grid(caps, quick=quick, seed=seed,
+                                                                                   dtypes=wanted)
     n = rounds or DEFAULT_ROUNDS[mode]
     started, clock = datetime.datetime.now(datetime.timezone.utc), time.monotonic()
     rules, refused, rows = measure(classes, caps, dev, rounds=n, date=started.strftime("%Y-%m-%d"), progress=progress)
@@ -122,3 +134,18 @@ def run_tune(*, quick: bool, configs: Sequence[Mapping[str, Any]] | None, device
         table = table.write(target)
         _caches.clear_all()  # the next plan reads the tables again
     return table
+
+
+def _dtypes(dtypes: Sequence[torch.dtype | str]) -> tuple[torch.dtype, ...]:
+    """``dtypes`` as torch dtypes: each a floating-point ``torch.dtype`` or its name (``"bfloat16"``)."""
+    by_name = {dtype_name(d): d for d in FLOAT_DTYPES}
+    out = []
+    for d in [dtypes] if isinstance(dtypes, (str, torch.dtype)) else dtypes:
+        dt = by_name.get(d) if isinstance(d, str) else d
+        if dt not in FLOAT_DTYPES:
+            raise AttentionInputError(f"Expected dtypes to name floating-point dtypes ({', '.join(sorted(by_name))}), "
+                                      f"but got {d!r} instead.")
+        out.append(dt)
+    if not out:
+        raise AttentionInputError("Expected dtypes to name at least one dtype, but got none instead.")
+    return tuple(dict.fromkeys(out))

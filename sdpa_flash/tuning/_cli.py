@@ -13,7 +13,8 @@ from . import run_tune, tables_for
 
 __all__ = ["main"]
 
-USAGE = "python -m sdpa_flash tune [--quick | --model CONFIGS.json] [--rounds N] [--seed N] [--out PATH] [--device D]"
+USAGE = ("python -m sdpa_flash tune [--quick | --model CONFIGS.json] [--dtype D[,D]] [--rounds N] [--seed N] "
+         "[--out PATH] [--device D]")
 
 DESCRIPTION = """\
 Time every backend that can run each class of calls on this device (head dim, query and key lengths, forward or
@@ -52,6 +53,8 @@ def main(argv: list[str]) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the small grid")
     mode.add_argument("--model", metavar="CONFIGS.json", help="measure exactly these configurations")
+    ap.add_argument("--dtype", metavar="D[,D]", help="measure the grid in these dtypes only, e.g. bfloat16 (default: "
+                                                     "bfloat16, and float16 too in a full run)")
     ap.add_argument("--rounds", type=_int(1), help="interleaved rounds per backend (default 5 quick, 7 otherwise)")
     ap.add_argument("--seed", type=_int(0), help="draw each class's shape inside the class with this seed (default: "
                                                  "each class's usual shape)")
@@ -68,8 +71,10 @@ def main(argv: list[str]) -> int:
             return 2
     command = shlex.join(["python", "-m", "sdpa_flash", "tune", *argv])
     try:
+        dtypes = None if args.dtype is None else [d.strip() for d in args.dtype.split(",")]
         table = run_tune(quick=args.quick, configs=configs, device=args.device, rounds=args.rounds, seed=args.seed,
-                         out=args.out, write=True, progress=lambda line: print(line, flush=True), command=command)
+                         out=args.out, write=True, progress=lambda line: print(line, flush=True), command=command,
+                         dtypes=dtypes)
     except SdpaFlashError as exc:
         print(f"sdpa_flash tune: {exc}", file=sys.stderr)
         return 2

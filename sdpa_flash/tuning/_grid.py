@@ -166,11 +166,17 @@ class _Draw:
         return self.rng().choice([d for d in range(16, min(hi, 256) + 1, 16) if d >= lo] or [usual])
 
 
+def _gqa_heads(heads: int) -> int:
+    """``heads`` rounded down to a multiple of 4 (at least 4): GQA classes share each K/V head among 4 query heads,
+    and a drawn head dim (96: 2048 // 96 = 21 heads) must still give whole groups."""
+    return max(4, heads // 4 * 4)
+
+
 def _dense(draw: _Draw, dtype: torch.dtype, s: int, d: int, *, training: bool, causal: bool = True,
            gqa: bool = False) -> ShapeClass:
     b = draw.budget
     s, d = draw.seqlen(s), draw.head_dim(d)
-    heads = max(4 if gqa else 1, b.width // d)
+    heads = _gqa_heads(b.width // d) if gqa else max(1, b.width // d)
     kv = heads // 4 if gqa else heads
     return ShapeClass(dtype, training, "top_left" if causal else None, max(1, b.tokens // s), heads, kv, s, s, d, d)
 
@@ -178,7 +184,7 @@ def _dense(draw: _Draw, dtype: torch.dtype, s: int, d: int, *, training: bool, c
 def _decode(draw: _Draw, dtype: torch.dtype, sk: int, d: int) -> ShapeClass:
     b = draw.budget
     sk, d = draw.seqlen(sk), draw.head_dim(d)
-    heads = max(4, b.width // d)
+    heads = _gqa_heads(b.width // d)
     return ShapeClass(dtype, False, None, b.decode_batch, heads, heads // 4, 1, sk, d, d)
 
 
@@ -203,8 +209,9 @@ def default_dtypes(caps: Capabilities, quick: bool) -> tuple[torch.dtype, ...]:
     return (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16)
 
 
-def grid(caps: Capabilities, *, quick: bool, seed: int | None = None) -> list[ShapeClass]:
-    """The classes a quick or full run measures on ``caps``.
+def grid(caps: Capabilities, *, quick: bool, seed: int | None = None,
+         dtypes: Sequence[torch.dtype] | None = None) -> list[ShapeClass]:
+    """The classes a quick or full run measures on ``caps``, in ``dtypes`` (default: :func:`default_dtypes`).
 
     On a GPU the quick grid is 15 classes in one dtype (head dim 128 forward and training, causal, at four lengths;
     decode; non-causal; GQA; head dims 64 and 256; two packed classes), the full grid 62 per dtype. On a CPU, small
@@ -213,7 +220,7 @@ def grid(caps: Capabilities, *, quick: bool, seed: int | None = None) -> list[Sh
     cuda = caps.device_type == "cuda"
     draw = _Draw(seed, _CUDA if cuda else _CPU)
     out: list[ShapeClass] = []
-    for dt in default_dtypes(caps, quick):
+    for dt in dtypes or default_dtypes(caps, quick):
         if cuda and quick:
             for training in (False, True):
                 out += [_dense(draw, dt, s, 128, training=training) for s in (128, 512, 2048, 4096)]
