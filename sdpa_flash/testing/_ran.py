@@ -58,7 +58,9 @@ def ran_backends(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> set[str]:
 
     from ..backends import BACKENDS
 
-    declared = {name: b.PROFILER_NAMES for name, b in BACKENDS.items() if b.PROFILER_NAMES}
+    # (the GPU trace costs each profile a CUPTI session: only where such a kernel can run at all)
+    declared = {name: b.PROFILER_NAMES for name, b in BACKENDS.items()
+                if b.PROFILER_NAMES and (b.PACKAGE is None or b.installed_version() is not None)}
     activities = [ProfilerActivity.CPU]
     if declared and torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
