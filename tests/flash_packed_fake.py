@@ -8,6 +8,9 @@ an unbounded side, GQA read in place, the log-sum-exp returned as ``(H, T)`` flo
 key, whose output is 0), and a backward that recomputes the probabilities from the ``out`` and ``logsumexp`` it is
 given (FlashAttention-2's equations: ``dS = P * (dP - rowsum(dO * O))``). The arithmetic is float32 PyTorch, not the
 kernel's. Every call is recorded in ``CALLS``.
+
+Dense calls (``cu_seqlens`` ``None``: ``(B, S, H, D)`` tensors, the log-sum-exp ``(B, H, S)``, as the op gives them)
+are modelled as a packed batch of ``B`` equal sequences.
 """
 
 from __future__ import annotations
@@ -45,10 +48,25 @@ def _spans(cu: torch.Tensor) -> list[tuple[int, int]]:
     return list(itertools.pairwise(host))
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
-            max_k: int, dropout_p: float, is_causal: bool, return_debug_mask: bool, *, scale: float | None = None,
-            window_size_left: int | None = None, window_size_right: int | None = None, **unused: Any
-            ) -> tuple[torch.Tensor, ...]:
+def _dense_as_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, S, H, D) tensors as B packed sequences: the flattened tensors and their int32 cu_seqlens."""
+    b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    cu_q, cu_k = (torch.arange(0, b * s + 1, max(s, 1), dtype=torch.int32)[: b + 1] for s in (sq, sk))
+    return q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor | None,
+            cu_k: torch.Tensor | None, max_q: int, max_k: int, dropout_p: float, is_causal: bool,
+            return_debug_mask: bool, *, scale: float | None = None, window_size_left: int | None = None,
+            window_size_right: int | None = None, **unused: Any) -> tuple[torch.Tensor, ...]:
+    if cu_q is None:
+        b, sq = q.shape[:2]
+        out, lse, *rest = forward(*_dense_as_packed(q, k, v), max_q, max_k, dropout_p, is_causal, return_debug_mask,
+                                  scale=scale, window_size_left=window_size_left,
+                                  window_size_right=window_size_right)
+        CALLS[-1][1]["dense"] = True
+        return (out.unflatten(0, (b, sq)), lse.unflatten(1, (b, sq)).transpose(0, 1).contiguous(), *rest)
     CALLS.append(("forward", {"causal": is_causal, "window": (window_size_left, window_size_right),
                               "dropout_p": dropout_p}))
     assert q.dtype in (torch.float16, torch.bfloat16) and cu_q.dtype == cu_k.dtype == torch.int32
@@ -71,10 +89,17 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tenso
 
 
 def backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-             lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, dropout_p: float,
-             is_causal: bool, rng: torch.Tensor, unused: torch.Tensor, *, scale: float | None = None,
+             lse: torch.Tensor, cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, max_q: int, max_k: int,
+             dropout_p: float, is_causal: bool, rng: torch.Tensor, unused: torch.Tensor, *, scale: float | None = None,
              window_size_left: int | None = None, window_size_right: int | None = None, **rest: Any
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if cu_q is None:
+        assert tuple(lse.shape) == (q.shape[0], q.shape[2], q.shape[1]), "dense: the log-sum-exp is (B, H, S)"
+        qf, kf, vf, cq, ck = _dense_as_packed(q, k, v)
+        dq, dk, dv = backward(grad.flatten(0, 1), qf, kf, vf, out.flatten(0, 1), lse.transpose(0, 1).flatten(1), cq,
+                              ck, max_q, max_k, dropout_p, is_causal, rng, unused, scale=scale,
+                              window_size_left=window_size_left, window_size_right=window_size_right)
+        return dq.unflatten(0, q.shape[:2]), dk.unflatten(0, k.shape[:2]), dv.unflatten(0, v.shape[:2])
     CALLS.append(("backward", {"causal": is_causal, "window": (window_size_left, window_size_right)}))
     assert tuple(lse.shape) == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
     sc = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale

@@ -25,6 +25,7 @@ import sdpa_flash
 from sdpa_flash import AttentionInputError, BackendUnavailableError
 from sdpa_flash.backends import chunked as chunked_mod
 from sdpa_flash.backends import fa4 as fa4_mod
+from sdpa_flash.backends.flash import packed_window_args as flash_packed_window_args
 from sdpa_flash.testing import compare_to_reference, property_profile, reference_attention
 
 PROFILE = property_profile()
@@ -396,3 +397,17 @@ def test_cuda_flash_window_matches_float64_math(causal: bool) -> None:
     plan = sdpa_flash.explain(*leaves, causal=causal, window=window, policy="flash")
     assert plan.prep.window_mask is None  # the kernel's own window, no mask
     _check("flash", 2, 8, 2, 300, 300, 64, torch.bfloat16, causal, window, None, False, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("causal", "window", "sk"), [(False, None, 300), ("bottom_right", (63, 0), 300),
+                                                     ("bottom_right", None, 420)])
+def test_cuda_flash_sinks_match_float64_math(causal: Any, window: Any, sk: int) -> None:
+    """Sinks on PyTorch's dense CUDA flash kernel: its log-sum-exp adapted exactly (out, dq, dk, dv, dsinks)."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the CUDA flash kernel needs sm80+")
+    if window is not None and not flash_packed_window_args():
+        pytest.skip("this torch's flash op takes no window")
+    leaves = _inputs(2, 8, 2, 300, sk, 64, torch.bfloat16, True, device="cuda")
+    assert sdpa_flash.explain(*leaves[:3], causal=causal, window=window, sinks=leaves[3]).backend in ("flash", "fa4")
+    _check("flash", 2, 8, 2, 300, sk, 64, torch.bfloat16, causal, window, None, True, device="cuda")

@@ -332,10 +332,10 @@ def test_packed_kernels_say_which_variants_they_take() -> None:
                 assert any("no logit softcap" in r for r in p.reasons["flash_varlen"]), p.explain()
             with_fa4 = _packed_reasons(spec, SM90_FA4, "fa4")
             assert with_fa4.path == "flash_varlen" and with_fa4.varlen_backend == "fa4", with_fa4.explain()
-        with pytest.raises(BackendUnavailableError) as info:  # and no dense kernel of the policy does sinks
+        with pytest.raises(BackendUnavailableError) as info:  # the dense flash op adapts sinks the same way
             _packed_reasons(dataclasses.replace(base, sinks=True, dropout=True), SM90, "flash")
-        assert any("sinks with dropout_p > 0" in r for r in info.value.reasons["flash_varlen"]), str(info.value)
-        assert any("has no attention sinks" in r for r in info.value.reasons["grouped"]), str(info.value)
+        for route in ("flash_varlen", "grouped"):
+            assert any("sinks with dropout_p > 0" in r for r in info.value.reasons[route]), str(info.value)
 
 
 def test_a_torch_whose_packed_op_has_no_window_refuses_it_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -583,6 +583,46 @@ def test_flash_packed_sinks_report_an_unexpected_lse_layout(fake_flash_packed: A
     with pytest.raises(sdpa_flash.SdpaFlashError, match=r"log-sum-exp of shape \(1, 4, 38\).*policy='chunked'"):
         run_and_check(Case(HALF_LQ, HALF_LQ, sinks=True, hq=4, hkv=2, d=16, dv=16, dtype=torch.bfloat16),
                       policy="flash")
+
+
+@pytest.mark.parametrize("variant", ["sinks", "window and sinks", "cross, window and sinks"])
+def test_dense_flash_op_adapts_sinks_like_the_packed_one(fake_flash_packed: Any, monkeypatch: pytest.MonkeyPatch,
+                                                         variant: str) -> None:
+    """attention(sinks=...) on PyTorch's CUDA flash kernel (modelled here): the same op with cu_seqlens None, its
+    (B, H, S) log-sum-exp adapted exactly; checked, through a batch of equal sequences, against float64 math of
+    each alone: out, dq, dk, dv and dsinks."""
+    from sdpa_flash import _dense
+
+    monkeypatch.setattr(_dense, "capabilities", lambda device: SM90)
+    # the CUDA kernel function on these CPU tensors (its sinks calls go to the model above)
+    monkeypatch.setattr(flash_mod.FlashBackend, "kernel", lambda self, device_type, traced=False: flash_mod._CUDA)
+    sdpa_flash._caches.clear_all()
+    window = None if variant == "sinks" else (5, 0)
+    if window and not flash_mod.packed_window_args():
+        pytest.skip("this torch's flash op takes no window")
+    lq, lk = ([9] * 3, [14] * 3) if variant.startswith("cross") else ([11] * 3, [11] * 3)
+    causal = "bottom_right" if window else None
+
+    def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: Any, cu_k: Any, max_q: int, max_k: int,
+              sinks: torch.Tensor | None) -> torch.Tensor:
+        b = len(lq)
+        qd, kd, vd = (t.unflatten(0, (b, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D) views
+        plan = sdpa_flash.explain(qd, kd, vd, causal=causal or False, window=window, sinks=sinks, policy="flash")
+        assert plan.backend == "flash", plan.explain()
+        out = sdpa_flash.attention(qd, kd, vd, causal=causal or False, window=window, sinks=sinks, policy="flash")
+        return out.transpose(1, 2).flatten(0, 1)
+
+    try:
+        run_and_check(Case(lq, lk, causal, window, None, True, hq=4, hkv=2, d=16, dv=16, dtype=torch.bfloat16),
+                      run=dense)
+    finally:
+        sdpa_flash._caches.clear_all()
+    fwd = [c for n, c in fake_flash_packed.CALLS if n == "forward"]
+    assert len(fwd) == 1 and fwd[0].get("dense"), fake_flash_packed.CALLS
+    assert [n for n, _ in fake_flash_packed.CALLS] == ["forward", "backward"]
+    with pytest.raises(BackendUnavailableError, match="sinks with dropout_p > 0"):
+        q = torch.randn(1, 4, 8, 16, dtype=torch.bfloat16)
+        sdpa_flash.attention(q, q, q, dropout_p=0.1, sinks=torch.zeros(4), policy="flash")
 
 
 # ------------------------------------------------------------------------------------------------- GPU

@@ -469,7 +469,7 @@ class Backend:
 
     def unpadded_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
         """Why the kernel cannot take ``spec``'s head dims as they are: for callers that hand it tensors without
-        the dense runner's zero-padding (the packed call; flash-attn compat's ``fa4`` path)."""
+        the dense runner's zero-padding (the packed call)."""
         req = self.REQUIREMENTS.get(caps.device_type)
         m = req.head_dim_multiple if req is not None else 1
         if spec.head_dim % m or spec.head_dim_v % m:

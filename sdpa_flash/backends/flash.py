@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -36,6 +35,9 @@ class FlashBackend(Backend):
             # FlashAttention-2's own window (aten._flash_attention_forward/_backward's window_size_left/right, where
             # this torch's schemas have them: extra_reasons says when they do not), bottom-right aligned like ours.
             window=True,
+            # Sinks by an exact adaptation of the same op's log-sum-exp, forward and backward (_Sinks), without
+            # dropout (extra_reasons refuses the two together).
+            sinks=True,
         ),
         # The CPU kernel: blocked online softmax; masks yes, dropout no, any head dim, top-left causal. Dropout: torch
         # 2.13's aten._scaled_dot_product_flash_attention_for_cpu raises "Currently do not support dropout > 0"
@@ -59,6 +61,12 @@ class FlashBackend(Backend):
         if spec.window is not None and caps.device_type == "cuda" and not packed_window_args():
             return [f"this PyTorch's flash ops (aten._flash_attention_forward/_backward, torch {torch.__version__}) "
                     "take no window_size_left/right; a newer torch has them"]
+        if spec.sinks and caps.device_type == "cuda":
+            if spec.dropout:
+                return ["sinks with dropout_p > 0: the flash op's sink adaptation runs without dropout"]
+            if _PACKED_FWD is None or _PACKED_BWD is None:
+                return [f"this PyTorch ({torch.__version__}) has no aten._flash_attention_forward/_backward, through "
+                        "which sinks are adapted"]
         # sm86-sm89 (and sm120/121) lack the shared memory for the large-head-dim backward kernels.
         if cc is not None and spec.needs_grad and ((8, 6) <= cc <= (8, 9) or (12, 0) <= cc <= (12, 1)):
             if (spec.head_dim > 224 and spec.dropout) or 192 < spec.head_dim <= 224:
@@ -77,18 +85,11 @@ class FlashBackend(Backend):
     VARLEN = True
 
     def varlen_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
-        """The dense requirements (equal head dims, multiples of 8, ...), except where the packed op differs from
-        the dense one: it takes a window itself (``window_size_left/right``, where this torch's op schemas have
-        them: :func:`packed_window_args`), and sinks by an exact adaptation of its log-sum-exp (see
-        :class:`_PackedSinks`); softcap stays refused, as the requirements say."""
+        """The dense reasons: the packed op is the same op (``aten._flash_attention_forward``), which takes the window
+        itself and the sinks through the same exact adaptation (:class:`_Sinks`); CUDA only."""
         if caps.device_type != "cuda":
             return [f"the flash varlen kernel is CUDA only (this is {caps.device_type})"]
-        why = []
-        if spec.sinks:
-            if spec.dropout:
-                why.append("sinks with dropout_p > 0: the packed op's sink adaptation runs without dropout")
-            spec = dataclasses.replace(spec, sinks=False)
-        return super().varlen_reasons(spec, caps) + why
+        return super().varlen_reasons(spec, caps)
 
     def varlen(self) -> Callable[..., torch.Tensor]:
         return _flash_varlen
@@ -101,6 +102,8 @@ class FlashBackend(Backend):
 
 def _cuda_kernel(op: Callable[..., Any]) -> KernelFn:
     def call(c: KernelCall) -> torch.Tensor:
+        if c.sinks is not None:  # (dropout is refused with sinks: see FlashBackend.extra_reasons)
+            return _sinks_dense(c.q, c.k, c.v, c.sinks, c.causal, c.scale, _window_kwargs(c.window))
         if c.window is not None:
             return _windowed(c.q, c.k, c.v, c.dropout_p, c.causal, c.scale, _window_kwargs(c.window))
         return op(c.q, c.k, c.v, c.dropout_p, c.causal, False, scale=c.scale)[0]
@@ -185,13 +188,14 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch
                   ) -> torch.Tensor:
     kw = _window_kwargs(window)
     if sinks is not None:  # (dropout is refused with sinks: see FlashBackend.varlen_reasons)
-        out: torch.Tensor = _PackedSinks.apply(q, k, v, sinks, cu_q, cu_k, max_q, max_k, causal, scale, kw)
+        out: torch.Tensor = _Sinks.apply(q, k, v, sinks, cu_q, cu_k, max_q, max_k, causal, scale, kw)
         return out
     return _PACKED_FWD(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, False, scale=scale, **kw)[0]
 
 
-class _PackedSinks(torch.autograd.Function):
-    """The packed flash op with one sink logit per query head, exactly.
+class _Sinks(torch.autograd.Function):
+    """The flash op with one sink logit per query head, exactly: packed (``cu_seqlens``, ``(T, H, D)`` tensors, a
+    log-sum-exp of ``(H, T)``) or dense (``cu_seqlens`` ``None``, ``(B, S, H, D)`` tensors, ``(B, H, S)``).
 
     A sink is one more softmax column with no value, so with the op's own output ``O`` and log-sum-exp ``lse`` (of
     the scores alone) the result is ``O * sigmoid(lse - sink)`` row by row. The backward is the op's own backward
@@ -203,31 +207,55 @@ class _PackedSinks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-                cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, causal: bool, scale: float | None,
-                window: dict[str, int]) -> torch.Tensor:
+                cu_q: torch.Tensor | None, cu_k: torch.Tensor | None, max_q: int, max_k: int, causal: bool,
+                scale: float | None, window: dict[str, int]) -> torch.Tensor:
         out, lse, rng, unused, _ = _PACKED_FWD(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale,
                                                **window)
-        if tuple(lse.shape) != (q.shape[1], q.shape[0]):
-            raise SdpaFlashError(f"the packed flash op returned a log-sum-exp of shape {tuple(lse.shape)}, not (H, T) "
-                                 f"= ({q.shape[1]}, {q.shape[0]}): this torch ({torch.__version__}) lays it out "
-                                 "otherwise, so its sinks cannot be applied; pass policy='chunked' (or 'fa4')")
-        sink = sinks.detach().float()[:, None]
-        out = (out.float() * torch.sigmoid(lse - sink).t()[..., None]).to(q.dtype)
+        dense = cu_q is None
+        want = (q.shape[0], q.shape[2], q.shape[1]) if dense else (q.shape[1], q.shape[0])
+        if tuple(lse.shape) != want:
+            raise SdpaFlashError(f"the flash op returned a log-sum-exp of shape {tuple(lse.shape)}, not "
+                                 f"{'(B, H, S)' if dense else '(H, T)'} = {want}: this torch ({torch.__version__}) "
+                                 "lays it out otherwise, so its sinks cannot be applied; pass policy='chunked' (or "
+                                 "'fa4')")
+        sink = _per_row(sinks.detach().float(), dense)
+        out = (out.float() * _like_out(torch.sigmoid(lse - sink), dense)).to(q.dtype)
         ctx.save_for_backward(q, k, v, out, torch.logaddexp(lse, sink), rng, unused, cu_q, cu_k, sinks)
-        ctx.args = (max_q, max_k, causal, scale, window)
+        ctx.args = (max_q, max_k, causal, scale, window, dense)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # as the op's own backward
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse_sink, rng, unused, cu_q, cu_k, sinks = ctx.saved_tensors
-        max_q, max_k, causal, scale, window = ctx.args
+        max_q, max_k, causal, scale, window, dense = ctx.args
         grad = grad.contiguous()
         dq, dk, dv = _PACKED_BWD(grad, q, k, v, out, lse_sink, cu_q, cu_k, max_q, max_k, 0.0, causal, rng, unused,
                                  scale=scale, **window)
-        p_sink = torch.exp(sinks.detach().float()[:, None] - lse_sink)  # (H, T): sigmoid(sink - lse)
-        dsink = -(p_sink * (grad.float() * out.float()).sum(-1).t()).sum(1)
+        p_sink = torch.exp(_per_row(sinks.detach().float(), dense) - lse_sink)  # sigmoid(sink - lse), lse's layout
+        rowsum = (grad.float() * out.float()).sum(-1)  # (B, S, H) or (T, H)
+        rowsum = rowsum.transpose(1, 2) if dense else rowsum.t()
+        dsink = -(p_sink * rowsum).sum((0, 2) if dense else 1)
         return dq, dk, dv, dsink.to(sinks.dtype), None, None, None, None, None, None, None
+
+
+def _per_row(sinks: torch.Tensor, dense: bool) -> torch.Tensor:
+    """The (H,) sinks broadcast against the log-sum-exp: ``(1, H, 1)`` dense, ``(H, 1)`` packed."""
+    return sinks[None, :, None] if dense else sinks[:, None]
+
+
+def _like_out(x: torch.Tensor, dense: bool) -> torch.Tensor:
+    """A per-row factor in the log-sum-exp's layout, broadcast against the output: ``(B, S, H, 1)`` / ``(T, H, 1)``."""
+    return (x.transpose(1, 2) if dense else x.t())[..., None]
+
+
+def _sinks_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, causal: bool | str,
+                 scale: float | None, window: dict[str, int]) -> torch.Tensor:
+    """A dense call with sinks: the flash op on the (B, S, H, D) views of (B, H, S, D) tensors, adapted exactly
+    (:class:`_Sinks`), the output back as (B, H, S, D)."""
+    out: torch.Tensor = _Sinks.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), sinks, None, None,
+                                     q.shape[2], k.shape[2], bool(causal), scale, window)
+    return out.transpose(1, 2)
 
 
 _CUDA = _cuda_kernel(torch._scaled_dot_product_flash_attention)
