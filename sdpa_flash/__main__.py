@@ -165,8 +165,9 @@ def tuned_report(caps: Capabilities) -> dict[str, Any]:
 
 
 def variants_report(caps: Capabilities) -> dict[str, dict[str, str]]:
-    """Which backend on this device takes ``window`` / ``softcap`` / ``sinks``: ``native``, ``as a mask`` (math's
-    window) or absent; only backends available here."""
+    """Which backend on this device takes ``window`` / ``softcap`` / ``sinks``: ``native``, ``adapted`` (exactly,
+    around the kernel: :attr:`Backend.ADAPTED`), ``as a mask`` (math's window) or absent; only backends available
+    here."""
     out: dict[str, dict[str, str]] = {}
     for variant in ("window", "softcap", "sinks"):
         row = {}
@@ -175,7 +176,7 @@ def variants_report(caps: Capabilities) -> dict[str, dict[str, str]]:
             if req is None or name not in caps.backends:
                 continue
             if getattr(req, variant):
-                row[name] = "native"
+                row[name] = "adapted" if variant in backend.ADAPTED else "native"
             elif variant == "window" and req.mask and not backend.fused:
                 row[name] = "as a mask"
         out[variant] = row

@@ -77,6 +77,16 @@ def test_report_json() -> None:
         assert all(e["error"] <= e["bound"] for e in row["errors"].values())
 
 
+def test_variants_report_says_which_kernel_adapts_them() -> None:
+    from sdpa_flash.__main__ import variants_report
+
+    sm80 = sdpa_flash.Capabilities.synthetic("cuda", (8, 0))  # no FA4 there: PyTorch's kernels and the references
+    rep = variants_report(sm80)
+    assert rep["sinks"] == {"flash": "adapted", "chunked": "native"}  # from the flash kernel's log-sum-exp
+    assert rep["softcap"] == {"chunked": "native"} and rep["window"]["math"] == "as a mask"
+    assert rep["window"].get("flash") in (None, "native")  # (where this torch's flash ops take window sizes)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_report_on_the_gpu_passes_self_check_for_every_available_backend() -> None:
     r = run_cli("--json", gpu=True)

@@ -255,6 +255,10 @@ class Backend:
     PACKAGE: ClassVar[str | None] = None
     """The distribution a backend installed as its own package comes from (``"flash-attn-4"``): its version is
     probed into :attr:`Capabilities.kernels` and ranged by ``DenylistEntry(kernel=...)``. ``None``: part of torch."""
+    ADAPTED: ClassVar[frozenset[str]] = frozenset()
+    """The variants (``"window"``, ``"softcap"``, ``"sinks"``) its :class:`Requirements` accept by an exact
+    adaptation around the kernel rather than in it (the flash backend's sinks: from the kernel's log-sum-exp); what
+    ``python -m sdpa_flash`` reports as ``adapted``."""
     PROFILER_NAMES: ClassVar[tuple[str, ...]] = ()
     """Substrings of ``torch.profiler`` event names (CPU ops, or GPU kernel names on CUDA) that show this backend's
     kernel ran, for :func:`sdpa_flash.testing.ran_backends`; needed by kernels that are not an aten op (a CuTe or

@@ -17,6 +17,7 @@ __all__ = ["FlashBackend"]
 class FlashBackend(Backend):
     name = "flash"
     TORCH_CHECK = "can_use_flash_attention"
+    ADAPTED = frozenset({"sinks"})  # O * sigmoid(lse - sink) around the op (_Sinks)
     REQUIREMENTS: ClassVar[dict[str, Requirements]] = {
         # PyTorch's CUDA flash kernel is flash-attn 2: causal is aligned bottom-right when Sq != Sk (which is
         # why PyTorch's own check refuses is_causal there), no masks, GQA read in place, q/k/v head dims equal.
