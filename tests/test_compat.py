@@ -7,6 +7,7 @@ path that can run a call on the CPU (sdpa, masked, exact) is forced in turn.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 import pathlib
@@ -300,6 +301,23 @@ def test_plan_on_a_cuda_profile_hands_variants_to_the_planner_then_flex() -> Non
     assert plan_call(det, caps).path == "exact"
     plain = CompatSpec("dense", "cuda", torch.bfloat16, 1, 16, 16, 512, 512, 128, 128, C.Features(causal=True))
     assert plan_call(plain, caps).path == "sdpa"
+
+
+def test_varlen_windows_get_the_planners_packed_kernel_on_a_cuda_profile() -> None:
+    from sdpa_flash.backends.flash import packed_window_args
+
+    caps = sdpa_flash.Capabilities.synthetic("cuda", (8, 0), total_memory=80 * 2**30)  # an A100: no FA4
+    window = CompatSpec("varlen", "cuda", torch.bfloat16, 6, 16, 4, 3000, 3000, 128, 128,
+                        C.Features(causal=True, left=255, right=0), needs_grad=True)
+    p = plan_call(window, caps)
+    if packed_window_args():  # PyTorch's packed flash op takes the window itself
+        assert (p.path, p.kernel) == ("sdpa", "flash") and "window=" in p.explain(), p.explain()
+    else:
+        assert p.path != "sdpa" and any("window_size_left/right" in r for r in p.reasons["sdpa"]), p.explain()
+    softcap = dataclasses.replace(window, features=C.Features(causal=True, softcap=30.0))
+    sp = plan_call(softcap, caps)
+    assert sp.path != "sdpa" and sp.kernel is None
+    assert any(r.startswith("flash: ") and "softcap" in r for r in sp.reasons["sdpa"]), sp.explain()
 
 
 def test_cpu_plans_and_forced_paths() -> None:

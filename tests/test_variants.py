@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sdpa_flash
-from sdpa_flash import AttentionInputError, BackendUnavailableError
+from sdpa_flash import AttentionInputError, AttentionSpec, BackendUnavailableError, Capabilities, plan
 from sdpa_flash.backends import chunked as chunked_mod
 from sdpa_flash.backends import fa4 as fa4_mod
 from sdpa_flash.backends.flash import packed_window_args as flash_packed_window_args
@@ -155,6 +155,29 @@ def test_each_backend_says_native_adapted_or_refused() -> None:
     for variant in table:
         assert table[variant].get("chunked") == "runs" or variant == "window"
     assert sdpa_flash.explain(q, q, q, window=(4, 0)).backend == "math"  # ranked above chunked on the CPU
+
+
+@pytest.mark.parametrize("cc", [(8, 0), (9, 0)])
+def test_gpt_oss_layers_without_fa4_plan_onto_the_cuda_flash_kernel(cc: tuple[int, int]) -> None:
+    """An A100, or an H100 without the [fa4] extra: a gpt-oss layer (GQA 64/8, hd64, sinks, a window on every
+    other layer) is planned onto PyTorch's flash kernel, the sinks adapted from its log-sum-exp and the window its
+    own, not onto chunked; softcap (no fused kernel of PyTorch's has it) still falls back to chunked, said so."""
+    caps = Capabilities.synthetic("cuda", cc)
+    for window in ((127, None), None):
+        if window is not None and not flash_packed_window_args():
+            continue  # (this torch's flash ops take no window: refused with that reason, tested elsewhere)
+        spec = AttentionSpec("cuda", torch.bfloat16, 1, 64, 8, 8192, 8192, 64, 64, "top_left", needs_grad=True,
+                             window=window, sinks=True)
+        p = plan(spec, caps)
+        assert p.backend == "flash" and not p.fallback and p.prep.window_mask is None, p.explain()
+        try:  # with dropout: refused with the reason (and nothing else may take it: then a typed error)
+            reasons = plan(dataclasses.replace(spec, dropout=True), caps).reasons
+        except BackendUnavailableError as exc:
+            reasons = exc.reasons
+        assert "sinks with dropout_p > 0" in reasons["flash"][0]
+    soft = plan(AttentionSpec("cuda", torch.bfloat16, 2, 16, 16, 8192, 8192, 128, 128, "top_left", softcap=50.0),
+                caps)
+    assert soft.backend == "chunked" and soft.fallback and "logit softcap" in soft.reasons["flash"][0]
 
 
 def test_a_window_that_covers_every_key_is_a_plain_call() -> None:
