@@ -25,7 +25,6 @@ Sections (``--sections``, default all):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -38,12 +37,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _harness import machine_info, run_sections, timed_pass  # (benchmarks/, on sys.path when a script runs)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sdpa_flash
 from sdpa_flash import varlen
 from sdpa_flash.backends import fa4 as fa4_backend
-from sdpa_flash.bench._timing import Settings, Stats, Timed, interleave
+from sdpa_flash.bench._timing import Settings, Stats, interleave
 from sdpa_flash.bench._varlen import varlen_cases
 
 DEV = torch.device("cuda")
@@ -88,22 +88,6 @@ def dense_paths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool)
     }
 
 
-def timed_item(name: str, call: Any, ts: Any, mode: str, ctx: Any = None) -> Timed:
-    """``call(*ts)`` to time: forward under no_grad, or forward+backward (grad of fresh leaves against a fixed
-    random output gradient)."""
-    if mode == "fwd":
-        def fn(i):  # type: ignore[no-untyped-def]
-            with torch.no_grad():
-                return call(*ts)
-    else:
-        leaves = [t.clone().requires_grad_() for t in ts]
-        gout = torch.randn_like(call(*leaves))
-
-        def fn(i):  # type: ignore[no-untyped-def]
-            return torch.autograd.grad(call(*leaves), leaves, gout)
-    return Timed(name, fn, ctx or contextlib.nullcontext)
-
-
 def time_case(section: str, label: str, b: int, h: int, hkv: int, sq: int, sk: int, d: int, causal: bool,
               modes: tuple[str, ...], settings: Settings, paths: dict[str, Any] | None = None) -> None:
     g = torch.Generator(device="cuda").manual_seed(sq + d)
@@ -115,7 +99,7 @@ def time_case(section: str, label: str, b: int, h: int, hkv: int, sq: int, sk: i
         items = []
         for name, (call, ctx, layout) in paths.items():
             ts = base if layout == "bhsd" else [t.transpose(1, 2).contiguous() for t in base]
-            items.append(timed_item(name, call, ts, mode, ctx))
+            items.append(timed_pass(name, call, ts, mode, ctx))
         res = interleave(items, DEV, settings, measure_peak=False)
         for name, r in res.items():
             backend = ""
@@ -202,7 +186,7 @@ def ragged(settings: Settings) -> None:
                         continue  # the aten op has no autograd formula of its own here
                     flops[name] = work * (3.5 if mode == "fwdbwd" else 1.0)
                     ctx = (lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])) if name.startswith("dense") else None
-                    items.append(timed_item(name, call, ts, mode, ctx))
+                    items.append(timed_pass(name, call, ts, mode, ctx))
                 res = interleave(items, DEV, settings, measure_peak=False)
                 for name, r in res.items():
                     record("varlen", f"{kind}{' causal' if causal else ''}", mode, str(name), r, flops[str(name)],
@@ -288,23 +272,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer grid shapes and rounds")
     args = ap.parse_args()
     settings = Settings.for_device("cuda", rounds=7 if args.quick else 11, budget_s=0.6, warmup_ms=20.0)
-    info = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "fa4": fa4_backend.installed_version(),
-            "cudnn": torch.backends.cudnn.version()}
-    print(info, flush=True)
-    start = time.perf_counter()
-    for section in args.sections.split(","):
-        t = time.perf_counter()
-        try:
-            {"grid": lambda: grid(settings, args.quick), "layout": lambda: layout(settings),
-             "varlen": lambda: ragged(settings), "cold": cold, "overhead": lambda: overhead(settings)}[section]()
-        except Exception as exc:  # a failed section is reported; the others still run
-            import traceback
-
-            traceback.print_exc()
-            ROWS.append({"section": section, "error": repr(exc)[:500]})
-        print(f"-- {section}: {time.perf_counter() - t:.0f} s", flush=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"info": info, "rows": ROWS, "seconds": time.perf_counter() - start}, f, indent=1)
+    run_sections({"grid": lambda: grid(settings, args.quick), "layout": lambda: layout(settings),
+                  "varlen": lambda: ragged(settings), "cold": cold, "overhead": lambda: overhead(settings)},
+                 args.sections, args.out, machine_info(), ROWS)
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _harness import machine_info, timed_pass  # (benchmarks/, on sys.path when a script runs)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
@@ -51,25 +52,6 @@ def paths(causal: bool, gqa: bool) -> dict[str, tuple[Any, Any, str]]:
     return out
 
 
-def item(name: str, call: Any, ctx: Any, ts: list[torch.Tensor], mode: str) -> Any:
-    import contextlib
-
-    from sdpa_flash.bench._timing import Timed
-
-    if mode == "fwd":
-        def fn(i):  # type: ignore[no-untyped-def]
-            with torch.no_grad():
-                return call(*ts)
-    else:
-        leaves = [t.clone().requires_grad_() for t in ts]
-        with ctx() if ctx else contextlib.nullcontext():
-            gout = torch.randn_like(call(*leaves))
-
-        def fn(i):  # type: ignore[no-untyped-def]
-            return torch.autograd.grad(call(*leaves), leaves, gout)
-    return Timed(name, fn, ctx or contextlib.nullcontext), fn
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="grid_rows.json")
@@ -77,8 +59,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     settings = Settings.for_device("cuda", rounds=15, budget_s=0.6, warmup_ms=20.0)
-    info = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "fa4": fa4_backend.installed_version(),
-            "cudnn": torch.backends.cudnn.version()}
+    info = machine_info()
     print(info, flush=True)
     prof_text = io.StringIO()
     results: list[dict[str, Any]] = []
@@ -96,8 +77,8 @@ def main() -> int:
                 items = []
                 for name, (call, ctx, layout) in ps.items():
                     ts = base if layout == "bhsd" else [t.transpose(1, 2).contiguous() for t in base]
-                    timed, fns[name] = item(name, call, ctx, ts, mode)
-                    items.append(timed)
+                    items.append(timed_pass(name, call, ts, mode, ctx))
+                    fns[name] = items[-1].fn
                 res = interleave(items, DEV, settings, measure_peak=False)
                 ok = {n: r for n, r in res.items() if not isinstance(r, BaseException)}
                 best_name = min((n for n in ok if n != "attention(auto)"), key=lambda n: ok[n].median_ms)

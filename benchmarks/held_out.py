@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _harness import machine_info, timed_pass  # (benchmarks/, on sys.path when a script runs)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sdpa_flash
 from sdpa_flash import _caches
 from sdpa_flash.backends import fa4 as fa4_backend
-from sdpa_flash.bench._timing import Settings, Timed, interleave
+from sdpa_flash.bench._timing import Settings, interleave
 from sdpa_flash.planner import ranking_source
 from sdpa_flash.tuning._grid import ShapeClass, grid
 
@@ -88,8 +89,7 @@ def main() -> int:
     dev = torch.device("cuda")
     caps = sdpa_flash.capabilities(dev)
     settings = Settings.for_device("cuda", rounds=args.rounds, budget_s=0.5, warmup_ms=20.0)
-    info = {"torch": torch.__version__, "device": caps.name, "fa4": fa4_backend.installed_version(),
-            "cudnn": caps.cudnn_version, "table": os.environ.get("SDPA_FLASH_TABLE"), "seed": args.seed}
+    info = {**machine_info(), "table": os.environ.get("SDPA_FLASH_TABLE"), "seed": args.seed}
     print(info, flush=True)
     rows: list[dict[str, Any]] = []
     for c in (c for c in grid(caps, quick=True, seed=args.seed) if c.entry == "dense"):
@@ -114,22 +114,10 @@ def main() -> int:
         items = []
         for name, (call, ctx, bshd) in calls.items():
             ts = [t.transpose(1, 2).contiguous() if bshd else t for t in (q, k, v)]
-            if c.training:
-                ls = [t.clone().requires_grad_() for t in ts]
-                try:
-                    with ctx() if ctx else contextlib.nullcontext():
-                        gout = torch.randn_like(call(*ls))
-                except Exception as exc:  # this path cannot run the class: n/a
-                    rows.append({"class": c.describe(), "path": name, "error": repr(exc)[:200]})
-                    continue
-
-                def fn_(i: int, call: Any = call, ls: list[torch.Tensor] = ls, gout: torch.Tensor = gout) -> Any:
-                    return torch.autograd.grad(call(*ls), ls, gout)
-            else:
-                def fn_(i: int, call: Any = call, ts: list[torch.Tensor] = ts) -> Any:
-                    with torch.no_grad():
-                        return call(*ts)
-            items.append(Timed(name, fn_, ctx or contextlib.nullcontext))
+            try:
+                items.append(timed_pass(name, call, ts, "fwdbwd" if c.training else "fwd", ctx))
+            except Exception as exc:  # this path cannot run the class: n/a
+                rows.append({"class": c.describe(), "path": name, "error": repr(exc)[:200]})
         res = interleave(items, dev, settings, measure_peak=False)
         ok = {str(n): r for n, r in res.items() if not isinstance(r, BaseException)}
         others = {n: r.median_ms for n, r in ok.items() if not n.startswith("auto[")}

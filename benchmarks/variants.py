@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import statistics
 import sys
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _harness import machine_info, run_sections  # (benchmarks/, on sys.path when a script runs)
 
 import sdpa_flash
 from sdpa_flash.backends import fa4 as fa4_backend
@@ -286,22 +285,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     settings = Settings.for_device("cuda", rounds=5 if args.quick else 9, budget_s=0.8, warmup_ms=20.0)
-    info = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "fa4": fa4_backend.installed_version(),
-            "cudnn": torch.backends.cudnn.version()}
-    print(info, flush=True)
-    start = time.perf_counter()
-    for section in args.sections.split(","):
-        t = time.perf_counter()
-        try:
-            {"layer": lambda: layers(settings, args.quick), "model": lambda: model(args.quick)}[section]()
-        except Exception as exc:  # a failed section is reported; the others still run
-            import traceback
-
-            traceback.print_exc()
-            ROWS.append({"section": section, "error": repr(exc)[:500]})
-        print(f"-- {section}: {time.perf_counter() - t:.0f} s", flush=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"info": info, "rows": ROWS, "seconds": time.perf_counter() - start}, f, indent=1)
+    run_sections({"layer": lambda: layers(settings, args.quick), "model": lambda: model(args.quick)},
+                 args.sections, args.out, machine_info(), ROWS)
     with contextlib.suppress(Exception):
         torch.cuda.synchronize()
     return 0

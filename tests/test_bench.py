@@ -87,3 +87,34 @@ def test_fa4_is_a_bench_path_skipped_with_its_reason() -> None:
             assert r["status"] != "ok" and r["reason"] == "not available on device type 'cpu' (has kernels for: cuda)"
         elif caps.kernel_version("fa4") is None:
             assert r["status"] != "ok" and r["reason"].startswith("flash-attn-4 is not installed")
+
+
+def test_the_benchmark_scripts_harness_times_a_pass_and_keeps_going(tmp_path: pathlib.Path) -> None:
+    from sdpa_flash.bench._timing import Settings, interleave
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "_harness.py"
+    spec = importlib.util.spec_from_file_location("_harness", path)
+    assert spec is not None and spec.loader is not None
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    q = torch.randn(1, 2, 16, 8)
+    calls = []
+
+    def call(*ts: torch.Tensor) -> torch.Tensor:
+        calls.append(torch.is_grad_enabled())
+        return sdpa_flash.attention(*ts, causal=True)
+
+    items = [harness.timed_pass(mode, call, [q, q, q], mode) for mode in ("fwd", "fwdbwd")]
+    assert calls == [True]  # the output gradient, made once for the fwd+bwd pass
+    grads = items[1].fn(0)
+    assert len(grads) == 3 and all(g.shape == q.shape for g in grads)
+    res = interleave(items, torch.device("cpu"), Settings.for_device("cpu", rounds=2, budget_s=0.05),
+                     measure_peak=False)
+    assert set(res) == {"fwd", "fwdbwd"} and not any(isinstance(r, BaseException) for r in res.values())
+    assert False in calls  # the forward pass ran under no_grad
+    rows: list[dict[str, object]] = []
+    out = tmp_path / "r.json"
+    harness.run_sections({"ok": lambda: rows.append({"x": 1}), "bad": lambda: 1 / 0}, "bad,ok", str(out), {"m": 1},
+                         rows)
+    written = json.loads(out.read_text())
+    assert written["info"] == {"m": 1} and written["rows"][0]["section"] == "bad" and written["rows"][1] == {"x": 1}

@@ -279,11 +279,11 @@ def test_grids_cover_their_classes_and_seeds_move_the_points() -> None:
 def test_a_run_can_be_limited_to_the_dtypes_a_model_uses(tmp_path: pathlib.Path) -> None:
     bf16 = grid(H200, quick=False, dtypes=(torch.bfloat16,))
     assert {c.dtype for c in bf16} == {torch.bfloat16} and len(bf16) * 2 == len(grid(H200, quick=False))
-    table = sdpa_flash.tune(quick=True, device="cpu", rounds=1, dtypes=["float64"], out=tmp_path / "t.json")
+    table = sdpa_flash.tune(quick=True, device="cpu", rounds=1, dtypes=["fp64"], out=tmp_path / "t.json")
     assert table.measurements and all("float64" in m["class"] and "float32" not in m["class"]
                                       for m in table.measurements)
-    assert "dtypes=['float64']" in table.run["command"]
-    for bad, match in ((["int8"], "Expected dtypes to name floating-point dtypes"), ([], "at least one")):
+    assert "dtypes=['fp64']" in table.run["command"]
+    for bad, match in ((["int8"], r"Expected dtypes\[0\] to be a float dtype"), ([], "at least one")):
         with pytest.raises(sdpa_flash.AttentionInputError, match=match):
             sdpa_flash.tune(quick=True, device="cpu", dtypes=bad, write=False)
     with pytest.raises(sdpa_flash.AttentionInputError, match="either dtypes"):

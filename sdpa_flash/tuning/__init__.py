@@ -24,7 +24,6 @@ import torch
 
 from .. import _caches
 from ..errors import AttentionInputError
-from ..spec import FLOAT_DTYPES, dtype_name
 from ._table import (
     TablesInForce,
     TunedTable,
@@ -137,15 +136,11 @@ def run_tune(*, quick: bool, configs: Sequence[Mapping[str, Any]] | None, device
 
 
 def _dtypes(dtypes: Sequence[torch.dtype | str]) -> tuple[torch.dtype, ...]:
-    """``dtypes`` as torch dtypes: each a floating-point ``torch.dtype`` or its name (``"bfloat16"``)."""
-    by_name = {dtype_name(d): d for d in FLOAT_DTYPES}
-    out = []
-    for d in [dtypes] if isinstance(dtypes, (str, torch.dtype)) else dtypes:
-        dt = by_name.get(d) if isinstance(d, str) else d
-        if dt not in FLOAT_DTYPES:
-            raise AttentionInputError(f"Expected dtypes to name floating-point dtypes ({', '.join(sorted(by_name))}), "
-                                      f"but got {d!r} instead.")
-        out.append(dt)
+    """``dtypes`` as torch dtypes, each named as a model configuration's ``dtype`` may be."""
+    from ._grid import parse_dtype
+
+    out = [parse_dtype(d, f"dtypes[{i}]") for i, d in enumerate([dtypes] if isinstance(dtypes, (str, torch.dtype))
+                                                                else dtypes)]
     if not out:
         raise AttentionInputError("Expected dtypes to name at least one dtype, but got none instead.")
     return tuple(dict.fromkeys(out))

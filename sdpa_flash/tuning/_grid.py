@@ -271,14 +271,14 @@ _DTYPE_NAMES = {**{dtype_name(d): d for d in FLOAT_DTYPES}, "bf16": torch.bfloat
                 "half": torch.float16, "fp32": torch.float32, "float": torch.float32, "fp64": torch.float64}
 
 
-def _dtype(value: object, where: str, default: torch.dtype) -> torch.dtype:
-    if value is None:
-        return default
+def parse_dtype(value: object, what: str) -> torch.dtype:
+    """A floating-point ``torch.dtype``, or its name (``"bfloat16"``, ``"torch.bfloat16"``, ``"bf16"``); ``what``
+    names the argument in the error."""
     if isinstance(value, torch.dtype) and value in FLOAT_DTYPES:
         return value
     if isinstance(value, str) and value.removeprefix("torch.") in _DTYPE_NAMES:
         return _DTYPE_NAMES[value.removeprefix("torch.")]
-    raise AttentionInputError(f"Expected {where}.dtype to be a float dtype ({', '.join(map(dtype_name, FLOAT_DTYPES))}"
+    raise AttentionInputError(f"Expected {what} to be a float dtype ({', '.join(map(dtype_name, FLOAT_DTYPES))}"
                               f" or bf16 / fp16 / fp32), but got {value!r} instead.")
 
 
@@ -325,7 +325,7 @@ def from_configs(configs: Sequence[Mapping[str, Any]], caps: Capabilities) -> li
         for name, flag in (("training", training), ("varlen", varlen)):
             if not isinstance(flag, bool):
                 raise AttentionInputError(f"Expected {where}.{name} to be a bool, but got {flag!r} instead.")
-        dt = _dtype(cfg.get("dtype"), where, default_dtypes(caps, True)[0])
+        dt = default_dtypes(caps, True)[0] if cfg.get("dtype") is None else parse_dtype(cfg["dtype"], f"{where}.dtype")
         causal = CAUSAL_KINDS[causal_value]
         if varlen:
             lq, lk = (s, s // 2 + 1), (sk, sk // 2 + 1)
