@@ -5,7 +5,8 @@ Issue #26's check. The shapes are the quick grid's dense classes drawn with anot
 ``tune`` measures each class's usual shape, or the shapes of its own seed), so none is a tuned point. For each:
 ``attention()`` as ``auto`` decides with the table in force (``SDPA_FLASH_TABLE=...`` or the tune directory), the
 same with the shipped table / built-in rules (``--compare-shipped``), FA4's ``flash_attn_func`` called directly on
-contiguous (B, S, H, D) copies, and ``F.scaled_dot_product_attention`` forced to each of cuDNN, FLASH and
+contiguous (B, S, H, D) copies (left out where a denylist entry says its result is wrong, e.g. FA4's dQ at head dim
+80), and ``F.scaled_dot_product_attention`` forced to each of cuDNN, FLASH and
 EFFICIENT inside ``sdpa_kernel``, interleaved in rounds; forward and forward+backward as the class says. The ratio
 is the best of the others over ``attention()``'s time (goal: >= 0.98 at every point).
 
@@ -35,7 +36,7 @@ import sdpa_flash
 from sdpa_flash import _caches
 from sdpa_flash.backends import fa4 as fa4_backend
 from sdpa_flash.bench._timing import Settings, interleave
-from sdpa_flash.planner import ranking_source
+from sdpa_flash.planner import denylist_reasons, ranking_source
 from sdpa_flash.tuning._grid import ShapeClass, grid
 
 FORCED = {"sdpa[cudnn]": SDPBackend.CUDNN_ATTENTION, "sdpa[flash]": SDPBackend.FLASH_ATTENTION,
@@ -108,7 +109,10 @@ def main() -> int:
             calls[name] = (lambda a, b, d: F.scaled_dot_product_attention(a, b, d, is_causal=causal,
                                                                          enable_gqa=c.gqa),
                            lambda be=backend: sdpa_kernel([be]), False)
-        if fa4_backend.installed_version() is not None:
+        fa4_denied = denylist_reasons("fa4", sdpa_flash.explain(*leaves, causal=causal).spec, caps)
+        if fa4_denied:  # FA4's own result is wrong here (its dQ): not a path a user could run instead
+            rows.append({"class": c.describe(), "path": "fa4 direct", "error": "denylisted: " + fa4_denied[0]})
+        elif fa4_backend.installed_version() is not None:
             fn = fa4_backend.load().flash_attn_func
             calls["fa4 direct"] = (lambda a, b, d: fn(a, b, d, causal=causal)[0], None, True)
         items = []
