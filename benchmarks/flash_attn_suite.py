@@ -21,7 +21,9 @@ Writes ``OUT/junit.xml``, ``OUT/summary.json`` and ``OUT/summary.txt``, and prin
 failures grouped by class (the exception type and, for compat's typed errors, the argument named). Exit status 0
 when nothing failed, 1 otherwise, 2 for a usage problem. With ``--timeout``, a run that reaches its limit is
 interrupted as Ctrl-C would, and the cases that ran to the end are still reported (the one cut off counts as
-unfinished, not as passed); ``--pytest-args "-n 8"`` spreads the cases over pytest-xdist workers.
+unfinished, not as passed); ``--pytest-args "-n 8"`` spreads the cases over pytest-xdist workers. A case that
+runs out of GPU memory (beside the other workers' cases, on a smaller card) is run once more alone, and that
+outcome is the one counted; the summary lists such cases (``--no-rerun`` counts them as failed).
 
     python benchmarks/flash_attn_suite.py .fa2tests/test_flash_attn.py --out /tmp/fa2 --sample 300 --seed 0
 
@@ -261,6 +263,10 @@ def report(summary: dict[str, Any]) -> str:
         ran = sum(n for k, n in c.items() if k != "unfinished")
         lines.append(f"  interrupted at the time limit: {ran} cases ran to the end, {c.get('unfinished', 0)} "
                      "were cut off")
+    reran = summary.get("reran_alone") or {}
+    if reran:
+        lines.append(f"  {len(reran):>5}  ran out of memory beside parallel workers and were rerun alone (counted as "
+                     "rerun): " + ", ".join(f"{n} {k}" for k, n in collections.Counter(reran.values()).items()))
     for cls, names in summary["failures_by_class"].items():
         lines.append(f"  {len(names):>5}  {cls}   e.g. {names[0]}")
     for why, n in list(summary["skip_reasons"].items())[:5]:
@@ -270,6 +276,42 @@ def report(summary: dict[str, Any]) -> str:
         lines.append("         skipped in: " + ", ".join(f"{fn} {n}" for fn, n in sorted(
             skipped_in.items(), key=lambda kv: -kv[1])))
     return "\n".join(lines)
+
+
+def _pytest(cmd: list[str], cwd: pathlib.Path, env: dict[str, str], log: pathlib.Path,
+            timeout: float | None) -> tuple[int, bool]:
+    """Run pytest into ``log``; past ``timeout``, interrupt it as Ctrl-C would (it still writes its JUnit file).
+    Returns pytest's exit status and whether it was interrupted."""
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
+        try:
+            return proc.wait(timeout=timeout), False
+        except subprocess.TimeoutExpired:
+            print(f"flash_attn_suite: pytest did not finish within {timeout} s; interrupting it and reporting the "
+                  "cases that ran", file=sys.stderr)
+            proc.send_signal(signal.SIGINT)
+            try:
+                return proc.wait(timeout=60), True
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                return proc.wait(), True
+
+
+def merge_junit(junit: pathlib.Path, rerun: pathlib.Path) -> dict[str, str]:
+    """Replace the cases of ``junit`` that ``rerun`` ran again by their rerun (in place); returns each rerun case's
+    new outcome."""
+    again = {case.get("name"): case for case in ET.parse(rerun).getroot().iter("testcase")}
+    tree = ET.parse(junit)
+    outcomes = {}
+    for suite in tree.getroot().iter("testsuite"):
+        for i, case in enumerate(list(suite)):
+            name = case.get("name")
+            if case.tag == "testcase" and name in again:
+                suite[i] = again[name]
+                bad = [c.tag for c in again[name] if c.tag in ("failure", "error", "skipped")]
+                outcomes[str(name)] = {"failure": "failed", "error": "errors"}.get(bad[0], bad[0]) if bad else "passed"
+    tree.write(junit, encoding="utf-8", xml_declaration=True)
+    return outcomes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-emulation", action="store_true",
                     help="without a GPU, run the cases on the CPU (a harness check, not a result)")
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments, one string (e.g. '-x')")
+    ap.add_argument("--no-rerun", action="store_true",
+                    help="count cases that ran out of memory as failed, without rerunning them alone")
     args = ap.parse_args(argv)
     if not args.test_file.is_file():
         print(f"flash_attn_suite: Expected test_file to be flash-attn's tests/test_flash_attn.py, but "
@@ -314,29 +358,14 @@ def main(argv: list[str] | None = None) -> int:
                FA_SUITE_SELECTION=str(selection_log),
                FA_SUITE_CASES=str(args.cases.resolve()) if args.cases else "",
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    cmd = [sys.executable, "-m", "pytest", "test_flash_attn.py", "-q", "-rN", f"--junitxml={junit}",
-           "-o", "junit_family=xunit2",
-           "-o", "junit_logging=system-out", *args.pytest_args.split()]
+    base = [sys.executable, "-m", "pytest", "test_flash_attn.py", "-q", "-rN", "-o", "junit_family=xunit2",
+            "-o", "junit_logging=system-out"]
+    cmd = [*base, f"--junitxml={junit}", *args.pytest_args.split()]
     if args.keyword:
         cmd += ["-k", args.keyword]
     print("running:", " ".join(cmd), f"(in {harness})", flush=True)
     log = out / "pytest.log"
-    with log.open("w") as sink:
-        proc = subprocess.Popen(cmd, cwd=harness, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
-        interrupted = False
-        try:
-            proc.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            # Ctrl-C, as a person would: pytest stops, then still writes the JUnit file for the cases that ran
-            interrupted = True
-            print(f"flash_attn_suite: pytest did not finish within {args.timeout} s; interrupting it and "
-                  "reporting the cases that ran", file=sys.stderr)
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    returncode, interrupted = _pytest(cmd, harness, env, log, args.timeout)
     stdout = log.read_text()
     tail = stdout.strip().splitlines()[-3:]
     if not junit.is_file():
@@ -344,16 +373,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finished = set(finished_log.read_text().split()) if interrupted and finished_log.is_file() else None
     summary = summarize(junit, set() if interrupted and finished is None else finished, printed=args.cases is not None)
+    oom = summary["failures_by_class"].get("out of memory", [])
+    reran: dict[str, str] = {}
+    if oom and not interrupted and not args.no_rerun:
+        # Cases that ran out of GPU memory beside other workers' cases say nothing about compat: each gets the
+        # whole GPU once more, one at a time, and that outcome is the one counted (the summary lists them).
+        cases = out / "rerun_alone.txt"
+        cases.write_text("\n".join(oom) + "\n")
+        junit_alone = out / "junit_rerun_alone.xml"
+        print(f"rerunning alone {len(oom)} case(s) that ran out of memory beside parallel workers", flush=True)
+        _pytest([*base, f"--junitxml={junit_alone}"], harness,
+                dict(env, FA_SUITE_CASES=str(cases), FA_SUITE_FINISHED="", FA_SUITE_SELECTION=""),
+                out / "pytest_rerun_alone.log", args.timeout)
+        if junit_alone.is_file():
+            reran = merge_junit(junit, junit_alone)
+            summary = summarize(junit, printed=args.cases is not None)
     selection = json.loads(selection_log.read_text()) if selection_log.is_file() else None
-    summary.update(label=args.label, selection=selection,
+    summary.update(label=args.label, selection=selection, reran_alone=reran,
                    sample=args.sample, seed=args.seed, cpu_emulation=args.cpu_emulation,
-                   pytest_exit=proc.returncode, pytest_tail=tail, interrupted=interrupted)
+                   pytest_exit=returncode, pytest_tail=tail, interrupted=interrupted)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     text = report(summary)
     (out / "summary.txt").write_text(text + "\n")
     print(text)
     failed = summary["counts"].get("failed", 0) + summary["counts"].get("errors", 0)
-    return 1 if failed or interrupted or proc.returncode not in (0, 1, 5) else 0
+    return 1 if failed or interrupted or returncode not in (0, 1, 5) else 0
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def main() -> int:
                            lambda be=backend: sdpa_kernel([be]), False)
         fa4_denied = denylist_reasons("fa4", sdpa_flash.explain(*leaves, causal=causal).spec, caps)
         if fa4_denied:  # FA4's own result is wrong here (its dQ): not a path a user could run instead
-            rows.append({"class": c.describe(), "path": "fa4 direct", "error": "denylisted: " + fa4_denied[0]})
+            rows.append({"class": c.describe(), "path": "fa4 direct", "error": fa4_denied[0]})
         elif fa4_backend.installed_version() is not None:
             fn = fa4_backend.load().flash_attn_func
             calls["fa4 direct"] = (lambda a, b, d: fn(a, b, d, causal=causal)[0], None, True)

@@ -132,9 +132,64 @@ def test_a_run_past_its_time_limit_reports_the_cases_that_ran(tmp_path: pathlib.
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     test_file = tmp_path / "test_slow.py"
     test_file.write_text(SLOW_SUITE)
+    # 40 s: room for a loaded machine (under -n 8, 20 s ran out while the child pytest was still collecting)
     rc = suite().main([str(test_file), "--out", str(tmp_path / "out"), "--sample", "0", "--cpu-emulation",
-                       "--label", "slow", "--timeout", "20", "-k", "quick or stuck"])  # (room for a loaded machine)
+                       "--label", "slow", "--timeout", "40", "-k", "quick or stuck"])
     text = capsys.readouterr().out
     assert rc == 1, text  # an interrupted run is not a clean one
     assert text.startswith("running:") and "slow: 1 passed, 0 failed" in text, text
     assert "interrupted at the time limit: 1 cases ran to the end, 1 were cut off" in text
+
+
+OOM_ONCE_SUITE = '''
+import os
+import pathlib
+
+import torch
+
+
+def test_fits():
+    assert True
+
+
+def test_big_beside_others():
+    marker = pathlib.Path(os.environ["OOM_MARKER"])
+    if not marker.exists():  # the first run, "beside the other workers": out of memory
+        marker.write_text("ran")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 354.00 MiB.")
+
+
+def test_big_always():
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB.")
+'''
+
+
+@pytest.mark.skipif(importlib.util.find_spec("einops") is None, reason="the harness needs einops")
+def test_cases_out_of_memory_are_rerun_alone_and_that_outcome_counts(tmp_path: pathlib.Path,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    test_file = tmp_path / "test_oom.py"
+    test_file.write_text(OOM_ONCE_SUITE)
+    monkeypatch.setenv("OOM_MARKER", str(tmp_path / "marker"))
+    rc = suite().main([str(test_file), "--out", str(tmp_path / "out"), "--sample", "0", "--cpu-emulation",
+                       "--label", "oom"])
+    text = capsys.readouterr().out
+    assert rc == 1, text  # the one that runs out of memory alone too is still a failure
+    assert "oom: 2 passed, 1 failed, 0 errors, 0 skipped of 3 run" in text, text
+    assert "2  ran out of memory beside parallel workers and were rerun alone (counted as rerun): 1 passed, " \
+        "1 failed" in text, text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["reran_alone"] == {"test_big_beside_others": "passed", "test_big_always": "failed"}
+    assert summary["failures_by_class"] == {"out of memory": ["test_big_always"]}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("einops") is None, reason="the harness needs einops")
+def test_no_rerun_counts_out_of_memory_as_failed(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    test_file = tmp_path / "test_oom.py"
+    test_file.write_text(OOM_ONCE_SUITE)
+    monkeypatch.setenv("OOM_MARKER", str(tmp_path / "marker"))
+    rc = suite().main([str(test_file), "--out", str(tmp_path / "out"), "--sample", "0", "--cpu-emulation",
+                       "--no-rerun"])
+    assert rc == 1
+    assert "run: 1 passed, 2 failed" in capsys.readouterr().out
