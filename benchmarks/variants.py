@@ -96,6 +96,9 @@ def flex_path(s: int, left: int | None, softcap: float | None) -> Any:
         ok = kj <= qi
         return ok & (kj >= qi - left) if left is not None else ok
 
+    # Each case compiles afresh: the cases and modes of one process recompile flex_attention's one code object
+    # (shapes, score_mod, grad mode) past dynamo's limit of 8, after which it ran uncompiled and out of memory.
+    torch._dynamo.reset()
     block = create_block_mask(mask_mod, None, None, s, s, device="cuda")
     score_mod = None
     if softcap:

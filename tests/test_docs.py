@@ -124,6 +124,23 @@ def test_readme_is_a_front_door() -> None:
     assert len(lines) <= 250, len(lines)
 
 
+@pytest.mark.parametrize("file", ["README.md", "docs/attention.md"])
+def test_written_signature_of_attention_is_the_real_one(file: str) -> None:
+    """The ``attention(query, key, value, *, ...)`` line the page shows: the same keywords, in order, with the same
+    defaults as the function (a new argument that the page does not show fails here)."""
+    import inspect
+
+    import sdpa_flash
+
+    text = " ".join((ROOT / file).read_text().split())
+    m = re.search(r"`attention\(query, key, value, \*, ([^`]*)\)`", text)
+    assert m, f"{file} shows no attention(query, key, value, *, ...) signature"
+    written = [tuple(p.strip().split("=", 1)) for p in m[1].split(",")]
+    params = inspect.signature(sdpa_flash.attention).parameters.values()
+    real = [(p.name, repr(p.default).replace("'", '"')) for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert written == real
+
+
 def _slug(heading: str) -> str:
     """GitHub's anchor for a Markdown heading."""
     text = re.sub(r"[`*_]|<[^>]+>", "", heading.strip().lower())
