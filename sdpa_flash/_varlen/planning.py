@@ -210,19 +210,6 @@ def _varlen_kernel(spec: VarlenSpec, caps: Capabilities, policy: Policy) -> tupl
         return "", [f"{name}: {r}" for name, why in exc.reasons.items() for r in why]
 
 
-def _group_ok(spec: VarlenSpec, members: Sequence[int]) -> str | None:
-    """How a group of these members is made exact (``None``: it cannot be)."""
-    lq = [spec.seqlens_q[i] for i in members]
-    lk = [spec.seqlens_k[i] for i in members]
-    mq, mk = max(lq), max(lk)
-    if all(a == mq for a in lq) and all(b == mk for b in lk):
-        return "none"
-    if spec.causal is not None:
-        square = all(a == b for a, b in zip(lq, lk, strict=True))
-        return "causal" if square else None
-    return "queries" if all(b == mk for b in lk) else "keys"
-
-
 def _grouping(spec: VarlenSpec, ids: list[int], model: CostModel, pad_keys: str, d_coord: int,
               bwd: bool) -> tuple[float, list[Group]]:
     """Cheapest cut of ``ids`` (sorted by ``(L_k, L_q)``) into contiguous groups: dynamic programming on the
