@@ -215,9 +215,9 @@ class _Sinks(torch.autograd.Function):
         want = (q.shape[0], q.shape[2], q.shape[1]) if dense else (q.shape[1], q.shape[0])
         if tuple(lse.shape) != want:  # (a kernel failure, not an input error: auto records it and moves on)
             raise RuntimeError(f"the flash op returned a log-sum-exp of shape {tuple(lse.shape)}, not "
-                                 f"{'(B, H, S)' if dense else '(H, T)'} = {want}: this torch ({torch.__version__}) "
-                                 "lays it out otherwise, so its sinks cannot be applied; pass policy='chunked' (or "
-                                 "'fa4')")
+                               f"{'(B, H, S)' if dense else '(H, T)'} = {want}: this torch ({torch.__version__}) "
+                               "lays it out otherwise, so its sinks cannot be applied; pass policy='chunked' (or "
+                               "'fa4')")
         sink = _per_row(sinks.detach().float(), dense)
         out = (out.float() * _like_out(torch.sigmoid(lse - sink), dense)).to(q.dtype)
         ctx.save_for_backward(q, k, v, out, torch.logaddexp(lse, sink), rng, unused, cu_q, cu_k, sinks)

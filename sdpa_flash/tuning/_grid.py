@@ -30,8 +30,8 @@ SEQLEN_CLASSES = ((1, 1), (2, 256), (257, 1024), (1025, 2048), (2049, 8192), (81
 """Query / key length ranges: decode (one query), then short to very long."""
 HEAD_DIM_CLASSES = ((1, 64), (65, 96), (97, 128), (129, 256), (257, MAX_LEN))
 """Ranges of ``max(D, Dv)``. 65-96 and 97-128 are apart because the kernels' order differs between them: on an H100
-(bf16, causal, training, S~2k) FA4 ran head dim 96 14% faster than cuDNN, while cuDNN ran 128 13% faster than FA4
-(benchmarks/results/session_h100_1207_pm)."""
+(bf16, causal, training) FA4 ran head dim 96 at S=1888 14% faster than cuDNN (and at S=2048 2% faster), while cuDNN
+ran 128 at S=2048 13% faster than FA4 (benchmarks/results/session_h100_1207_pm, session_h100_1207_eve)."""
 
 CONFIG_KEYS = ("heads", "kv_heads", "head_dim", "head_dim_v", "seqlen", "seqlen_k", "batch", "causal", "training",
                "varlen", "dtype")
