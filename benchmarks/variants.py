@@ -12,14 +12,16 @@ Sections (``--sections``, default both):
   window as a materialised boolean mask (the only way SDPA can say it; softcap and sinks it cannot say at all),
   the eager formula (scores materialised: transformers' ``eager``), FlexAttention under ``torch.compile``
   (block mask for the window, a score_mod for softcap, sinks from its log-sum-exp: ``out * sigmoid(lse - sink)``),
-  and FlashAttention-4's ``flash_attn_func`` called directly (``window_size``, ``softcap``, ``learnable_sink``).
+  and FlashAttention-4's ``flash_attn_func`` called directly (``window_size``, ``softcap``, ``learnable_sink``),
+  on contiguous (B, S, H, D) copies and on (B, S, H, D) views of the (B, H, S, D) tensors (the layer's own call).
   Before timing, every path's forward is compared with ``attention()``'s (max abs difference printed).
 * ``model``: a small random gpt-oss (transformers ``GptOssConfig``: 4 layers, 64/8 heads of 64, window 128 on
   every other layer, sinks) training step (forward + backward of the loss) with ``attn_implementation``
   ``"eager"`` against sdpa_flash (registered as ``"policy_attention"``: gpt-oss takes no "flash"/"sdpa" name),
   interleaved, median ms/step; logits compared first.
 
-    PYTHONPATH=. python benchmarks/variants.py --out variants.json [--sections layer,model] [--quick]
+    PYTHONPATH=. python benchmarks/variants.py --out variants.json [--sections layer,model] [--quick] \
+        [--cases gpt-oss-window] [--rounds 21]
 """
 
 from __future__ import annotations
@@ -115,15 +117,17 @@ def flex_path(s: int, left: int | None, softcap: float | None) -> Any:
     return call
 
 
-def timed_item(name: str, call: Any, ts: list[torch.Tensor], mode: str, gout: torch.Tensor) -> Timed:
+def timed_item(name: str, call: Any, ts: list[torch.Tensor], mode: str, gout: torch.Tensor, layout: str) -> Timed:
     if mode == "fwd":
         def fn(i):  # type: ignore[no-untyped-def]
             with torch.no_grad():
                 return call(*ts)
     else:
-        leaves = [t.detach().clone().requires_grad_(t.dtype.is_floating_point) for t in ts]
+        leaves = [t.detach().clone().requires_grad_(t.dtype.is_floating_point) for t in ts]  # (strides kept)
         wrt = [t for t in leaves if t.requires_grad]
-        g = gout if call(*leaves).shape == gout.shape else gout.transpose(1, 2).contiguous()
+        # the output gradient as each path gets it: "bshd" copies, "bshd views" the (B, S, H, D) view of the
+        # (B, H, S, D) gradient a model would pass back (what attention()'s own call hands FA4)
+        g = {"bhsd": gout, "bshd": gout.transpose(1, 2).contiguous(), "bshd views": gout.transpose(1, 2)}[layout]
 
         def fn(i):  # type: ignore[no-untyped-def]
             return torch.autograd.grad(call(*leaves), wrt, g)
@@ -169,13 +173,16 @@ def layer_case(label: str, b: int, h: int, hkv: int, s: int, d: int, left: int |
             return fa4(q, k, v, causal=True, window_size=(left, 0) if left is not None else (None, None),
                        softcap=softcap or 0.0, learnable_sink=sk[0] if sk else None)[0]
         paths["fa4 direct"] = (fa4_call, [t.transpose(1, 2).contiguous() for t in (q, k, v)] + sink_t, "bshd")
+        # the same call on (B, S, H, D) views of the (B, H, S, D) tensors attention() takes: what the layer hands
+        # FA4, so a gap between the two FA4 paths is the layout's, and one to this path is the layer's own
+        paths["fa4 direct (views)"] = (fa4_call, [t.transpose(1, 2) for t in (q, k, v)] + sink_t, "bshd views")
 
     with torch.no_grad():  # agreement first: every path's forward against attention()'s
         ref = ours(q, k, v, *sink_t).float()
         for name, (call, ts, layout) in paths.items():
             try:
                 out = call(*ts)
-                out = out.transpose(1, 2) if layout == "bshd" else out
+                out = out.transpose(1, 2) if layout.startswith("bshd") else out
                 diff = (out.float() - ref).abs().max().item()
                 print(f"   {name:26s} max |out - attention()| = {diff:.3g}", flush=True)
                 ROWS.append({"case": label, "mode": "check", "path": name, "max_abs_diff": diff})
@@ -187,9 +194,9 @@ def layer_case(label: str, b: int, h: int, hkv: int, s: int, d: int, left: int |
     q.requires_grad_(False)
     for mode in modes:
         items = []
-        for name, (call, ts, _) in paths.items():
+        for name, (call, ts, layout) in paths.items():
             try:
-                items.append(timed_item(name, call, ts, mode, gout))
+                items.append(timed_item(name, call, ts, mode, gout, layout))
             except Exception as exc:  # (out of memory, typically): the path's n/a
                 record(label, mode, name, exc, 0.0)
                 torch.cuda.empty_cache()
@@ -200,12 +207,15 @@ def layer_case(label: str, b: int, h: int, hkv: int, s: int, d: int, left: int |
         torch.cuda.empty_cache()
 
 
-def layers(settings: Settings, quick: bool) -> None:
+def layers(settings: Settings, quick: bool, cases: str | None) -> None:
     modes = ("fwd", "fwdbwd")
-    layer_case("window4096 S=32k", 1, 32, 8, 16384 if quick else 32768, 128, 4095, None, False, settings, modes)
-    layer_case("softcap50 S=8k", 2, 16, 16, 8192, 128, None, 50.0, False, settings, modes)
-    layer_case("gpt-oss window128", 1, 64, 8, 8192, 64, 127, None, True, settings, modes)
-    layer_case("gpt-oss full", 1, 64, 8, 8192, 64, None, None, True, settings, modes)
+    all_cases: dict[str, tuple[Any, ...]] = {
+        "window": ("window4096 S=32k", 1, 32, 8, 16384 if quick else 32768, 128, 4095, None, False),
+        "softcap": ("softcap50 S=8k", 2, 16, 16, 8192, 128, None, 50.0, False),
+        "gpt-oss-window": ("gpt-oss window128", 1, 64, 8, 8192, 64, 127, None, True),
+        "gpt-oss-full": ("gpt-oss full", 1, 64, 8, 8192, 64, None, None, True)}
+    for name in cases.split(",") if cases else all_cases:
+        layer_case(*all_cases[name], settings, modes)
 
 
 def model(quick: bool) -> None:
@@ -286,9 +296,14 @@ def main() -> int:
     ap.add_argument("--out", default="variants.json")
     ap.add_argument("--sections", default="layer,model")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cases", default=None,
+                    help="the layer section's cases, comma-separated (default all: window,softcap,gpt-oss-window,"
+                         "gpt-oss-full)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9; 5 with --quick)")
     args = ap.parse_args()
-    settings = Settings.for_device("cuda", rounds=5 if args.quick else 9, budget_s=0.8, warmup_ms=20.0)
-    run_sections({"layer": lambda: layers(settings, args.quick), "model": lambda: model(args.quick)},
+    settings = Settings.for_device("cuda", rounds=args.rounds or (5 if args.quick else 9), budget_s=0.8,
+                                   warmup_ms=20.0)
+    run_sections({"layer": lambda: layers(settings, args.quick, args.cases), "model": lambda: model(args.quick)},
                  args.sections, args.out, machine_info(), ROWS)
     with contextlib.suppress(Exception):
         torch.cuda.synchronize()

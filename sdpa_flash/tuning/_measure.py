@@ -13,7 +13,7 @@ timing.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -122,13 +122,14 @@ def _problem(c: ShapeClass, name: str, exc: BaseException, first_call_s: float |
                 first_call_s=first_call_s)
 
 
-def measure_class(c: ShapeClass, caps: Capabilities, device: torch.device, settings: Settings) -> list[Row]:
-    """One row per registered backend: measured, refused (the planner's reasons, or the shape did not fit) or
-    failed (it raised)."""
+def measure_class(c: ShapeClass, caps: Capabilities, device: torch.device, settings: Settings,
+                  backends: Collection[str] | None = None) -> list[Row]:
+    """One row per registered backend (or per one of ``backends``): measured, refused (the planner's reasons, or the
+    shape did not fit) or failed (it raised)."""
     spec = c.spec(caps.device_type)
     rows: list[Row] = []
     runnable = []
-    for name in BACKENDS:
+    for name in BACKENDS if backends is None else [n for n in BACKENDS if n in backends]:
         try:
             plan(spec, caps, resolve_policy([name], shadow=0), entry=c.entry)
         except BackendUnavailableError as exc:
