@@ -39,13 +39,20 @@ SWEEPS: dict[str, dict[str, Any]] = {
     "short_fwd_causal": {"d": 128, "causal": True, "training": False, "lengths": SHORT},
     "mid_train_causal": {"d": 128, "causal": True, "training": True, "lengths": MID[::2]},
     "short_train_causal": {"d": 128, "causal": True, "training": True, "lengths": SHORT[::2]},
+    # (Sq, Sk) pairs without causal masking: which length's alignment to 128 moves cuDNN against FA4
+    "align_fwd": {"d": 128, "causal": False, "training": False, "pairs": (
+        (4096, 4096), (4096, 4088), (4088, 4096), (4088, 4088), (1024, 1024), (1024, 1016), (1016, 1024),
+        (512, 512), (512, 504), (128, 128), (128, 120), (16384, 16384), (16384, 16376))},
+    "align_train": {"d": 128, "causal": False, "training": True, "pairs": (
+        (4096, 4096), (4096, 4088), (4088, 4096), (1024, 1024), (1024, 1016))},
 }
 
 
-def shape(d: int, s: int, causal: bool, training: bool, batch: int | None, dtype: torch.dtype) -> ShapeClass:
+def shape(d: int, s: int, sk: int, causal: bool, training: bool, batch: int | None, dtype: torch.dtype
+          ) -> ShapeClass:
     heads = max(1, 2048 // d)
     return ShapeClass(dtype, training, "top_left" if causal else None, batch or max(1, 16384 // s), heads, heads, s,
-                      s, d, d)
+                      sk, d, d)
 
 
 def main() -> int:
@@ -71,15 +78,17 @@ def main() -> int:
         sw = SWEEPS[name]
         print(f"== {name}: head dim {sw['d']}, {'causal' if sw['causal'] else 'non-causal'}, "
               f"{'fwd+bwd' if sw['training'] else 'fwd'}", flush=True)
-        for s in [int(x) for x in args.lengths.split(",")] if args.lengths else sw["lengths"]:
-            c = shape(sw["d"], s, sw["causal"], sw["training"], args.batch, dtype)
+        pairs = ([(int(x), int(x)) for x in args.lengths.split(",")] if args.lengths else
+                 sw.get("pairs") or [(n, n) for n in sw["lengths"]])
+        for s, sk in pairs:
+            c = shape(sw["d"], s, sk, sw["causal"], sw["training"], args.batch, dtype)
             with suspended():  # no tuned table: every backend is timed as tune times it
                 got = measure_class(c, caps, dev, settings, args.backends.split(","))
             timed = sorted((r for r in got if r["status"] == "measured"), key=lambda r: r["median_ms"])
             best = timed[0]["median_ms"] if timed else float("nan")
             cells = ", ".join(f"{r['backend']} {r['median_ms']:.4f} ({best / r['median_ms']:.2f})" for r in timed)
             print(f"  {c.shape_text():44s} {cells}", flush=True)
-            rows += [{**r, "sweep": name, "s": s} for r in got]
+            rows += [{**r, "sweep": name, "s": s, "sk": sk} for r in got]
             with open(args.out, "w", encoding="utf-8") as f:
                 json.dump({"info": info, "rows": rows}, f, indent=1)
     return 0

@@ -20,7 +20,10 @@ from .capability import Capabilities
 from .errors import AttentionInputError
 from .spec import AttentionSpec, cudnn_release, dtype_name
 
-__all__ = ["DenylistEntry", "RankingRule"]
+__all__ = ["KEY_ALIGN", "DenylistEntry", "RankingRule"]
+
+KEY_ALIGN = 128
+"""The key length a kernel's tiles divide evenly (:attr:`RankingRule.aligned`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,10 @@ class RankingRule:
             ``plan(..., entry="packed")``).
         failed: ``(backend, error)`` for each backend that raised on this class when it was tuned: the planner
             refuses it there with that reason.
+        aligned: ``True``: calls whose key length is a multiple of :data:`KEY_ALIGN` (128); ``False``: the others.
+            Tuned tables set it on classes without causal masking, where the kernels' order depends on it (cuDNN's
+            non-causal forward ran lengths that are not multiples of 128 ~9% slower than FA4 on an H100, and the
+            multiples about as fast: benchmarks/results/session_h100_1207_night).
     """
 
     device_type: str
@@ -63,12 +70,13 @@ class RankingRule:
     dtype: torch.dtype | None = None
     entry: str = "dense"
     failed: tuple[tuple[str, str], ...] = ()
+    aligned: bool | None = None
 
     @property
     def shape_class(self) -> bool:
         """Whether the rule applies to a class of calls rather than to every call on its devices."""
-        return (self.head_dim, self.seqlen_q, self.seqlen_k, self.training, self.gqa, self.causal,
-                self.dtype) != (None,) * 7
+        return (self.head_dim, self.seqlen_q, self.seqlen_k, self.training, self.gqa, self.causal, self.dtype,
+                self.aligned) != (None,) * 8
 
     def matches(self, caps: Capabilities, spec: AttentionSpec | None = None, entry: str = "dense") -> bool:
         """Whether the rule applies on ``caps`` to the call ``spec`` made through ``entry`` (``"dense"`` or
@@ -95,7 +103,8 @@ class RankingRule:
                 and (self.training is None or self.training == spec.needs_grad)
                 and (self.gqa is None or self.gqa == spec.gqa)
                 and (self.causal is None or self.causal == (spec.causal is not None))
-                and (self.dtype is None or self.dtype == spec.dtype))
+                and (self.dtype is None or self.dtype == spec.dtype)
+                and (self.aligned is None or self.aligned == (spec.seqlen_k % KEY_ALIGN == 0)))
 
     def describe(self) -> str:
         """The shape class in words (empty for a device-wide rule)."""
@@ -108,6 +117,8 @@ class RankingRule:
             bits.append(f"Sq {self.seqlen_q[0]}-{self.seqlen_q[1]}")
         if self.seqlen_k is not None:
             bits.append(f"Sk {self.seqlen_k[0]}-{self.seqlen_k[1]}")
+        if self.aligned is not None:
+            bits.append(f"Sk {'' if self.aligned else 'not '}a multiple of {KEY_ALIGN}")
         if self.training is not None:
             bits.append("training" if self.training else "forward only")
         if self.gqa is not None:

@@ -29,7 +29,7 @@ from sdpa_flash.errors import AttentionInputError, BackendUnavailableError, Tune
 from sdpa_flash.planner import RankingRule, ranking, ranking_source
 from sdpa_flash.tuning import TunedTable, _table, read_table, tables_for
 from sdpa_flash.tuning._grid import HEAD_DIM_CLASSES, SEQLEN_CLASSES, from_configs, grid
-from sdpa_flash.tuning._table import machine_key, table_filename
+from sdpa_flash.tuning._table import FORMAT, machine_key, table_filename
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 H200 = Capabilities.synthetic("cuda", (9, 0), name="NVIDIA H200", torch_version="2.13.0")
@@ -143,8 +143,8 @@ def test_model_mode_measures_exactly_the_configurations(tune_dir: pathlib.Path) 
     table = sdpa_flash.tune(configs=[*TINY, {"heads": 2, "head_dim": 16, "seqlen": 64, "varlen": True}], rounds=1,
                             device="cpu", write=False)
     assert table.path is None and not list(tune_dir.parent.glob("tuned/*"))  # write=False writes nothing
-    assert [(r.head_dim, r.seqlen_q, r.training, r.gqa, r.causal) for r in table.rules] == [
-        ((1, 64), (2, 256), False, False, True), ((1, 64), (257, 1024), True, True, False)]
+    assert [(r.head_dim, r.seqlen_q, r.training, r.gqa, r.causal, r.aligned) for r in table.rules] == [
+        ((1, 64), (33, 256), False, False, True, None), ((1, 64), (257, 1024), True, True, False, False)]
     # the packed configuration: no backend has a packed kernel on a CPU, skipped with every reason, no rule
     (skipped, reasons), = table.skipped.items()
     assert skipped.startswith("packed, float32") and "CUDA only" in reasons["flash"]
@@ -256,7 +256,7 @@ def test_command_line_tune_quick(tmp_path: pathlib.Path) -> None:
 # --------------------------------------------------------------------------------------------------- the grids
 def test_grids_cover_their_classes_and_seeds_move_the_points() -> None:
     quick, full = grid(H200, quick=True), grid(H200, quick=False)
-    assert 10 <= len(quick) <= 16 and {c.dtype for c in quick} == {torch.bfloat16}  # FA4 compiles per class
+    assert 10 <= len(quick) <= 19 and {c.dtype for c in quick} == {torch.bfloat16}  # FA4 compiles per class
     assert {c.dtype for c in full} == {torch.bfloat16, torch.float16} and len(full) > 2 * len(quick)
     assert any(c.entry == "packed" for c in quick) and any(c.sq == 1 for c in quick)
     cpu = grid(sdpa_flash.capabilities("cpu"), quick=False)
@@ -271,6 +271,15 @@ def test_grids_cover_their_classes_and_seeds_move_the_points() -> None:
     for c in a + b:
         hd, sq, sk = c.ranges
         assert hd[0] <= max(c.d, c.dv) <= hd[1] and sq[0] <= c.sq <= sq[1] and sk[0] <= c.sk <= sk[1]
+        assert c.aligned is None or c.aligned == (c.sk % 128 == 0)
+    for g in (quick, full, a, b):  # without causal masking, a class at a multiple of 128 and one beside it
+        twins: dict[tuple[object, ...], list[bool]] = {}
+        for c in g:
+            if c.aligned is not None:
+                twins.setdefault(c.key[:-1], []).append(c.aligned)
+        short = [c.key[:-1] for c in g if c.aligned is not None and c.ranges[2][1] < 128]  # no multiple there
+        assert all(sorted(v) == [False, True] or k in short for k, v in twins.items()), twins
+        assert len(twins) >= 2
     for classes in (SEQLEN_CLASSES, HEAD_DIM_CLASSES):  # contiguous and covering
         assert classes[0][0] == 1 and classes[-1][1] == 2**31 - 1
         assert all(hi + 1 == lo for (_, hi), (lo, _) in itertools.pairwise(classes))
@@ -318,6 +327,25 @@ def test_precedence_user_then_shipped_then_builtin(tune_dir: pathlib.Path) -> No
     assert plan(SPEC, H200).order[0] == "cudnn"  # the shipped table, once this machine's is gone
     # another GPU of the same architecture takes neither table
     assert ranking_source(H100, SPEC)[1] == "built-in rules (sdpa_flash/_ranking.py)"
+
+
+def test_non_causal_classes_are_apart_by_key_alignment(tune_dir: pathlib.Path) -> None:
+    """cuDNN's non-causal forward ran key lengths off a multiple of 128 ~9% slower than FA4 (H100), the multiples
+    about as fast: tables rank the two apart, through the file, and explain() says which one decided."""
+    caps = Capabilities.synthetic("cuda", (9, 0), name="NVIDIA H200", torch_version="2.13.0",
+                                  kernels={"fa4": "4.0.0b40"})
+    even = _rule(CUDNN_FIRST, causal=False, aligned=True, evidence="tuned 2026-12-07: cudnn 0.84 ms at 4096")
+    odd = _rule(("fa4", *CUDNN_FIRST), causal=False, aligned=False, evidence="tuned 2026-12-07: fa4 0.63 ms at 4088")
+    path = _write(_table_for(caps, even, odd), tune_dir)
+    assert [(r.aligned, r.order[0]) for r in read_table(path).rules] == [(True, "cudnn"), (False, "fa4")]
+    for sk, first in ((512, "cudnn"), (1024, "cudnn"), (504, "fa4"), (1000, "fa4")):
+        spec = AttentionSpec(**{**SPEC.__dict__, "causal": None, "seqlen_k": sk})
+        p = plan(spec, caps)
+        assert p.order[0] == first, (sk, p.order)
+        assert ("Sk a multiple of 128" if first == "cudnn" else "Sk not a multiple of 128") in p.explain()
+    # causal calls: neither rule (the causal class is not split)
+    assert ranking_source(caps, SPEC)[1] == "built-in rules (sdpa_flash/_ranking.py)"
+    assert odd.describe().endswith("Sk 257-1024, Sk not a multiple of 128, forward only, no GQA, not causal")
 
 
 def test_packed_calls_have_their_own_rules(tune_dir: pathlib.Path) -> None:
@@ -372,9 +400,9 @@ def test_corrupt_json_is_ignored_with_one_warning(tune_dir: pathlib.Path) -> Non
 def test_another_format_is_ignored_with_one_warning(tune_dir: pathlib.Path) -> None:
     path = _write(_table_for(H200, _rule(FLASH_FIRST)), tune_dir)
     data = json.loads(path.read_text())
-    data["format"] = 2
+    data["format"] = FORMAT - 1  # a table of an earlier sdpa_flash
     path.write_text(json.dumps(data))
-    _one_warning(H200, SPEC, "format 2, but this sdpa_flash reads format 1")
+    _one_warning(H200, SPEC, f"format {FORMAT - 1}, but this sdpa_flash reads format {FORMAT}")
 
 
 def test_a_table_of_another_gpu_is_ignored_with_one_warning(tune_dir: pathlib.Path) -> None:

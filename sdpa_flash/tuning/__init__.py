@@ -62,7 +62,7 @@ def tune(
     table is what this machine measured.
 
     Args:
-        quick: the small grid (about 16 classes in one dtype on a GPU: a minute or two; seconds on a CPU) instead of
+        quick: the small grid (about 19 classes in one dtype on a GPU: a minute or two; seconds on a CPU) instead of
             the full one (both half-precision dtypes on a GPU).
         configs: measure exactly these configurations instead, each a dict of :func:`sdpa_flash.warmup`'s keywords
             (``heads``, ``kv_heads``, ``head_dim``, ``head_dim_v``, ``seqlen``, ``seqlen_k``, ``batch``, ``causal``,

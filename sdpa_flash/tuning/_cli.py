@@ -25,7 +25,7 @@ EPILOG = """\
 modes:
   (default)             the full grid: both half-precision dtypes on a GPU (several minutes; FlashAttention-4
                         compiles each new configuration once)
-  --quick               a small grid: ~16 classes in one dtype on a GPU (1-2 minutes), seconds on a CPU
+  --quick               a small grid: ~19 classes in one dtype on a GPU (1-2 minutes), seconds on a CPU
   --model CONFIGS.json  exactly the configurations in the file: a JSON list of objects with sdpa_flash.warmup()'s
                         keywords, e.g. [{"heads": 32, "kv_heads": 8, "head_dim": 128, "seqlen": 4096,
                         "causal": true, "training": true, "dtype": "bfloat16"}]

@@ -1,11 +1,12 @@
 """The classes of calls a tuned table tells apart, and the grids of them that ``tune`` measures.
 
 A class is what a :class:`~sdpa_flash.planner.RankingRule` distinguishes: dtype, the head-dim range, the query- and
-key-length ranges, forward-only or training, causal or not, GQA or not, and dense or packed. The ranges are fixed
-and cover every size (:data:`SEQLEN_CLASSES`, :data:`HEAD_DIM_CLASSES`), so a rule derived from one measured
-shape covers its whole class. Each class is measured at one representative shape: by default the class's usual
-size (S=128 for "Sq 2-256"); with a seed, a shape drawn inside the class (another seed measures other points of the
-same classes, a held-out check of the table).
+key-length ranges, forward-only or training, causal or not, GQA or not, dense or packed, and, without causal
+masking, whether the key length is a multiple of 128. The ranges are fixed and cover every size
+(:data:`SEQLEN_CLASSES`, :data:`HEAD_DIM_CLASSES`), so a rule derived from one measured shape covers its whole
+class. Each class is measured at one representative shape: by default the class's usual size (S=128 for "Sq
+33-256", 8 less for the lengths that are not multiples of 128); with a seed, a shape drawn inside the class
+(another seed measures other points of the same classes, a held-out check of the table).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .._rules import RankingRule
+from .._rules import KEY_ALIGN, RankingRule
 from ..capability import Capabilities
 from ..errors import AttentionInputError
 from ..spec import CAUSAL_KINDS, FLOAT_DTYPES, AttentionSpec, dtype_name
@@ -26,8 +27,11 @@ from ..spec import CAUSAL_KINDS, FLOAT_DTYPES, AttentionSpec, dtype_name
 __all__ = ["CONFIG_KEYS", "HEAD_DIM_CLASSES", "SEQLEN_CLASSES", "ShapeClass", "from_configs", "grid"]
 
 MAX_LEN = 2**31 - 1
-SEQLEN_CLASSES = ((1, 1), (2, 256), (257, 1024), (1025, 2048), (2049, 8192), (8193, MAX_LEN))
-"""Query / key length ranges: decode (one query), then short to very long."""
+SEQLEN_CLASSES = ((1, 1), (2, 32), (33, 256), (257, 1024), (1025, 2048), (2049, 8192), (8193, MAX_LEN))
+"""Query / key length ranges: decode (one query), then short to very long. 2-32 and 33-256 are apart because the
+kernels' order differs between them: on an H100 (bf16, causal, forward, 16,384 tokens per call) PyTorch's flash
+kernel ran S=8 to 24 2-7% faster than cuDNN, and cuDNN ran S=48 to 256 8-29% faster than flash
+(benchmarks/results/session_h100_1207_night)."""
 HEAD_DIM_CLASSES = ((1, 64), (65, 96), (97, 128), (129, 256), (257, MAX_LEN))
 """Ranges of ``max(D, Dv)``. 65-96 and 97-128 are apart because the kernels' order differs between them: on an H100
 (bf16, causal, training) FA4 ran head dim 96 at S=1888 14% faster than cuDNN (and at S=2048 2% faster), while cuDNN
@@ -86,9 +90,16 @@ class ShapeClass:
                 class_of(self.sk, SEQLEN_CLASSES))
 
     @property
+    def aligned(self) -> bool | None:
+        """Whether the key length is a multiple of :data:`~sdpa_flash._rules.KEY_ALIGN`, for a dense class without
+        causal masking (``None`` for the others: with causal masking the kernels mask the last tile anyway, and
+        their order did not change with it)."""
+        return None if self.causal is not None or self.entry != "dense" else self.sk % KEY_ALIGN == 0
+
+    @property
     def key(self) -> tuple[Any, ...]:
         """What tells classes apart (two configurations with the same key are one class)."""
-        return (self.dtype, self.ranges, self.training, self.causal is not None, self.gqa, self.entry)
+        return (self.dtype, self.ranges, self.training, self.causal is not None, self.gqa, self.entry, self.aligned)
 
     def rule(self, caps: Capabilities, order: tuple[str, ...], evidence: str,
              failed: Mapping[str, str] | None = None) -> RankingRule:
@@ -96,7 +107,8 @@ class ShapeClass:
         hd, sq, sk = self.ranges
         return RankingRule(caps.device_type, order, evidence, rocm=bool(caps.hip_version), head_dim=hd, seqlen_q=sq,
                            seqlen_k=sk, training=self.training, gqa=self.gqa, causal=self.causal is not None,
-                           dtype=self.dtype, entry=self.entry, failed=tuple(sorted((failed or {}).items())))
+                           dtype=self.dtype, entry=self.entry, failed=tuple(sorted((failed or {}).items())),
+                           aligned=self.aligned)
 
     def describe(self) -> str:
         """The class in words: ``"bfloat16, head dim 97-128, Sq 257-1024, Sk 257-1024, training, no GQA, causal"``."""
@@ -153,13 +165,23 @@ class _Draw:
         self.n += 1
         return random.Random(f"{self.seed}/{self.n}")  # a str seed: the same draws in every process
 
-    def seqlen(self, usual: int) -> int:
+    def seqlen(self, usual: int, aligned: bool | None = None) -> int:
+        """A length of ``usual``'s class: ``usual`` itself, or (with a seed) one drawn log-uniformly, a multiple of
+        8; ``aligned`` keeps it a multiple of :data:`KEY_ALIGN` (``True``) or not one (``False``) where the class
+        has both."""
         lo, hi = class_of(usual, SEQLEN_CLASSES)
         hi = min(2 * lo if hi == MAX_LEN else hi, self.budget.max_len)
         if self.seed is None or lo == hi:
-            return min(usual, hi)
-        s = round(math.exp(self.rng().uniform(math.log(lo), math.log(hi))))
-        return max(lo, min(hi, -(-s // 8) * 8))
+            s = min(usual, hi)
+        else:
+            s = round(math.exp(self.rng().uniform(math.log(lo), math.log(hi))))
+            s = max(lo, min(hi, -(-s // 8) * 8))
+        multiples = [m for m in (s // KEY_ALIGN * KEY_ALIGN, -(-s // KEY_ALIGN) * KEY_ALIGN) if lo <= m <= hi]
+        if aligned and multiples and s % KEY_ALIGN:
+            return min(multiples, key=lambda m: abs(m - s))
+        if aligned is False and multiples and s % KEY_ALIGN == 0:
+            return s - 8 if s - 8 >= lo else s + 8
+        return s
 
     def head_dim(self, usual: int) -> int:
         lo, hi = class_of(usual, HEAD_DIM_CLASSES)
@@ -175,17 +197,17 @@ def _gqa_heads(heads: int) -> int:
 
 
 def _dense(draw: _Draw, dtype: torch.dtype, s: int, d: int, *, training: bool, causal: bool = True,
-           gqa: bool = False) -> ShapeClass:
+           gqa: bool = False, aligned: bool | None = None) -> ShapeClass:
     b = draw.budget
-    s, d = draw.seqlen(s), draw.head_dim(d)
+    s, d = draw.seqlen(s, aligned), draw.head_dim(d)
     heads = _gqa_heads(b.width // d) if gqa else max(1, b.width // d)
     kv = heads // 4 if gqa else heads
     return ShapeClass(dtype, training, "top_left" if causal else None, max(1, b.tokens // s), heads, kv, s, s, d, d)
 
 
-def _decode(draw: _Draw, dtype: torch.dtype, sk: int, d: int) -> ShapeClass:
+def _decode(draw: _Draw, dtype: torch.dtype, sk: int, d: int, aligned: bool | None = None) -> ShapeClass:
     b = draw.budget
-    sk, d = draw.seqlen(sk), draw.head_dim(d)
+    sk, d = draw.seqlen(sk, aligned), draw.head_dim(d)
     heads = _gqa_heads(b.width // d)
     return ShapeClass(dtype, False, None, b.decode_batch, heads, heads // 4, 1, sk, d, d)
 
@@ -215,9 +237,11 @@ def grid(caps: Capabilities, *, quick: bool, seed: int | None = None,
          dtypes: Sequence[torch.dtype] | None = None) -> list[ShapeClass]:
     """The classes a quick or full run measures on ``caps``, in ``dtypes`` (default: :func:`default_dtypes`).
 
-    On a GPU the quick grid is 16 classes in one dtype (head dim 128 forward and training, causal, at four lengths;
-    decode; non-causal; GQA; head dims 64, 96 and 256; two packed classes), the full grid 72 per dtype. On a CPU, small
-    float32 calls (sequences up to 512) so that a run takes seconds.
+    On a GPU the quick grid is 19 classes in one dtype (head dim 128 forward and training, causal, at four lengths;
+    decode; non-causal; GQA; head dims 64, 96 and 256; two packed classes; then a short forward, and decode and
+    non-causal again at a key length that is not a multiple of 128), the full grid 98 per dtype. On a CPU, small
+    float32 calls (sequences up to 512) so that a run takes seconds. Classes without causal masking are measured
+    twice, at a key length that is a multiple of 128 and at one that is not (:attr:`ShapeClass.aligned`).
     """
     cuda = caps.device_type == "cuda"
     draw = _Draw(seed, _CUDA if cuda else _CPU)
@@ -226,19 +250,24 @@ def grid(caps: Capabilities, *, quick: bool, seed: int | None = None,
         if cuda and quick:
             for training in (False, True):
                 out += [_dense(draw, dt, s, 128, training=training) for s in (128, 512, 2048, 4096)]
-            out += [_decode(draw, dt, 4096, 128), _dense(draw, dt, 4096, 128, training=False, causal=False),
+            out += [_decode(draw, dt, 4096, 128, aligned=True),
+                    _dense(draw, dt, 4096, 128, training=False, causal=False, aligned=True),
                     _dense(draw, dt, 2048, 128, training=True, gqa=True),
                     _dense(draw, dt, 4096, 64, training=True), _dense(draw, dt, 4096, 256, training=True),
                     _packed(draw, dt, 4096, 128, training=True), _packed(draw, dt, 4096, 128, training=False),
-                    _dense(draw, dt, 2048, 96, training=True)]  # last: earlier classes keep their seeded draws
+                    _dense(draw, dt, 2048, 96, training=True)]  # appended: earlier classes keep their seeded draws
+            out += [_dense(draw, dt, 16, 128, training=False), _decode(draw, dt, 4088, 128, aligned=False),
+                    _dense(draw, dt, 4088, 128, training=False, causal=False, aligned=False)]
         elif cuda:
-            lengths = (128, 512, 2048, 4096, 16384)
+            lengths = (16, 128, 512, 2048, 4096, 16384)
             for training in (False, True):
                 out += [_dense(draw, dt, s, d, training=training) for d in (64, 96, 128, 256) for s in lengths]
-                out += [_dense(draw, dt, s, 128, training=training, causal=False) for s in lengths]
+                out += [_dense(draw, dt, s, 128, training=training, causal=False, aligned=aligned)
+                        for s in lengths for aligned in ((True, False) if s >= KEY_ALIGN else (False,))]
                 out += [_dense(draw, dt, s, 128, training=training, gqa=True) for s in lengths]
                 out += [_packed(draw, dt, s, 128, training=training) for s in (512, 2048, 4096, 16384)]
-            out += [_decode(draw, dt, sk, 128) for sk in (512, 2048, 4096, 16384)]
+            out += [_decode(draw, dt, sk, 128, aligned=aligned) for sk in (512, 2048, 4096, 16384)
+                    for aligned in (True, False)]
         else:
             for training in (False, True):
                 out += [_dense(draw, dt, s, 64, training=training) for s in (128, 512)]

@@ -1,16 +1,16 @@
 """Tuned tables: the file format and its key, reading with validation, atomic writing, and the tables in force.
 
 A table is what ``python -m sdpa_flash tune`` measured on one machine, as ranking rules (one per measured class of
-calls) with the raw measurements behind them. The file (JSON, ``"format": 1``)::
+calls) with the raw measurements behind them. The file (JSON, ``"format": 2``)::
 
-    {"format": 1,
+    {"format": 2,
      "key": {"device_type": "cuda", "name": "NVIDIA H200", "compute_capability": [9, 0], "torch": "2.11.0",
              "cuda": "13.0", "hip": null, "cudnn": "9.19.0", "kernels": {"fa4": "4.0.0b36"}, "sdpa_flash": "0.1.0"},
      "run": {"command": "python -m sdpa_flash tune --quick", "mode": "quick", "seed": null, "rounds": 5,
              "date": "2026-12-07T10:02:11Z", "duration_s": 95.2, "host": "gpu-node-3"},
      "rules": [{"order": ["cudnn", "fa4", ...], "evidence": "tuned 2026-12-07: cudnn 0.41 ms, ...",
                 "device_type": "cuda", "rocm": false, "head_dim": [65, 128], "seqlen_q": [257, 1024], ...,
-                "failed": {}, "refused": {"chunked": "..."}}],
+                "aligned": null, "failed": {}, "refused": {"chunked": "..."}}],
      "measurements": [{"class": "...", "backend": "cudnn", "status": "measured", "median_ms": 0.41, ...}]}
 
 Which tables count (:func:`tables_for`): a *user* table whose key is this machine's exactly (GPU, compute
@@ -67,8 +67,8 @@ __all__ = [
     "tables_for",
 ]
 
-FORMAT = 1
-"""The version of the file format this sdpa_flash reads and writes."""
+FORMAT = 2
+"""The version of the file format this sdpa_flash reads and writes (2: rules have ``aligned``)."""
 
 ENV_DIR = "SDPA_FLASH_TUNE_DIR"
 ENV_TABLE = "SDPA_FLASH_TABLE"
@@ -244,7 +244,7 @@ class _Checker:
 _KEY_FIELDS = ("device_type", "name", "compute_capability", "torch", "cuda", "hip", "cudnn", "kernels", "sdpa_flash")
 _RUN_FIELDS = ("command", "mode", "seed", "rounds", "date", "duration_s", "host")
 _RULE_FIELDS = ("order", "evidence", "device_type", "rocm", "head_dim", "seqlen_q", "seqlen_k", "training", "gqa",
-                "causal", "dtype", "entry", "failed", "refused")
+                "causal", "aligned", "dtype", "entry", "failed", "refused")
 _ROW_FIELDS = ("class", "backend", "status", "reason", "shape", "lengths", "dtype", "causal", "training", "entry",
                "median_ms", "min_ms", "max_ms", "samples_ms", "calls_per_sample", "first_call_s")
 
@@ -303,6 +303,7 @@ def _check_rule(c: _Checker, value: object, what: str) -> tuple[RankingRule, dic
         training=c.flag(d["training"], f"{what}.training", none=True),
         gqa=c.flag(d["gqa"], f"{what}.gqa", none=True),
         causal=c.flag(d["causal"], f"{what}.causal", none=True),
+        aligned=c.flag(d["aligned"], f"{what}.aligned", none=True),
         dtype=c.dtype(d["dtype"], f"{what}.dtype", none=True),
         entry=c.choice(d["entry"], f"{what}.entry", ENTRIES),
         failed=tuple(sorted(c.reasons(d["failed"], f"{what}.failed").items())),
@@ -456,7 +457,7 @@ def _rule_dict(rule: RankingRule, refused: Mapping[str, str]) -> dict[str, Any]:
 
     return {"order": list(rule.order), "evidence": rule.evidence, "device_type": rule.device_type, "rocm": rule.rocm,
             "head_dim": rng(rule.head_dim), "seqlen_q": rng(rule.seqlen_q), "seqlen_k": rng(rule.seqlen_k),
-            "training": rule.training, "gqa": rule.gqa, "causal": rule.causal,
+            "training": rule.training, "gqa": rule.gqa, "causal": rule.causal, "aligned": rule.aligned,
             "dtype": None if rule.dtype is None else dtype_name(rule.dtype), "entry": rule.entry,
             "failed": dict(rule.failed), "refused": dict(refused)}
 
