@@ -400,9 +400,26 @@ def test_corrupt_json_is_ignored_with_one_warning(tune_dir: pathlib.Path) -> Non
 def test_another_format_is_ignored_with_one_warning(tune_dir: pathlib.Path) -> None:
     path = _write(_table_for(H200, _rule(FLASH_FIRST)), tune_dir)
     data = json.loads(path.read_text())
-    data["format"] = FORMAT - 1  # a table of an earlier sdpa_flash
+    data["format"] = FORMAT + 1  # a table of a later sdpa_flash
     path.write_text(json.dumps(data))
-    _one_warning(H200, SPEC, f"format {FORMAT - 1}, but this sdpa_flash reads format {FORMAT}")
+    _one_warning(H200, SPEC, f"format {FORMAT + 1}, but this sdpa_flash reads formats 1, 2")
+
+
+def test_a_format_1_table_still_reads(tune_dir: pathlib.Path) -> None:
+    """Format 2 added ``aligned``; a format-1 table (no such field) reads with each rule covering both kinds of key
+    length, and a format-1 table that has the field is refused, naming it."""
+    path = _write(_table_for(H200, _rule(FLASH_FIRST)), tune_dir)
+    data = json.loads(path.read_text())
+    data["format"] = 1
+    for rule in data["rules"]:
+        del rule["aligned"]
+    path.write_text(json.dumps(data))
+    (rule,) = read_table(path).rules
+    assert rule.aligned is None and plan(SPEC, H200).order[0] == "flash"
+    data["rules"][0]["aligned"] = True
+    path.write_text(json.dumps(data))
+    with pytest.raises(TunedTableError, match="'aligned'"):
+        read_table(path)
 
 
 def test_a_table_of_another_gpu_is_ignored_with_one_warning(tune_dir: pathlib.Path) -> None:

@@ -68,7 +68,9 @@ __all__ = [
 ]
 
 FORMAT = 2
-"""The version of the file format this sdpa_flash reads and writes (2: rules have ``aligned``)."""
+"""The version of the file format this sdpa_flash writes (2: rules have ``aligned``)."""
+READS = (1, 2)
+"""The versions it reads: a format-1 table's rules have no ``aligned`` (each covers both kinds of key length)."""
 
 ENV_DIR = "SDPA_FLASH_TUNE_DIR"
 ENV_TABLE = "SDPA_FLASH_TABLE"
@@ -285,8 +287,8 @@ def _check_run(c: _Checker, run: object) -> dict[str, Any]:
     return r
 
 
-def _check_rule(c: _Checker, value: object, what: str) -> tuple[RankingRule, dict[str, str]]:
-    d = c.obj(value, what, _RULE_FIELDS)
+def _check_rule(c: _Checker, value: object, what: str, fmt: int = FORMAT) -> tuple[RankingRule, dict[str, str]]:
+    d = c.obj(value, what, _RULE_FIELDS if fmt >= 2 else tuple(f for f in _RULE_FIELDS if f != "aligned"))
     order = d["order"]
     if not (isinstance(order, list) and order and len(set(order)) == len(order)):
         c.fail(f"{what}.order", "a non-empty list of distinct backend names", order)
@@ -303,7 +305,7 @@ def _check_rule(c: _Checker, value: object, what: str) -> tuple[RankingRule, dic
         training=c.flag(d["training"], f"{what}.training", none=True),
         gqa=c.flag(d["gqa"], f"{what}.gqa", none=True),
         causal=c.flag(d["causal"], f"{what}.causal", none=True),
-        aligned=c.flag(d["aligned"], f"{what}.aligned", none=True),
+        aligned=c.flag(d["aligned"], f"{what}.aligned", none=True) if fmt >= 2 else None,
         dtype=c.dtype(d["dtype"], f"{what}.dtype", none=True),
         entry=c.choice(d["entry"], f"{what}.entry", ENTRIES),
         failed=tuple(sorted(c.reasons(d["failed"], f"{what}.failed").items())),
@@ -400,9 +402,10 @@ class TunedTable:
         c = _Checker(path or "tuned table")
         if not isinstance(data, dict):
             c.fail("the file", "a JSON object", type(data).__name__)
-        if data.get("format") != FORMAT:
-            raise TunedTableError(f"{c.where}: format {data.get('format')!r}, but this sdpa_flash reads format "
-                                  f"{FORMAT}; run `{REFRESH}` to measure again.")
+        fmt = data.get("format")
+        if fmt not in READS:
+            raise TunedTableError(f"{c.where}: format {fmt!r}, but this sdpa_flash reads formats "
+                                  f"{', '.join(map(str, READS))}; run `{REFRESH}` to measure again.")
         c.obj(data, "the file", ("format", "key", "run", "rules", "measurements"))
         key = _check_key(c, data["key"])
         run = _check_run(c, data["run"])
@@ -410,7 +413,7 @@ class TunedTable:
             c.fail("rules", "a list", data["rules"])
         if not isinstance(data["measurements"], list):
             c.fail("measurements", "a list", data["measurements"])
-        checked = [_check_rule(c, r, f"rules[{i}]") for i, r in enumerate(data["rules"])]
+        checked = [_check_rule(c, r, f"rules[{i}]", fmt) for i, r in enumerate(data["rules"])]
         for i, (rule, _) in enumerate(checked):
             if rule.device_type != key["device_type"]:
                 c.fail(f"rules[{i}].device_type", f"the key's {key['device_type']!r}", rule.device_type)
