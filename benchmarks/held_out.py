@@ -86,6 +86,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--compare-shipped", action="store_true")
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--only", default=None,
+                    help="comma-separated pieces of class descriptions: only the classes whose description has one "
+                         "(e.g. 'not causal,Sq 2-32')")
     args = ap.parse_args()
     dev = torch.device("cuda")
     caps = sdpa_flash.capabilities(dev)
@@ -93,7 +96,9 @@ def main() -> int:
     info = {**machine_info(), "table": os.environ.get("SDPA_FLASH_TABLE"), "seed": args.seed}
     print(info, flush=True)
     rows: list[dict[str, Any]] = []
-    for c in (c for c in grid(caps, quick=True, seed=args.seed) if c.entry == "dense"):
+    pieces = args.only.split(",") if args.only else None
+    for c in (c for c in grid(caps, quick=True, seed=args.seed) if c.entry == "dense"
+              and (pieces is None or any(p in c.describe() for p in pieces))):
         g = torch.Generator(device="cuda").manual_seed(c.sq + c.d)
         q = torch.randn(c.batch, c.heads, c.sq, c.d, device=dev, dtype=c.dtype, generator=g)
         k, v = (torch.randn(c.batch, c.kv_heads, c.sk, dd, device=dev, dtype=c.dtype, generator=g)
