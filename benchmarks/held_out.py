@@ -15,7 +15,7 @@ policy=<that backend>)``: the same layer and kernel as ``auto`` (the planner's c
 same), so both tables are measured in one interleaved run.
 
     SDPA_FLASH_TABLE=/path/tuned.json PYTHONPATH=. python benchmarks/held_out.py --out held_out.json \
-        --compare-shipped [--seed 1]
+        --compare-shipped [--seed 1] [--only "not causal,Sq 2-32"]
 """
 
 from __future__ import annotations

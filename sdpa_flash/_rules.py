@@ -50,9 +50,9 @@ class RankingRule:
         failed: ``(backend, error)`` for each backend that raised on this class when it was tuned: the planner
             refuses it there with that reason.
         aligned: ``True``: calls whose key length is a multiple of :data:`KEY_ALIGN` (128); ``False``: the others.
-            Tuned tables set it on classes without causal masking, where the kernels' order depends on it (cuDNN's
-            non-causal forward ran lengths that are not multiples of 128 ~9% slower than FA4 on an H100, and the
-            multiples about as fast: benchmarks/results/session_h100_1207_night).
+            Tuned tables set it on classes without causal masking, where the kernels' order depends on it (on an
+            H100, cuDNN's non-causal forward took 1.09-1.11x FA4's time at key lengths off a multiple of 128, and
+            0.93-1.03x at the multiples: benchmarks/results/session_h100_1207_night).
     """
 
     device_type: str

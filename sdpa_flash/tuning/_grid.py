@@ -30,7 +30,7 @@ MAX_LEN = 2**31 - 1
 SEQLEN_CLASSES = ((1, 1), (2, 32), (33, 256), (257, 1024), (1025, 2048), (2049, 8192), (8193, MAX_LEN))
 """Query / key length ranges: decode (one query), then short to very long. 2-32 and 33-256 are apart because the
 kernels' order differs between them: on an H100 (bf16, causal, forward, 16,384 tokens per call) PyTorch's flash
-kernel ran S=8 to 24 2-7% faster than cuDNN, and cuDNN ran S=48 to 256 8-29% faster than flash
+kernel ran S=8 to 24 2-7% faster than cuDNN, and cuDNN ran S=48 to 256 in 0.48-0.92x flash's time
 (benchmarks/results/session_h100_1207_night)."""
 HEAD_DIM_CLASSES = ((1, 64), (65, 96), (97, 128), (129, 256), (257, MAX_LEN))
 """Ranges of ``max(D, Dv)``. 65-96 and 97-128 are apart because the kernels' order differs between them: on an H100
