@@ -324,6 +324,12 @@ def from_configs(configs: Sequence[Mapping[str, Any]], caps: Capabilities) -> li
     ``warmup`` makes) and ``dtype`` (a name such as ``"bfloat16"`` or a ``torch.dtype``; default: bfloat16 on a GPU
     that has it, float32 on a CPU).
 
+    The rule a configuration writes covers its own class only. For a dense call without a causal mask that includes
+    the key length's side of :data:`~sdpa_flash._rules.KEY_ALIGN`: a model tuned at ``seqlen_k=4096`` decides calls
+    whose key length is a multiple of 128, and calls at 4,000 keys fall to the next table (the shipped one, or the
+    built-in rules), because cuDNN's time steps there and that side was not measured. Give a second configuration
+    at an unaligned length to tune both.
+
     Raises:
         AttentionInputError: not a list of objects, an unknown key, or a bad value.
     """
