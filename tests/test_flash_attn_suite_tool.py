@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
+import time
+import types
 from types import ModuleType
 
 import pytest
@@ -115,6 +119,8 @@ def test_a_rerun_of_named_cases(tmp_path: pathlib.Path, capsys: pytest.CaptureFi
 
 
 SLOW_SUITE = '''
+import os
+import pathlib
 import time
 
 
@@ -123,18 +129,42 @@ def test_quick():
 
 
 def test_stuck():
+    pathlib.Path(os.environ["STUCK_MARKER"]).write_text("stuck")
     time.sleep(600)
 '''
 
 
+class _LimitWhenStuck(subprocess.Popen[str]):
+    """pytest's process, whose time limit runs out the moment ``test_stuck`` has started: as a real limit would
+    there, without a fixed wait that a loaded machine's slow collection could outlast."""
+
+    limit_hit = False
+
+    def wait(self, timeout: float | None = None) -> int:
+        if timeout is None or self.limit_hit:
+            return super().wait(timeout)
+        marker, deadline = pathlib.Path(os.environ["STUCK_MARKER"]), time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline:
+            if marker.exists():
+                self.limit_hit = True
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.05)
+        return super().wait(max(0.0, deadline - time.monotonic()))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("einops") is None, reason="the harness needs einops")
 def test_a_run_past_its_time_limit_reports_the_cases_that_ran(tmp_path: pathlib.Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     test_file = tmp_path / "test_slow.py"
     test_file.write_text(SLOW_SUITE)
-    # 40 s: room for a loaded machine (under -n 8, 20 s ran out while the child pytest was still collecting)
-    rc = suite().main([str(test_file), "--out", str(tmp_path / "out"), "--sample", "0", "--cpu-emulation",
-                       "--label", "slow", "--timeout", "40", "-k", "quick or stuck"])
+    monkeypatch.setenv("STUCK_MARKER", str(tmp_path / "stuck"))
+    mod = suite()
+    # the harness's own view of subprocess (all it uses of it), with pytest's process as above
+    monkeypatch.setattr(mod, "subprocess", types.SimpleNamespace(Popen=_LimitWhenStuck, STDOUT=subprocess.STDOUT,
+                                                                 TimeoutExpired=subprocess.TimeoutExpired))
+    rc = mod.main([str(test_file), "--out", str(tmp_path / "out"), "--sample", "0", "--cpu-emulation",
+                   "--label", "slow", "--timeout", "300", "-k", "quick or stuck"])
     text = capsys.readouterr().out
     assert rc == 1, text  # an interrupted run is not a clean one
     assert text.startswith("running:") and "slow: 1 passed, 0 failed" in text, text
