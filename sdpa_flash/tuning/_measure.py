@@ -5,13 +5,16 @@ under ``torch.no_grad``) or that and its backward (``torch.autograd.grad``), so 
 then runs; packed classes through each backend's packed kernel (``BACKENDS[name].varlen()``), as the varlen engine
 calls it. The loop is the benchmark's (:func:`sdpa_flash.bench._timing.interleave`): every backend warmed up, then
 timed in rounds, each round in a fresh seeded order, several calls per sample (CUDA events on a GPU,
-``perf_counter`` on a CPU). The first call of each backend on each class is timed on its own, before any of that:
+``perf_counter`` on a CPU). Where the two fastest come within :data:`CLOSE` of each other, those two are timed
+again, on their own, for twice the rounds, and the class is ranked on all their samples: a near tie is where one
+noisy round could flip the order. The first call of each backend on each class is timed on its own, before any of that:
 it pays for compilation (FlashAttention-4's JIT, cuDNN's plan), and is recorded as ``first_call_s``, never in a
 timing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Collection
 from typing import Any
@@ -29,9 +32,12 @@ from ..policy import resolve_policy
 from ..spec import dtype_name
 from ._grid import ShapeClass
 
-__all__ = ["measure"]
+__all__ = ["CLOSE", "measure"]
 
 Row = dict[str, Any]
+
+CLOSE = 0.03
+"""Two fastest backends whose medians are this close (relative) are timed again before the class is ranked."""
 
 
 def _sync(device: torch.device) -> None:
@@ -155,7 +161,9 @@ def measure_class(c: ShapeClass, caps: Capabilities, device: torch.device, setti
             cleanup(device)
             continue
         items.append(Timed(name, fn, context))
-    for key, result in interleave(items, device, settings, measure_peak=False).items():
+    results = interleave(items, device, settings, measure_peak=False)
+    _refine_close(results, items, device, settings)
+    for key, result in results.items():
         name = str(key)
         if isinstance(result, Stats):
             rows.append(_row(c, name, "measured", stats=result, first_call_s=first[name]))
@@ -164,6 +172,23 @@ def measure_class(c: ShapeClass, caps: Capabilities, device: torch.device, setti
     del inputs, items
     cleanup(device)
     return sorted(rows, key=lambda r: list(BACKENDS).index(r["backend"]))
+
+
+def _refine_close(results: dict[Any, Stats | BaseException], items: list[Timed], device: torch.device,
+                  settings: Settings) -> None:
+    """Where the two fastest medians are within :data:`CLOSE`, time those two again (twice the rounds, interleaved,
+    on their own) and give each all of its samples, in place. A backend that fails the second time keeps its first
+    samples."""
+    stats = {k: r for k, r in results.items() if isinstance(r, Stats)}
+    top = sorted(stats, key=lambda k: stats[k].median_ms)[:2]
+    if len(top) < 2 or stats[top[1]].median_ms > stats[top[0]].median_ms * (1 + CLOSE):
+        return
+    again = interleave([i for i in items if i.key in top], device,
+                       dataclasses.replace(settings, rounds=2 * settings.rounds, min_rounds=2 * settings.min_rounds),
+                       measure_peak=False)
+    for key, result in again.items():
+        if isinstance(result, Stats):
+            results[key] = Stats(stats[key].samples_ms + result.samples_ms, stats[key].calls_per_sample)
 
 
 def derive_rule(c: ShapeClass, rows: list[Row], caps: Capabilities, date: str
@@ -182,6 +207,10 @@ def derive_rule(c: ShapeClass, rows: list[Row], caps: Capabilities, date: str
     refused = {r["backend"]: r["reason"] for r in rows if r["status"] != "measured"}
     evidence = f"tuned {date}: " + ", ".join(f"{r['backend']} {r['median_ms']:.3g} ms" for r in measured)
     evidence += f" at {c.shape_text()}"
+    if len(measured) > 1 and measured[1]["median_ms"] <= measured[0]["median_ms"] * (1 + CLOSE):
+        a, b = measured[0], measured[1]
+        evidence += (f"; {a['backend']} and {b['backend']} within {100 * (b['median_ms'] / a['median_ms'] - 1):.1f}%"
+                     f" over {len(a['samples_ms'])} and {len(b['samples_ms'])} rounds")
     if first != by_speed:
         evidence += "; fused kernels ranked before the others"
     if failed:
