@@ -298,6 +298,44 @@ def test_a_window_groups_only_sequences_with_one_corner_offset() -> None:
         run_and_check(Case(lq, lk, window=(2, 1)))
 
 
+@given(lq=st.integers(1, 40), lk=st.integers(1, 40), causal=st.sampled_from([None, "top_left", "bottom_right"]),
+       left=st.none() | st.integers(0, 50), right=st.none() | st.integers(0, 50))
+@settings(max_examples=300, deadline=None)
+def test_the_cost_model_counts_the_pairs_the_mask_leaves(lq: int, lk: int, causal: str | None, left: int | None,
+                                                         right: int | None) -> None:
+    """The work the cost model charges: exactly the (query, key) pairs the causal mask and the window leave (the
+    blocks the kernels compute), counted in closed form, against the mask itself."""
+    from sdpa_flash._varlen.cost import visible_pairs, window_span
+
+    window = None if left is None and right is None else (left, right)
+    if causal == "top_left" and window is not None and lq != lk:
+        causal = "bottom_right"  # (windows are aligned bottom-right; top-left with a window is refused)
+    visible = torch.ones(lq, lk, dtype=torch.bool)
+    if causal is not None:
+        visible &= torch.ones(lq, lk, dtype=torch.bool).tril(0 if causal == "top_left" else lk - lq)
+    if window is not None:
+        visible &= window_mask_tensor(window, lq, lk, torch.device("cpu"))
+    assert visible_pairs(lq, lk, causal, window) == int(visible.sum())
+    span = window_span(causal, window)
+    assert int(visible.sum(-1).max()) <= span  # no query sees more keys than the span says
+
+
+def test_a_window_shrinks_the_estimates_to_the_work_it_leaves() -> None:
+    """A window of 128 over sequences of 1-4k tokens leaves ~1/16 of the causal work: the packed call's estimate falls
+    towards its fixed cost, and the plan says so in its estimates (synthetic sm90 capabilities)."""
+    caps, auto = Capabilities.synthetic("cuda", (9, 0)), resolve_policy("auto")
+    lens = (1024, 2048, 3000, 4096)
+    specs = {w: engine.VarlenSpec("cuda", torch.bfloat16, 64, 8, 64, 64, lens, lens, "bottom_right", False, True,
+                                  window=w) for w in (None, (127, 0))}
+    model = engine.cost.COST_MODELS["cuda"]
+    kernel = engine.planning._varlen_kernel(specs[None], caps, auto)[0]  # flash's packed op, or FA4's if installed
+    fixed = model.varlen_us(0, 64, 64, 64, True, kernel)
+    work = {w: engine.plan_varlen(spec, caps, auto).estimates["flash_varlen"] - fixed for w, spec in specs.items()}
+    full = sum(n * (n + 1) // 2 for n in lens)
+    windowed = sum(128 * n - 127 * 128 // 2 for n in lens)  # 128 keys per query but the first 127 queries'
+    assert work[(127, 0)] / work[None] == pytest.approx(windowed / full, rel=1e-9)
+
+
 def test_explain_varlen_names_the_route_and_the_reasons() -> None:
     b = varlen.pack([torch.randn(n, 2, 8) for n in (5, 9, 2)])
     p = varlen.explain_varlen(b, b, b, causal=True, window=(3, 0), softcap=5.0, sinks=torch.zeros(2))

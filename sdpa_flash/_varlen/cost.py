@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-__all__ = ["COST_MODELS", "CostModel"]
+__all__ = ["COST_MODELS", "CostModel", "visible_pairs", "window_span"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,7 +13,9 @@ class CostModel:
     """How long a path takes, roughly: data per device type, calibrated by ``benchmarks/varlen_probe.py``.
 
     Times are microseconds; rates TFLOP/s. A dense call of padded lengths ``(Lq, Lk)`` runs at
-    ``rate * L / (L + half_len)`` with ``L = min(Lq, Lk)``; forward+backward uses the ``*_bwd`` figures.
+    ``rate * L / (L + half_len)`` with ``L = min(Lq, Lk)`` (and at most a window's span); forward+backward uses the
+    ``*_bwd`` figures. Work is counted in visible (query, key) pairs (:func:`visible_pairs`): the kernels skip the
+    blocks a causal mask or a sliding window hides.
 
     Attributes:
         call_us / call_us_bwd: fixed cost of one group (gather, kernel launch, select), fwd / fwd+bwd.
@@ -53,24 +55,62 @@ class CostModel:
     max_group_span: int = 64
     varlen_kernels: tuple[tuple[str, float, float, float, float], ...] = ()
 
-    def dense_us(self, b: int, heads: int, lq: int, lk: int, d: int, dv: int, causal: bool, bwd: bool) -> float:
-        flops = 2.0 * b * heads * lq * lk * (d + dv) * (0.5 if causal else 1.0) * (3.5 if bwd else 1.0)
-        length = min(lq, lk)
+    def dense_us(self, b: int, heads: int, lq: int, lk: int, d: int, dv: int, causal: bool, bwd: bool,
+                 pairs: float | None = None, span: float = math.inf) -> float:
+        """``b`` sequences padded to ``(lq, lk)`` in one call: ``pairs`` (query, key) pairs visible in each (default
+        ``lq * lk``, halved when causal), ``span`` the most keys a window lets one query see."""
+        if pairs is None:
+            pairs = lq * lk * (0.5 if causal else 1.0)
+        flops = 2.0 * b * heads * pairs * (d + dv) * (3.5 if bwd else 1.0)
+        length = min(lq, lk, span)
         rate, half = (self.rate_bwd, self.half_len_bwd) if bwd else (self.rate, self.half_len)
         if bwd and causal:
             rate *= self.causal_bwd_factor
         return (self.call_us_bwd if bwd else self.call_us) + flops / (rate * length / (length + half)) / 1e6
 
-    def varlen_us(self, work: float, heads: int, d: int, dv: int, causal: bool, bwd: bool,
-                  backend: str = "flash") -> float:
-        """``work`` = sum of Lq_i * Lk_i over the sequences; ``backend``: whose packed kernel runs them."""
-        flops = 2.0 * heads * work * (d + dv) * (0.5 if causal else 1.0) * (3.5 if bwd else 1.0)
+    def varlen_us(self, pairs: float, heads: int, d: int, dv: int, bwd: bool, backend: str = "flash") -> float:
+        """``pairs`` = the visible (query, key) pairs summed over the sequences (:func:`visible_pairs`);
+        ``backend``: whose packed kernel runs them."""
+        flops = 2.0 * heads * pairs * (d + dv) * (3.5 if bwd else 1.0)
         call, call_bwd, rate, rate_bwd = self.varlen_call_us, self.varlen_call_us_bwd, self.varlen_rate, \
             self.varlen_rate_bwd
         for name, *figures in self.varlen_kernels:
             if name == backend:
                 call, call_bwd, rate, rate_bwd = figures
         return (call_bwd if bwd else call) + flops / (rate_bwd if bwd else rate) / 1e6
+
+
+def visible_pairs(lq: int, lk: int, causal: str | None, window: tuple[int | None, int | None] | None) -> int:
+    """How many (query, key) pairs of one sequence are visible: ``lq * lk`` for plain attention, about half of it
+    causal, about ``lq * (left + right + 1)`` with a sliding window. Query i's own position is key ``i + lk - lq``
+    (bottom-right), or key i for ``causal="top_left"``; ``window`` is ``(left, right)`` around it, ``None`` per side
+    unbounded (:data:`~sdpa_flash.spec.Window`), and causal caps the right side at 0."""
+    left, right = window if window is not None else (None, None)
+    if causal is not None:
+        right = 0
+    diag = 0 if causal == "top_left" else lk - lq
+    # query i sees keys [i + diag - left, i + diag + right] clipped to [0, lk): the count of keys below the upper end
+    # minus those below the lower one, each a clamped ramp over i
+    below_hi = lq * lk if right is None else _clamped_ramp(diag + right + 1, lq, lk)
+    below_lo = 0 if left is None else _clamped_ramp(diag - left, lq, lk)
+    return below_hi - below_lo
+
+
+def window_span(causal: str | None, window: tuple[int | None, int | None] | None) -> float:
+    """The most keys a window lets one query see (``left + right + 1``; causal caps ``right`` at 0); ``inf``
+    without a bound on both sides."""
+    left, right = window if window is not None else (None, None)
+    if causal is not None:
+        right = 0
+    return math.inf if left is None or right is None else left + right + 1
+
+
+def _clamped_ramp(start: int, n: int, top: int) -> int:
+    """``sum(min(max(start + i, 0), top) for i in range(n))`` in closed form."""
+    end = start + n - 1
+    lo, hi = max(start, 0), min(end, top)
+    ramp = (lo + hi) * (hi - lo + 1) // 2 if hi >= lo else 0
+    return ramp + top * max(0, end - max(start, top + 1) + 1)
 
 
 COST_MODELS: dict[str, CostModel] = {

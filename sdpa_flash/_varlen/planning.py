@@ -18,7 +18,7 @@ from ..errors import BackendUnavailableError
 from ..planner import plan as dense_plan
 from ..policy import Policy
 from ..spec import AttentionSpec, Window, dtype_name
-from .cost import CostModel, cost_model
+from .cost import CostModel, cost_model, visible_pairs, window_span
 
 __all__ = ["Group", "VarlenPlan", "VarlenSpec", "plan_varlen"]
 
@@ -228,6 +228,7 @@ def _grouping(spec: VarlenSpec, ids: list[int], model: CostModel, pad_keys: str,
     lk = [spec.seqlens_k[i] for i in ids]
     causal = spec.causal is not None
     same_offset = spec.window is not None and not causal
+    span = window_span(spec.causal, spec.window)
     best = [0.0] + [math.inf] * n
     cut = [0] * (n + 1)
     kinds = [""] * (n + 1)
@@ -255,7 +256,8 @@ def _grouping(spec: VarlenSpec, ids: list[int], model: CostModel, pad_keys: str,
                 kind = pad_keys
                 if kind == "coordinate":
                     d = d_coord
-            cost = model.dense_us(j - i, spec.heads_q, mq, mk, d, spec.head_dim_v, causal, bwd)
+            cost = model.dense_us(j - i, spec.heads_q, mq, mk, d, spec.head_dim_v, causal, bwd,
+                                  visible_pairs(mq, mk, spec.causal, spec.window), span)
             if kind == "coordinate":
                 cost *= model.coordinate_penalty_bwd if bwd else model.coordinate_penalty
             if best[i] + cost < best[j]:
@@ -350,13 +352,12 @@ def _plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy, model_key
         reasons["flash_varlen"] = tuple(flash_why)
         reasons["hybrid"] = ("needs the flash varlen kernel, which cannot run: " + flash_why[0],)
     else:
-        work = [spec.seqlens_q[i] * spec.seqlens_k[i] for i in live]
-        causal = spec.causal is not None
-        estimates["flash_varlen"] = model.varlen_us(sum(work), spec.heads_q, spec.head_dim, spec.head_dim_v, causal,
-                                                    bwd, vk)
+        pairs = {i: visible_pairs(spec.seqlens_q[i], spec.seqlens_k[i], spec.causal, spec.window) for i in live}
+        estimates["flash_varlen"] = model.varlen_us(sum(pairs.values()), spec.heads_q, spec.head_dim,
+                                                    spec.head_dim_v, bwd, vk)
         if not why_dense:
             # hybrid: the k shortest (by work) in one varlen call, the rest grouped; try a few cut points.
-            by_work = sorted(live, key=lambda i: spec.seqlens_q[i] * spec.seqlens_k[i])
+            by_work = sorted(live, key=lambda i: pairs[i])
             for frac in (0.25, 0.5, 0.75, 0.875):
                 k = int(len(by_work) * frac)
                 if not 0 < k < len(by_work):
@@ -366,8 +367,8 @@ def _plan_varlen(spec: VarlenSpec, caps: Capabilities, policy: Policy, model_key
                 c_rest, g_rest = _grouping(spec, rest, model, pad_keys, d_coord, bwd)
                 if groups_reasons(g_rest):
                     continue
-                c = c_rest + model.varlen_us(sum(spec.seqlens_q[i] * spec.seqlens_k[i] for i in short),
-                                             spec.heads_q, spec.head_dim, spec.head_dim_v, causal, bwd, vk)
+                c = c_rest + model.varlen_us(sum(pairs[i] for i in short), spec.heads_q, spec.head_dim,
+                                             spec.head_dim_v, bwd, vk)
                 if c < hybrid_cost:
                     hybrid_cost, hybrid_groups, hybrid_varlen = c, g_rest, tuple(sorted(short))
         estimates["hybrid"] = hybrid_cost
