@@ -56,11 +56,9 @@ class CostModel:
     varlen_kernels: tuple[tuple[str, float, float, float, float], ...] = ()
 
     def dense_us(self, b: int, heads: int, lq: int, lk: int, d: int, dv: int, causal: bool, bwd: bool,
-                 pairs: float | None = None, span: float = math.inf) -> float:
-        """``b`` sequences padded to ``(lq, lk)`` in one call: ``pairs`` (query, key) pairs visible in each (default
-        ``lq * lk``, halved when causal), ``span`` the most keys a window lets one query see."""
-        if pairs is None:
-            pairs = lq * lk * (0.5 if causal else 1.0)
+                 pairs: float, span: float = math.inf) -> float:
+        """``b`` sequences padded to ``(lq, lk)`` in one call, ``pairs`` (query, key) pairs visible in each
+        (:func:`visible_pairs`), ``span`` the most keys a window lets one query see (:func:`window_span`)."""
         flops = 2.0 * b * heads * pairs * (d + dv) * (3.5 if bwd else 1.0)
         length = min(lq, lk, span)
         rate, half = (self.rate_bwd, self.half_len_bwd) if bwd else (self.rate, self.half_len)

@@ -7,9 +7,9 @@ calls it. The loop is the benchmark's (:func:`sdpa_flash.bench._timing.interleav
 timed in rounds, each round in a fresh seeded order, several calls per sample (CUDA events on a GPU,
 ``perf_counter`` on a CPU). Where the two fastest come within :data:`CLOSE` of each other, those two are timed
 again, on their own, for twice the rounds, and the class is ranked on all their samples: a near tie is where one
-noisy round could flip the order. The first call of each backend on each class is timed on its own, before any of that:
-it pays for compilation (FlashAttention-4's JIT, cuDNN's plan), and is recorded as ``first_call_s``, never in a
-timing.
+noisy round could flip the order. The first call of each backend on each class is timed on its own, before any of
+that: it pays for compilation (FlashAttention-4's JIT, cuDNN's plan), and is recorded as ``first_call_s``, never in
+a timing.
 """
 
 from __future__ import annotations
