@@ -179,7 +179,7 @@ def test_model_mode_measures_exactly_the_configurations(tune_dir: pathlib.Path) 
                             device="cpu", write=False)
     assert table.path is None and not list(tune_dir.parent.glob("tuned/*"))  # write=False writes nothing
     assert [(r.head_dim, r.seqlen_q, r.training, r.gqa, r.causal, r.aligned) for r in table.rules] == [
-        ((1, 64), (33, 256), False, False, True, None), ((1, 64), (257, 1024), True, True, False, False)]
+        ((1, 32), (33, 256), False, False, True, None), ((1, 32), (257, 1024), True, True, False, False)]
     # the packed configuration: no backend has a packed kernel on a CPU, skipped with every reason, no rule
     (skipped, reasons), = table.skipped.items()
     assert skipped.startswith("packed, float32") and "CUDA only" in reasons["flash"]
@@ -291,7 +291,8 @@ def test_command_line_tune_quick(tmp_path: pathlib.Path) -> None:
 # --------------------------------------------------------------------------------------------------- the grids
 def test_grids_cover_their_classes_and_seeds_move_the_points() -> None:
     quick, full = grid(H200, quick=True), grid(H200, quick=False)
-    assert 10 <= len(quick) <= 19 and {c.dtype for c in quick} == {torch.bfloat16}  # FA4 compiles per class
+    # FA4 compiles per class: --quick stays small (19 classes took 94 s on an H100)
+    assert 10 <= len(quick) <= 20 and {c.dtype for c in quick} == {torch.bfloat16}
     assert {c.dtype for c in full} == {torch.bfloat16, torch.float16} and len(full) > 2 * len(quick)
     assert any(c.entry == "packed" for c in quick) and any(c.sq == 1 for c in quick)
     cpu = grid(sdpa_flash.capabilities("cpu"), quick=False)

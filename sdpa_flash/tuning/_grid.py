@@ -32,10 +32,12 @@ SEQLEN_CLASSES = ((1, 1), (2, 32), (33, 256), (257, 1024), (1025, 2048), (2049, 
 kernels' order differs between them: on an H100 (bf16, causal, forward, 16,384 tokens per call) PyTorch's flash
 kernel ran S=8 to 24 2-7% faster than cuDNN, and cuDNN ran S=48 to 256 in 0.48-0.92x flash's time
 (benchmarks/results/session_h100_1207_night)."""
-HEAD_DIM_CLASSES = ((1, 64), (65, 96), (97, 128), (129, 256), (257, MAX_LEN))
+HEAD_DIM_CLASSES = ((1, 32), (33, 64), (65, 96), (97, 128), (129, 256), (257, MAX_LEN))
 """Ranges of ``max(D, Dv)``. 65-96 and 97-128 are apart because the kernels' order differs between them: on an H100
 (bf16, causal, training) FA4 ran head dim 96 at S=1888 14% faster than cuDNN (and at S=2048 2% faster), while cuDNN
-ran 128 at S=2048 13% faster than FA4 (benchmarks/results/session_h100_1207_pm, session_h100_1207_eve)."""
+ran 128 at S=2048 13% faster than FA4 (benchmarks/results/session_h100_1207_pm, session_h100_1207_eve). 1-32 and
+33-64 likewise: cuDNN ran head dim 64 at S=4096 4% faster than FA4 (2.74 against 2.86 ms), while FA4 ran 32 at
+S=2192 in 0.77x cuDNN's time (benchmarks/results/session_h100_1208_night)."""
 
 CONFIG_KEYS = ("heads", "kv_heads", "head_dim", "head_dim_v", "seqlen", "seqlen_k", "batch", "causal", "training",
                "varlen", "dtype")
@@ -237,11 +239,12 @@ def grid(caps: Capabilities, *, quick: bool, seed: int | None = None,
          dtypes: Sequence[torch.dtype] | None = None) -> list[ShapeClass]:
     """The classes a quick or full run measures on ``caps``, in ``dtypes`` (default: :func:`default_dtypes`).
 
-    On a GPU the quick grid is 19 classes in one dtype (head dim 128 forward and training, causal, at four lengths;
-    decode; non-causal; GQA; head dims 64, 96 and 256; two packed classes; then a short forward, and decode and
-    non-causal again at a key length that is not a multiple of 128), the full grid 98 per dtype. On a CPU, small
-    float32 calls (sequences up to 512) so that a run takes seconds. Classes without causal masking are measured
-    twice, at a key length that is a multiple of 128 and at one that is not (:attr:`ShapeClass.aligned`).
+    On a GPU the quick grid is 20 classes in one dtype (head dim 128 forward and training, causal, at four lengths;
+    decode; non-causal; GQA; head dims 64, 96 and 256; two packed classes; then a short forward, decode and
+    non-causal again at a key length that is not a multiple of 128, and head dim 32), the full grid 110 per dtype.
+    On a CPU, small float32 calls (sequences up to 512) so that a run takes seconds. Classes without causal masking
+    are measured twice, at a key length that is a multiple of 128 and at one that is not
+    (:attr:`ShapeClass.aligned`).
     """
     cuda = caps.device_type == "cuda"
     draw = _Draw(seed, _CUDA if cuda else _CPU)
@@ -257,11 +260,12 @@ def grid(caps: Capabilities, *, quick: bool, seed: int | None = None,
                     _packed(draw, dt, 4096, 128, training=True), _packed(draw, dt, 4096, 128, training=False),
                     _dense(draw, dt, 2048, 96, training=True)]  # appended: earlier classes keep their seeded draws
             out += [_dense(draw, dt, 16, 128, training=False), _decode(draw, dt, 4088, 128, aligned=False),
-                    _dense(draw, dt, 4088, 128, training=False, causal=False, aligned=False)]
+                    _dense(draw, dt, 4088, 128, training=False, causal=False, aligned=False),
+                    _dense(draw, dt, 4096, 32, training=True)]
         elif cuda:
             lengths = (16, 128, 512, 2048, 4096, 16384)
             for training in (False, True):
-                out += [_dense(draw, dt, s, d, training=training) for d in (64, 96, 128, 256) for s in lengths]
+                out += [_dense(draw, dt, s, d, training=training) for d in (32, 64, 96, 128, 256) for s in lengths]
                 out += [_dense(draw, dt, s, 128, training=training, causal=False, aligned=aligned)
                         for s in lengths for aligned in ((True, False) if s >= KEY_ALIGN else (False,))]
                 out += [_dense(draw, dt, s, 128, training=training, gqa=True) for s in lengths]
