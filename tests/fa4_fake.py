@@ -116,7 +116,8 @@ def _flash_attn_fwd(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, sequ
                     causal=False, softcap=None, window_size_left=None, window_size_right=None, learnable_sink=None,
                     return_lse=False, **unused):
     CALLS.append(("_flash_attn_fwd", {"causal": causal, "window": (window_size_left, window_size_right),
-                                      "softcap": softcap, "sink": learnable_sink is not None}))
+                                      "softcap": softcap, "sink": learnable_sink is not None,
+                                      "q_stride": q.stride(), "shape": tuple(q.shape), "return_lse": return_lse}))
     _check(q, k, v)
     assert cu_seqlens_q is None and page_table is None, "the fake covers the dense forward only"
     out, lse = _attend(q, k, v, softmax_scale, causal, window_size_left, window_size_right, softcap or 0.0,
@@ -129,7 +130,7 @@ def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, s
                     **unused):
     """The attention backward written out (a custom op's kernel runs below autograd, so no autograd here)."""
     CALLS.append(("_flash_attn_bwd", {"causal": causal, "window": (window_size_left, window_size_right),
-                                      "deterministic": deterministic}))
+                                      "deterministic": deterministic, "dout_stride": dout.stride()}))
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     rep = h // hkv

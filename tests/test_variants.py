@@ -322,8 +322,8 @@ def test_fa4_gets_window_softcap_and_sinks_as_its_own_arguments(fake_fa4: Any, w
                                                                 sinks: bool, causal: bool) -> None:
     out, leaves = _fa4_run(window, softcap, sinks, causal)
     name, call = fake_fa4.CALLS[-1]
-    assert name == "flash_attn_func" and call["causal"] == causal and call["sink"] == sinks
-    assert call["window_size"] == (window if window is not None else (None, None))
+    assert name == "_flash_attn_fwd" and call["causal"] == causal and call["sink"] == sinks
+    assert call["window"] == (window if window is not None else (None, None))
     assert call["softcap"] == (softcap or 0.0)
     q, k, v = leaves[:3]
     s = leaves[3] if sinks else None
@@ -332,7 +332,7 @@ def test_fa4_gets_window_softcap_and_sinks_as_its_own_arguments(fake_fa4: Any, w
     ref = reference_attention(q, k, v, sinks=s, **kw)
     comparison = compare_to_reference(out, same, ref, reduction=24)
     assert comparison.passed, str(comparison)
-    if sinks:  # the sinks' gradient reaches them through FA4's own autograd (here the stand-in's)
+    if sinks:  # the sinks' gradient is FA4's backward's (here the stand-in's), through our one autograd node
         (g,) = torch.autograd.grad(out.float().sum(), [leaves[3]])
         (g_same,) = torch.autograd.grad(same.float().sum(), [leaves[3]])
         (g_ref,) = torch.autograd.grad(ref.sum(), [leaves[3]])

@@ -278,8 +278,8 @@ class FA4Backend(Backend):
     def bshd_runner(self, spec: AttentionSpec, prep: Prep) -> Runner | None:
         if prep != Prep(kernel_causal=prep.kernel_causal):
             return None  # padding, truncation or a mask: the (B, H, S, D) runner
-        return _plain(load().flash_attn_func, bool(prep.kernel_causal), _deterministic(spec), _multi_gpu(),
-                      bhsd=False, window=spec.window, softcap=spec.softcap)
+        return _plain(load(), bool(prep.kernel_causal), _deterministic(spec), _multi_gpu(), bhsd=False,
+                      window=spec.window, softcap=spec.softcap)
 
     def kernel(self, device_type: str, *, traced: bool = False) -> KernelFn:
         return _TRACED
@@ -329,48 +329,100 @@ def _on_device(t: Tensor) -> Any:
     return torch.cuda.device(t.device)
 
 
-def _plain(fn: Any, causal: bool, deterministic: bool, guard: bool, *, bhsd: bool,
+class _BHSDFunction(torch.autograd.Function):
+    """FA4's forward and backward on (B, H, S, D) tensors as one autograd node.
+
+    FA4 takes (B, S, H, D); the ``transpose(1, 2)`` views it gets are made in here, so autograd records one node
+    per call instead of FA4's own node plus a ``TransposeBackward0`` for each of q, k, v and the output (four
+    nodes cost ~0.19 ms of host time per training call on an H100, where a windowed gpt-oss layer is host-bound;
+    benchmarks/results/session_h100_1208_night). The kernels and their arguments are those of FA4's
+    ``FlashAttnFunc`` for a plain call: ``_flash_attn_fwd`` with the LSE kept, ``_flash_attn_bwd`` with it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, sink: Tensor | None, mod: ModuleType,
+                args: tuple[float | None, bool, int | None, int | None, float], deterministic: bool,
+                guard: bool) -> Tensor:
+        scale, causal, left, right, softcap = args
+        with _on_device(q) if guard else _NULL:
+            out, lse = mod._flash_attn_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           softmax_scale=scale, causal=causal, softcap=softcap,
+                                           window_size_left=left, window_size_right=right, learnable_sink=sink,
+                                           return_lse=True)[:2]
+        ctx.save_for_backward(q, k, v, out, lse, sink)
+        ctx.mod, ctx.args, ctx.deterministic, ctx.guard = mod, args, deterministic, guard
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse, sink = ctx.saved_tensors
+        scale, causal, left, right, softcap = ctx.args
+        with _on_device(q) if ctx.guard else _NULL:
+            # FA4 copies dout only when its layout is not one the kernel reads (its maybe_contiguous)
+            grads = ctx.mod._flash_attn_bwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out,
+                                            dout.transpose(1, 2), lse, scale, causal, softcap,
+                                            window_size_left=left, window_size_right=right,
+                                            deterministic=ctx.deterministic, learnable_sink=sink)
+        dq, dk, dv = (g.transpose(1, 2) for g in grads[:3])
+        dsink = grads[3] if sink is not None and len(grads) > 3 else None
+        return dq, dk, dv, dsink, None, None, None, None
+
+
+def _plain(mod: ModuleType, causal: bool, deterministic: bool, guard: bool, *, bhsd: bool,
            window: tuple[int | None, int | None] | None = None, softcap: float | None = None) -> Runner:
     """One FA4 call with nothing to adapt: ``run(q, k, v, attn_mask, dropout_p, scale[, sinks])`` on (B, H, S, D)
-    tensors (passed to FA4 as (B, S, H, D) views) or, with ``bhsd=False``, on (B, S, H, D) tensors as they are.
+    tensors (passed to FA4 as (B, S, H, D) views, in one autograd node: :class:`_BHSDFunction`) or, with
+    ``bhsd=False``, on (B, S, H, D) tensors as they are, through FA4's ``flash_attn_func``.
     ``window`` (bottom-right, ``None`` per side unbounded: FA4's own convention) and ``softcap`` are FA4's."""
     # FA4's own defaults when off (window (None, None), softcap 0.0, no sink): explicit keywords, no dict per call
     ws = (None, None) if window is None else window_arg(*window)
     cap = 0.0 if softcap is None else softcap
     if bhsd:
+        fwd = mod._flash_attn_fwd
+        apply = _BHSDFunction.apply
+        grad_enabled = torch.is_grad_enabled
+
         def run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float | None,
                 sinks: Tensor | None = None) -> Tensor:
-            return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal,
-                      deterministic=deterministic, window_size=ws, softcap=cap,
-                      learnable_sink=None if sinks is None else sinks.float())[0].transpose(1, 2)
-    else:
-        def run(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float | None,
-                sinks: Tensor | None = None) -> Tensor:
-            return fn(q, k, v, softmax_scale=scale, causal=causal, deterministic=deterministic, window_size=ws,
-                      softcap=cap, learnable_sink=None if sinks is None else sinks.float())[0]
-    if not guard:
+            sink = None if sinks is None else sinks.float()
+            if grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                   or (sink is not None and sink.requires_grad)):
+                return apply(q, k, v, sink, mod, (scale, causal, ws[0], ws[1], cap), deterministic, guard)
+            with _on_device(q) if guard else _NULL:  # inference: no autograd node at all
+                return fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                           causal=causal, softcap=cap, window_size_left=ws[0], window_size_right=ws[1],
+                           learnable_sink=sink)[0].transpose(1, 2)
+
         return run
+
+    fn = mod.flash_attn_func
+
+    def run_bshd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float | None,
+                 sinks: Tensor | None = None) -> Tensor:
+        return fn(q, k, v, softmax_scale=scale, causal=causal, deterministic=deterministic, window_size=ws,
+                  softcap=cap, learnable_sink=None if sinks is None else sinks.float())[0]
+
+    if not guard:
+        return run_bshd
 
     def run_guarded(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, scale: float | None,
                     sinks: Tensor | None = None) -> Tensor:
         with _on_device(q):
-            return run(q, k, v, attn_mask, dropout_p, scale, sinks)
+            return run_bshd(q, k, v, attn_mask, dropout_p, scale, sinks)
 
     return run_guarded
 
 
 def _eager_kernel(mod: ModuleType, deterministic: bool, guard: bool) -> KernelFn:
-    """The eager kernel for :func:`make_runner` (a :data:`~sdpa_flash.backends.KernelFn`), through FA4's own
-    autograd.Function; calls with nothing to adapt get :func:`_plain`."""
-    fn = mod.flash_attn_func
+    """The eager kernel for :func:`make_runner` (a :data:`~sdpa_flash.backends.KernelFn`): :func:`_plain`'s
+    (B, H, S, D) call, for calls with an adaptation around them and for those with none."""
+    def plain(options: KernelOptions) -> Runner:
+        return _plain(mod, bool(options.causal), deterministic, guard, bhsd=True, window=options.window,
+                      softcap=options.softcap)
 
     def call(c: KernelCall) -> Tensor:
-        run = _plain(fn, bool(c.causal), deterministic, guard, bhsd=True, window=c.window, softcap=c.softcap)
+        run = _plain(mod, bool(c.causal), deterministic, guard, bhsd=True, window=c.window, softcap=c.softcap)
         return run(c.q, c.k, c.v, None, c.dropout_p, c.scale, c.sinks)
-
-    def plain(options: KernelOptions) -> Runner:
-        return _plain(fn, bool(options.causal), deterministic, guard, bhsd=True, window=options.window,
-                      softcap=options.softcap)
 
     return with_plain(call, plain, takes_sinks=True)
 
