@@ -240,8 +240,9 @@ def test_custom_ops_autograd_matches_the_reference(fake_fa4) -> None:  # type: i
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 12, 4, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     out, _ = fa4_mod.fa4_fwd(q, k, v, 0.3, True, -1, -1, 0.0)
-    grad = torch.randn_like(out)
+    grad = torch.randn(2, 4, 12, 16, dtype=torch.bfloat16).transpose(1, 2)  # as a (B, H, S, D) model's grad comes
     out.backward(grad)
+    assert fake_fa4.CALLS[-1][1]["dout_stride"] == grad.stride()  # handed over as it is: FA4 reads this layout
     assert q.grad is not None and k.grad is not None and v.grad is not None
     _assert_rule([out, q.grad, k.grad, v.grad], q, k, v, True, 0.3, grad, layout="bshd")
     assert [c[0] for c in fake_fa4.CALLS] == ["_flash_attn_fwd", "_flash_attn_bwd"]

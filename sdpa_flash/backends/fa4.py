@@ -464,8 +464,8 @@ def fa4_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     """FA4's backward: ``(dq, dk, dv, dsink)`` in the inputs' shapes (``dsink`` empty without a sink)."""
     wl, wr = window_arg(window_left, window_right)
     extra = {} if sink is None else {"learnable_sink": sink}
-    with _on_device(q):
-        res = load()._flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, softmax_scale=scale, causal=causal,
+    with _on_device(q):  # dout as it comes: FA4 copies it only when the kernel cannot read its layout
+        res = load()._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=causal,
                                      softcap=softcap, window_size_left=wl, window_size_right=wr,
                                      deterministic=deterministic, **extra)
     dsink = res[3] if sink is not None and len(res) > 3 and res[3] is not None else q.new_empty(0)
