@@ -16,9 +16,10 @@ What the kernel is, as data (flash-attn-4 4.0.0b36, read from its ``flash_attn/c
   ``torch.use_deterministic_algorithms(True)`` is on);
 * no device guard: it launches on the *current* CUDA device (flash-attention#1782), so calls on another
   device run under ``torch.cuda.device``;
-* not a torch custom op: eager calls go through its own ``autograd.Function``; under ``torch.compile`` the
-  call is the ``sdpa_flash::fa4_fwd`` / ``sdpa_flash::fa4_bwd`` custom ops defined here, so graphs have no
-  break;
+* not a torch custom op: a training call in eager mode is one ``autograd.Function`` of ours around FA4's
+  ``_flash_attn_fwd`` / ``_flash_attn_bwd`` (the (B, S, H, D) views made inside it, so autograd records no
+  transposes), an inference call FA4's forward alone; under ``torch.compile`` the call is the
+  ``sdpa_flash::fa4_fwd`` / ``sdpa_flash::fa4_bwd`` custom ops defined here, so graphs have no break;
 * each new configuration (dtype, head dims, causal, GQA ratio, window, training or not) JIT-compiles for
   seconds. Its on-disk compile cache (``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED``, read when the package is
   imported) is turned on here before the import, in ``~/.cache/sdpa_flash/fa4`` (``SDPA_FLASH_FA4_CACHE``:
