@@ -8,7 +8,11 @@ same with the shipped table / built-in rules (``--compare-shipped``), FA4's ``fl
 contiguous (B, S, H, D) copies (left out where a denylist entry says its result is wrong, e.g. FA4's dQ at head dim
 80), and ``F.scaled_dot_product_attention`` forced to each of cuDNN, FLASH and
 EFFICIENT inside ``sdpa_kernel``, interleaved in rounds; forward and forward+backward as the class says. The ratio
-is the best of the others over ``attention()``'s time (goal: >= 0.98 at every point).
+is the best of the others (the lowest median) over ``attention()``'s time, as the median of per-round ratios (both
+timed in the same round, so drift on a shared GPU cancels), with its interquartile range (goal: >= 0.98 at every
+point). A point where ``auto`` ran the best path's own kernel ("same kernel") can only lose our layer's overhead
+and noise; one where it ran another kernel is a decision to check. The summary at the end counts both per table;
+``--summarize FILE`` prints it again from a saved ``--out`` file.
 
 ``auto``'s two decisions are read with ``explain()`` under each table; each is then timed as ``attention(...,
 policy=<that backend>)``: the same layer and kernel as ``auto`` (the planner's cache makes the policy's cost the
@@ -16,6 +20,7 @@ same), so both tables are measured in one interleaved run.
 
     SDPA_FLASH_TABLE=/path/tuned.json PYTHONPATH=. python benchmarks/held_out.py --out held_out.json \
         --compare-shipped [--seed 1] [--only "not causal,Sq 2-32"]
+    python benchmarks/held_out.py --summarize held_out.json
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 from typing import Any
 
@@ -35,12 +41,44 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import sdpa_flash
 from sdpa_flash import _caches
 from sdpa_flash.backends import fa4 as fa4_backend
-from sdpa_flash.bench._timing import Settings, interleave
+from sdpa_flash.bench._timing import Settings, _quantile, interleave
 from sdpa_flash.planner import denylist_reasons, ranking_source
 from sdpa_flash.tuning._grid import ShapeClass, grid
 
 FORCED = {"sdpa[cudnn]": SDPBackend.CUDNN_ATTENTION, "sdpa[flash]": SDPBackend.FLASH_ATTENTION,
           "sdpa[efficient]": SDPBackend.EFFICIENT_ATTENTION}
+KERNEL = {"sdpa[cudnn]": "cudnn", "sdpa[flash]": "flash", "sdpa[efficient]": "efficient", "fa4 direct": "fa4"}
+GOAL = 0.98
+
+
+def paired(best: list[float], ours: list[float]) -> tuple[float, float]:
+    """``best`` over ``ours`` as the median of per-round time ratios (sample i of each is round i), and its IQR."""
+    n = min(len(best), len(ours))
+    rs = sorted(best[i] / ours[i] for i in range(n) if ours[i] > 0)
+    if not rs:
+        return float("nan"), float("nan")
+    return statistics.median(rs), _quantile(rs, 0.75) - _quantile(rs, 0.25)
+
+
+def summarize(rows: list[dict[str, Any]]) -> str:
+    """Per table: points at or above the goal, the median and lowest ratio; the points below the goal split into
+    those that ran the best path's own kernel (the layer's overhead, or noise) and those that ran another."""
+    lines = []
+    labels = sorted({r["path"] for r in rows if r["path"].startswith("auto[") and "ratio" in r})
+    for label in labels:
+        pts = [r for r in rows if r["path"] == label and "ratio" in r and r["ratio"] == r["ratio"]]
+        if not pts:
+            continue
+        ratios = [r["ratio"] for r in pts]
+        low = [r for r in pts if r["ratio"] < GOAL]
+        other = [r for r in low if KERNEL.get(r["best_other"]) != r["backend"]]
+        lines.append(f"{label}: {len(pts) - len(low)} of {len(pts)} points >= {GOAL}; median "
+                     f"{statistics.median(ratios):.3f}, lowest {min(ratios):.3f}; below {GOAL}: "
+                     f"{len(low) - len(other)} on the best path's own kernel, {len(other)} on another kernel")
+        for r in other:
+            lines.append(f"    another kernel: {r['shape']}: {r['backend']} {r['ratio']:.3f}x against "
+                         f"{r['best_other']} (IQR {r.get('ratio_iqr', float('nan')):.3f})")
+    return "\n".join(lines)
 
 
 def decisions(c: ShapeClass, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compare: bool
@@ -89,7 +127,13 @@ def main() -> int:
     ap.add_argument("--only", default=None,
                     help="comma-separated pieces of class descriptions: only the classes whose description has one "
                          "(e.g. 'not causal,Sq 2-32')")
+    ap.add_argument("--summarize", metavar="FILE", default=None,
+                    help="print the summary of a saved --out file and exit (no GPU needed)")
     args = ap.parse_args()
+    if args.summarize:
+        with open(args.summarize, encoding="utf-8") as f:
+            print(summarize(json.load(f)["rows"]))
+        return 0
     dev = torch.device("cuda")
     caps = sdpa_flash.capabilities(dev)
     settings = Settings.for_device("cuda", rounds=args.rounds, budget_s=0.5, warmup_ms=20.0)
@@ -134,17 +178,23 @@ def main() -> int:
         line = f"{c.shape_text():48s}"
         for label, (backend, source) in chosen.items():
             ms = ok[label].median_ms if label in ok else float("nan")
-            ratio = others[best] / ms if best else float("nan")
-            line += f" | {label} {backend} {ms:.4f} ms -> {ratio:.3f}x"
+            ratio, iqr = (paired(list(ok[best].samples_ms), list(ok[label].samples_ms)) if best and label in ok
+                          else (float("nan"), float("nan")))
+            same = " (same kernel)" if best and KERNEL.get(best) == backend else ""
+            line += f" | {label} {backend} {ms:.4f} ms -> {ratio:.3f}x ±{iqr / 2:.3f}{same}"
             rows.append({"class": c.describe(), "shape": c.shape_text(), "path": label, "backend": backend,
                          "source": source, "ms": ms, "spread": ok[label].spread if label in ok else None,
-                         "best_other": best, "best_ms": others.get(best) if best else None, "ratio": ratio})
+                         "samples_ms": list(ok[label].samples_ms) if label in ok else None,
+                         "best_other": best, "best_ms": others.get(best) if best else None, "ratio": ratio,
+                         "ratio_iqr": iqr})
         line += f" | best other {best} {others.get(best, float('nan')):.4f} ms"
         print(line, flush=True)
         for n, ms in others.items():
-            rows.append({"class": c.describe(), "shape": c.shape_text(), "path": n, "ms": ms})
+            rows.append({"class": c.describe(), "shape": c.shape_text(), "path": n, "ms": ms,
+                         "samples_ms": list(ok[n].samples_ms)})
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)
+    print(summarize(rows), flush=True)
     return 0
 
 
