@@ -5,14 +5,14 @@ Issue #26's check. The shapes are the quick grid's dense classes drawn with anot
 ``tune`` measures each class's usual shape, or the shapes of its own seed), so none is a tuned point. For each:
 ``attention()`` as ``auto`` decides with the table in force (``SDPA_FLASH_TABLE=...`` or the tune directory), the
 same with the shipped table / built-in rules (``--compare-shipped``), FA4's ``flash_attn_func`` called directly on
-contiguous (B, S, H, D) copies (left out where a denylist entry says its result is wrong, e.g. FA4's dQ at head dim
-80), and ``F.scaled_dot_product_attention`` forced to each of cuDNN, FLASH and
-EFFICIENT inside ``sdpa_kernel``, interleaved in rounds; forward and forward+backward as the class says. The ratio
-is the best of the others (the lowest median) over ``attention()``'s time, as the median of per-round ratios (both
-timed in the same round, so drift on a shared GPU cancels), with its interquartile range (goal: >= 0.98 at every
-point). A point where ``auto`` ran the best path's own kernel ("same kernel") can only lose our layer's overhead
-and noise; one where it ran another kernel is a decision to check. The summary at the end counts both per table;
-``--summarize FILE`` prints it again from a saved ``--out`` file.
+contiguous (B, S, H, D) copies and on (B, S, H, D) views of the (B, H, S, D) tensors (left out where a denylist
+entry says its result is wrong, e.g. FA4's dQ at head dim 80), and ``F.scaled_dot_product_attention`` forced to each
+of cuDNN, FLASH and EFFICIENT inside ``sdpa_kernel``, interleaved in rounds; forward and forward+backward as the
+class says. The ratio is the best of the others (the lowest median) over ``attention()``'s time, as the median of
+per-round ratios (both timed in the same round, so drift on a shared GPU cancels), with its interquartile range
+(goal: >= 0.98 at every point). A point where ``auto`` ran the best path's own kernel ("same kernel") can only lose
+our layer's overhead and noise; one where it ran another kernel is a decision to check. The summary at the end
+counts both per table; ``--summarize FILE`` prints it again from a saved ``--out`` file.
 
 ``auto``'s two decisions are read with ``explain()`` under each table; each is then timed as ``attention(...,
 policy=<that backend>)``: the same layer and kernel as ``auto`` (the planner's cache makes the policy's cost the
@@ -47,7 +47,8 @@ from sdpa_flash.tuning._grid import ShapeClass, grid
 
 FORCED = {"sdpa[cudnn]": SDPBackend.CUDNN_ATTENTION, "sdpa[flash]": SDPBackend.FLASH_ATTENTION,
           "sdpa[efficient]": SDPBackend.EFFICIENT_ATTENTION}
-KERNEL = {"sdpa[cudnn]": "cudnn", "sdpa[flash]": "flash", "sdpa[efficient]": "efficient", "fa4 direct": "fa4"}
+KERNEL = {"sdpa[cudnn]": "cudnn", "sdpa[flash]": "flash", "sdpa[efficient]": "efficient", "fa4 direct": "fa4",
+          "fa4 direct (views)": "fa4"}
 GOAL = 0.98
 
 
@@ -150,23 +151,27 @@ def main() -> int:
         causal = c.causal is not None
         leaves = [t.clone().requires_grad_(c.training) for t in (q, k, v)]
         chosen = decisions(c, *leaves, args.compare_shipped)
-        calls: dict[str, tuple[Any, Any, bool]] = {}
+        calls: dict[str, tuple[Any, Any, str]] = {}
         for label, (backend, _) in chosen.items():
             calls[label] = (lambda a, b, d, be=backend: sdpa_flash.attention(a, b, d, causal=causal, policy=be),
-                            None, False)
+                            None, "bhsd")
         for name, backend in FORCED.items():
             calls[name] = (lambda a, b, d: F.scaled_dot_product_attention(a, b, d, is_causal=causal,
                                                                          enable_gqa=c.gqa),
-                           lambda be=backend: sdpa_kernel([be]), False)
+                           lambda be=backend: sdpa_kernel([be]), "bhsd")
         fa4_denied = denylist_reasons("fa4", sdpa_flash.explain(*leaves, causal=causal).spec, caps)
         if fa4_denied:  # FA4's own result is wrong here (its dQ): not a path a user could run instead
             rows.append({"class": c.describe(), "path": "fa4 direct", "error": fa4_denied[0]})
         elif fa4_backend.installed_version() is not None:
             fn = fa4_backend.load().flash_attn_func
-            calls["fa4 direct"] = (lambda a, b, d: fn(a, b, d, causal=causal)[0], None, True)
+            calls["fa4 direct"] = (lambda a, b, d: fn(a, b, d, causal=causal)[0], None, "bshd")
+            # the same kernel on (B, S, H, D) views of the (B, H, S, D) tensors, as attention() hands it: what
+            # the layout costs apart from what the layer costs
+            calls["fa4 direct (views)"] = (lambda a, b, d: fn(a, b, d, causal=causal)[0], None, "views")
         items = []
-        for name, (call, ctx, bshd) in calls.items():
-            ts = [t.transpose(1, 2).contiguous() if bshd else t for t in (q, k, v)]
+        for name, (call, ctx, layout) in calls.items():
+            ts = [t.transpose(1, 2).contiguous() if layout == "bshd" else t.transpose(1, 2) if layout == "views"
+                  else t for t in (q, k, v)]
             try:
                 items.append(timed_pass(name, call, ts, "fwdbwd" if c.training else "fwd", ctx))
             except Exception as exc:  # this path cannot run the class: n/a
