@@ -69,6 +69,13 @@ def self_check(device: torch.device, dtype: torch.dtype, *, seed: int = 0) -> li
         case = f"{'causal GQA 8/2' if causal else 'non-causal'} {tuple(shapes[0])}"
         for name in BACKENDS:
             row: dict[str, Any] = {"backend": name, "case": case, "dtype": str(dtype).removeprefix("torch.")}
+            backend = BACKENDS[name]
+            if not backend.TUNED and torch.device(device).type in backend.REQUIREMENTS:  # (Flex: compiles)
+                row.update(status="SKIP", reasons=["runs only what no kernel above it takes (softcap, float32 "
+                                                   "windows), compiled per call structure: not checked here; "
+                                                   f"policy={name!r} runs it"])
+                rows.append(row)
+                continue
             leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in base]
             try:
                 out = attention(*leaves, causal=causal, policy=name)

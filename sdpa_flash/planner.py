@@ -220,7 +220,7 @@ def _candidates(policy: Policy, caps: Capabilities, spec: AttentionSpec | None =
                 ) -> _Candidates:
     rule, source = ranking_source(caps, spec, entry=entry)
     evidence = f"{rule.describe()}: {rule.evidence}" if rule.shape_class else rule.evidence
-    order = ranked(rule.order)  # with the plug-ins where they asked to stand
+    order = ranked(rule.order, caps.device_type)  # with the plug-ins (and Flex) where they stand
     failed = dict(rule.failed)
     if policy.name == "auto":
         return _Candidates(order, evidence, source, failed)

@@ -83,7 +83,7 @@ def test_variants_report_says_which_kernel_adapts_them() -> None:
     sm80 = sdpa_flash.Capabilities.synthetic("cuda", (8, 0))  # no FA4 there: PyTorch's kernels and the references
     rep = variants_report(sm80)
     assert rep["sinks"] == {"flash": "adapted", "chunked": "native"}  # from the flash kernel's log-sum-exp
-    assert rep["softcap"] == {"chunked": "native"} and rep["window"]["math"] == "as a mask"
+    assert rep["softcap"] == {"chunked": "native", "flex": "native"} and rep["window"]["math"] == "as a mask"
     assert rep["window"].get("flash") in (None, "native")  # (where this torch's flash ops take window sizes)
 
 

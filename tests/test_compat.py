@@ -266,7 +266,7 @@ def test_varlen_with_a_paged_kv_block_table() -> None:
 # ------------------------------------------------------------------------------------------------- planning
 def test_plan_on_a_cuda_profile_hands_variants_to_the_planner_then_flex() -> None:
     from sdpa_flash.backends import get_backend
-    from sdpa_flash.compat._flex import environment_reasons
+    from sdpa_flash.backends.flex import environment_reasons
     from sdpa_flash.planner import plan
     from sdpa_flash.spec import AttentionSpec
 
@@ -288,10 +288,12 @@ def test_plan_on_a_cuda_profile_hands_variants_to_the_planner_then_flex() -> Non
             plan_call(spec, caps, fallback_mode="error", policy=resolve_policy("cudnn"))
     else:
         assert cudnn.path == "flex" and not cudnn.fallback
-    # Softcap: no fused kernel of this profile does it without FlashAttention-4, and no mask can say it
+    # Softcap: no SDPA kernel does it and no mask can say it; the planner runs it on FlexAttention (FA4 absent)
     softcap = CompatSpec("dense", "cuda", torch.bfloat16, 1, 16, 16, 4096, 4096, 128, 128, C.Features(softcap=30.0))
     sp = plan_call(softcap, caps)
-    assert sp.path != "sdpa" and any("fa4" in r for r in sp.reasons["sdpa"])
+    assert (sp.path, sp.kernel) == ("sdpa", "flex"), sp.explain()
+    sp = plan_call(softcap, caps, policy=resolve_policy("cudnn,flash,efficient"))
+    assert sp.path != "sdpa" and any("softcap" in r for r in sp.reasons["sdpa"])
     assert "softcap is a non-linear" in sp.reasons["masked"][0]
     dropout = CompatSpec("dense", "cuda", torch.bfloat16, 1, 16, 16, 4096, 4096, 128, 128,
                          C.Features(alibi="heads"), dropout=True)
@@ -314,10 +316,10 @@ def test_varlen_windows_get_the_planners_packed_kernel_on_a_cuda_profile() -> No
         assert (p.path, p.kernel) == ("sdpa", "flash") and "window=" in p.explain(), p.explain()
     else:
         assert p.path != "sdpa" and any("window_size_left/right" in r for r in p.reasons["sdpa"]), p.explain()
+    # softcap: no packed kernel of this profile has it; the varlen engine runs it on FlexAttention, group by group
     softcap = dataclasses.replace(window, features=C.Features(causal=True, softcap=30.0))
     sp = plan_call(softcap, caps)
-    assert sp.path != "sdpa" and sp.kernel is None
-    assert any(r.startswith("flash: ") and "softcap" in r for r in sp.reasons["sdpa"]), sp.explain()
+    assert (sp.path, sp.kernel) == ("sdpa", "flex"), sp.explain()
 
 
 def test_cpu_plans_and_forced_paths() -> None:
@@ -549,10 +551,10 @@ def test_unpad_feeds_varlen_and_pad_restores_the_batch() -> None:
 def test_flex_score_and_mask_functions_on_the_cpu(mode: str) -> None:
     """FlexAttention's score/mask functions of each call structure, forward, against the exact path.
 
-    The CPU is not a flex device for the planner (see sdpa_flash.compat._flex), so this calls the flex runner
+    The CPU is not a flex device for the planner (see sdpa_flash.backends.flex), so this calls the flex runner
     directly, at lengths where the CPU kernel is right (multiples of 128); one compile (~10 s) per structure.
     """
-    from sdpa_flash.compat import _flex
+    from sdpa_flash.backends import flex as _flex
     from sdpa_flash.compat._common import features
     from sdpa_flash.compat._exact import Geometry
 
@@ -590,7 +592,8 @@ def test_flex_score_and_mask_functions_on_the_cpu(mode: str) -> None:
 
 
 def test_a_failing_flex_falls_back_once_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sdpa_flash.compat import _flex, _plan
+    from sdpa_flash.backends import flex as _flex
+    from sdpa_flash.compat import _plan
 
     calls = []
 

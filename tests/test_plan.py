@@ -86,7 +86,7 @@ def test_bf16_on_volta_falls_back_to_math_and_says_why() -> None:
         plan(spec(dtype=torch.bfloat16), PROFILES["sm70"], resolve_policy("auto", fallback="error"))
     with pytest.raises(BackendUnavailableError) as info:
         plan(spec(dtype=torch.bfloat16), PROFILES["sm70"], resolve_policy("fused"))
-    assert set(info.value.reasons) == {"efficient", "flash", "cudnn"}  # math is never tried under "fused"
+    assert set(info.value.reasons) == {"efficient", "flash", "cudnn", "flex"}  # math is never tried under "fused"
 
 
 def test_lower_ranked_backends_get_a_ranking_reason() -> None:
@@ -97,7 +97,7 @@ def test_lower_ranked_backends_get_a_ranking_reason() -> None:
                              "'sdpa_flash[fa4]')\n  flash: ranked below cudnn") or str(p).startswith(
         "cudnn via direct aten op\n  fa4: ranked below cudnn")
     text = p.explain()
-    assert "backend: cudnn" in text and "ranking: cudnn > fa4 > flash > efficient > math > chunked" in text
+    assert "backend: cudnn" in text and "ranking: cudnn > fa4 > flash > efficient > flex > math > chunked" in text
     assert "Sk 0-1024, training:" in text  # the measured shape class that put cuDNN first
 
 

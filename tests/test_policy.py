@@ -75,8 +75,8 @@ def test_resolve_policy_instance() -> None:
 
 
 BAD_POLICIES: dict[str, tuple[Any, dict[str, Any], str]] = {
-    "unknown-name": ("fastest", {}, r"Expected policy to be one of auto, fused, fa4, cudnn, flash, efficient, math, "
-                                    r"chunked, .* got 'fastest'"),
+    "unknown-name": ("fastest", {}, r"Expected policy to be one of auto, fused, fa4, cudnn, flash, efficient, "
+                                    r"flex, math, chunked, .* got 'fastest'"),
     "unknown-in-list": ("flash,fastest", {}, r"got 'flash,fastest'"),
     "empty-list": ([], {}, r"Expected policy to be one of .* got \[\]"),
     "duplicate": (["flash", "flash"], {}, r"Expected each backend at most once in policy, .*\['flash', 'flash'\]"),
@@ -457,6 +457,7 @@ def test_str_of_a_plan_is_a_short_head_and_one_reason_a_line() -> None:
         "  fa4: not available on device type 'cpu' (has kernels for: cuda)",
         "  cudnn: not available on device type 'cpu' (has kernels for: cuda)",
         "  efficient: not available on device type 'cpu' (has kernels for: cuda)",
+        "  flex: not available on device type 'cpu' (has kernels for: cuda)",
         "  math: not a fused kernel (O(N^2) memory), and policy fused allows only fused kernels",
         "  chunked: not a fused kernel (O(N) memory), and policy fused allows only fused kernels",
     ]
@@ -485,5 +486,5 @@ def test_chunked_route_is_not_called_an_aten_op() -> None:
 def test_misspelt_policies_get_a_suggestion_and_each_name_once(policy: object, message: str) -> None:
     with pytest.raises(AttentionInputError) as info:
         resolve_policy(policy)  # type: ignore[arg-type]
-    assert str(info.value) == ("Expected policy to be one of auto, fused, fa4, cudnn, flash, efficient, math, "
+    assert str(info.value) == ("Expected policy to be one of auto, fused, fa4, cudnn, flash, efficient, flex, math, "
                                "chunked, or a comma-separated list of backend names, " + message)

@@ -161,7 +161,7 @@ def test_each_backend_says_native_adapted_or_refused() -> None:
 def test_gpt_oss_layers_without_fa4_plan_onto_the_cuda_flash_kernel(cc: tuple[int, int]) -> None:
     """An A100, or an H100 without the [fa4] extra: a gpt-oss layer (GQA 64/8, hd64, sinks, a window on every
     other layer) is planned onto PyTorch's flash kernel, the sinks adapted from its log-sum-exp and the window its
-    own, not onto chunked; softcap (no fused kernel of PyTorch's has it) still falls back to chunked, said so."""
+    own, not onto chunked; softcap (no SDPA kernel has it) runs on FlexAttention, ranked after them, said so."""
     caps = Capabilities.synthetic("cuda", cc)
     for window in ((127, None), None):
         if window is not None and not flash_packed_window_args():
@@ -177,7 +177,8 @@ def test_gpt_oss_layers_without_fa4_plan_onto_the_cuda_flash_kernel(cc: tuple[in
         assert "sinks with dropout_p > 0" in reasons["flash"][0]
     soft = plan(AttentionSpec("cuda", torch.bfloat16, 2, 16, 16, 8192, 8192, 128, 128, "top_left", softcap=50.0),
                 caps)
-    assert soft.backend == "chunked" and soft.fallback and "logit softcap" in soft.reasons["flash"][0]
+    assert soft.backend == "flex" and not soft.fallback and "logit softcap" in soft.reasons["flash"][0]
+    assert soft.order.index("flex") == soft.order.index("math") - 1, soft.order  # after every fused SDPA kernel
 
 
 def test_a_window_that_covers_every_key_is_a_plain_call() -> None:

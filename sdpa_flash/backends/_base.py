@@ -259,6 +259,10 @@ class Backend:
     """The variants (``"window"``, ``"softcap"``, ``"sinks"``) its :class:`Requirements` accept by an exact
     adaptation around the kernel rather than in it (the flash backend's sinks: from the kernel's log-sum-exp); what
     ``python -m sdpa_flash`` reports as ``adapted``."""
+    TUNED: ClassVar[bool] = True
+    """``python -m sdpa_flash tune`` times it on every shape class it can run, and ``python -m sdpa_flash``'s
+    self-check runs it (``False``: a kernel ranked by what it alone can run, such as FlexAttention, which each
+    class would compile afresh)."""
     PROFILER_NAMES: ClassVar[tuple[str, ...]] = ()
     """Substrings of ``torch.profiler`` event names (CPU ops, or GPU kernel names on CUDA) that show this backend's
     kernel ran, for :func:`sdpa_flash.testing.ran_backends`; needed by kernels that are not an aten op (a CuTe or
@@ -379,7 +383,15 @@ class Backend:
                 return "mask", None
             return "kernel", None
         if kind == "top_left" and spec.seqlen_q < spec.seqlen_k:
-            return "truncate_keys", None
+            if spec.window is None or not req.window:
+                return "truncate_keys", None
+            # the keys past Sq could be cut, but the kernel would then place the window (bottom-right aligned to
+            # the whole key range) on the cut range's corner: another band
+            if not req.mask:
+                return "none", (
+                    f"causal=top_left with seqlen_q={spec.seqlen_q} < seqlen_k={spec.seqlen_k} and a window: the "
+                    "window is aligned to the bottom-right corner, which this kernel can only have with its causal "
+                    "flag there too (pass causal='bottom_right' for flash-attn's convention)")
         if req.mask:
             return "mask", None
         corner = f"aligns causal to the {req.kernel_causal.replace('_', '-')} corner" if req.kernel_causal else (

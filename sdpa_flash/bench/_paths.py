@@ -64,6 +64,8 @@ _BUILTIN_PATHS: tuple[PathDef, ...] = (
     # backend's own reason ("flash-attn-4 is not installed (pip install 'sdpa_flash[fa4]')"), as for any policy.
     PathDef("attention(fa4)", "policy", "fa4", "sdpa_flash.attention(..., policy='fa4'): FlashAttention-4 "
                                                "(flash-attn-4, sm90/sm100; n/a with the reason elsewhere)"),
+    PathDef("attention(flex)", "policy", "flex", "sdpa_flash.attention(..., policy='flex'): FlexAttention through "
+                                                 "the flex backend (CUDA sm80+; n/a with the reason elsewhere)"),
     PathDef("flex", "flex", description="FlexAttention, torch.compile(flex_attention, dynamic=False), block mask "
                                         "built once per shape (CUDA; on the CPU only when named)"),
     PathDef("compat", "compat", description="sdpa_flash.compat.flash_attn_func (flash-attn 2 API), when present"),

@@ -6,9 +6,11 @@ returns. Each call is planned onto one exact path (see :func:`explain_flash_attn
 * ``sdpa`` — :func:`sdpa_flash.attention` with ``layout="bshd"`` and bottom-right causal masking (the policy's
   fused kernels, no copy), or the varlen entry point for packed sequences. Windows and softcap go here too when the
   one planner gives them a fused kernel that does them natively (FlashAttention-4 with ``sdpa_flash[fa4]`` on
-  Hopper/Blackwell; PyTorch's flash kernel for windows): the same ranking, tuned table and denylist as
+  Hopper/Blackwell; PyTorch's flash kernel for windows; FlexAttention, the ``flex`` backend, for softcap on CUDA):
+  the same ranking, tuned table and denylist as
   ``attention(window=..., softcap=...)``; the plan names the kernel (:attr:`CompatPlan.kernel`);
-* ``flex`` — windows, softcap, ALiBi on CUDA otherwise: PyTorch's FlexAttention, compiled once per call structure;
+* ``flex`` — ALiBi, and windows / softcap the policy's kernels do not take, on CUDA: PyTorch's FlexAttention,
+  compiled once per call structure;
 * ``masked`` — windows / ALiBi elsewhere: :func:`sdpa_flash.attention` with a boolean mask / float bias;
 * ``exact`` — anything else (softcap on the CPU, dropout with softcap, ``return_attn_probs`` with dropout, a
   deterministic backward on CUDA): tiled plain PyTorch with its own backward.

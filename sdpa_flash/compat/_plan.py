@@ -6,8 +6,10 @@ Four paths, each exact. The kernel is never chosen here: which kernel runs a cal
 
 * ``sdpa``: :func:`sdpa_flash.attention` (``layout="bshd"``, bottom-right causal, ``window=``, ``softcap=``) or the
   varlen engine: the policy layer's kernels. Windows and softcap go here when the planner gives them a fused
-  kernel that does them natively (FlashAttention-4; PyTorch's flash kernel for windows);
-* ``flex``: FlexAttention (:mod:`sdpa_flash.compat._flex`) for windows, softcap and ALiBi on CUDA otherwise;
+  kernel that does them natively (FlashAttention-4; PyTorch's flash kernel for windows; the ``flex`` backend,
+  FlexAttention, for softcap and float32 windows on CUDA);
+* ``flex``: the same FlexAttention module's score and mask functions (:func:`sdpa_flash.backends.flex.flex_run`)
+  for ALiBi, and for windows and softcap the policy's kernels do not take, on CUDA;
 * ``masked``: :func:`sdpa_flash.attention` with the window as a boolean mask and ALiBi as an additive float bias
   built from flash-attn's definitions (no softcap: it is not additive);
 * ``exact``: tiled plain PyTorch with its own backward (:mod:`sdpa_flash.compat._exact`): everything, any device,
@@ -28,11 +30,11 @@ import torch
 
 from .. import _caches
 from .._validate import check_window
+from ..backends import flex as _flex
 from ..capability import Capabilities
 from ..errors import AttentionInputError, BackendUnavailableError
 from ..policy import Policy, resolve_policy
 from ..spec import AttentionSpec, dtype_name, format_bytes
-from . import _flex
 from ._common import Features
 
 __all__ = ["PATHS", "CompatPlan", "CompatSpec", "plan_call", "use_path"]

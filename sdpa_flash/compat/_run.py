@@ -10,9 +10,9 @@ import torch
 
 from .. import _caches
 from ..attention import attention
+from ..backends import flex as _flex
 from ..capability import capabilities
 from ..policy import get_policy
-from . import _flex
 from ._common import Features
 from ._exact import Geometry, exact_attention, exact_lse
 from ._plan import CompatPlan, CompatSpec, forced_path, plan_call

@@ -130,12 +130,12 @@ def _problem(c: ShapeClass, name: str, exc: BaseException, first_call_s: float |
 
 def measure_class(c: ShapeClass, caps: Capabilities, device: torch.device, settings: Settings,
                   backends: Collection[str] | None = None) -> list[Row]:
-    """One row per registered backend (or per one of ``backends``): measured, refused (the planner's reasons, or the
-    shape did not fit) or failed (it raised)."""
+    """One row per registered backend that is tuned (:attr:`~sdpa_flash.backends.Backend.TUNED`), or per one of
+    ``backends``: measured, refused (the planner's reasons, or the shape did not fit) or failed (it raised)."""
     spec = c.spec(caps.device_type)
     rows: list[Row] = []
     runnable = []
-    for name in BACKENDS if backends is None else [n for n in BACKENDS if n in backends]:
+    for name in [n for n, b in BACKENDS.items() if (b.TUNED if backends is None else n in backends)]:
         try:
             plan(spec, caps, resolve_policy([name], shadow=0), entry=c.entry)
         except BackendUnavailableError as exc:
@@ -201,7 +201,7 @@ def derive_rule(c: ShapeClass, rows: list[Row], caps: Capabilities, date: str
         return None
     by_speed = [r["backend"] for r in measured]
     first = [n for n in by_speed if BACKENDS[n].fused] + [n for n in by_speed if not BACKENDS[n].fused]
-    builtin = ranked(ranking(caps, c.spec(caps.device_type), entry=c.entry).order)
+    builtin = ranked(ranking(caps, c.spec(caps.device_type), entry=c.entry).order, caps.device_type)
     order = tuple(first + [n for n in builtin if n not in first])
     failed = {r["backend"]: r["reason"] for r in rows if r["status"] == "failed"}
     refused = {r["backend"]: r["reason"] for r in rows if r["status"] != "measured"}

@@ -1,35 +1,43 @@
-"""The ``flex`` path: PyTorch's FlexAttention for what SDPA's kernels cannot express (windows, softcap, ALiBi).
+"""``flex``: PyTorch's FlexAttention (``torch.nn.attention.flex_attention``), compiled with Triton: the kernel for
+what SDPA's fused kernels cannot express — a logit softcap, a window where torch's flash kernel cannot run it (float32,
+head dims it lacks), and, in :mod:`sdpa_flash.compat`, ALiBi, per-row key ranges and packed documents.
 
-Requirements (as data, read by :func:`not_supported_reasons`): torch >= 2.5 with
-``torch.nn.attention.flex_attention``; a CUDA GPU of compute capability >= 8.0 with Triton; float16/bfloat16/float32;
-head dims 16..256 (powers of two before torch 2.6); no dropout. Not the CPU: there FlexAttention compiles a C++
-kernel per configuration, has no backward, returns no log-sum-exp, and on torch 2.13 gave wrong outputs for some
-ragged shapes (Sq=24, Sk=40 among them; Sq, Sk multiples of 128 were right), so the masked and exact paths run.
+What it runs, as data (:class:`FlexBackend`'s :class:`~sdpa_flash.backends.Requirements`): a CUDA GPU of compute
+capability >= 8.0 with Triton; float16/bfloat16/float32; head dims 16..256; GQA read in place; causal aligned to the
+bottom-right corner, windows (bottom-right) and softcap in the kernel; no dropout, no ``attn_mask``, no sinks; a
+backward not documented to be deterministic. Not the CPU: there FlexAttention has no backward, compiles a C++
+kernel per configuration and gave wrong outputs for some ragged shapes (Sq=24, Sk=40 among them, torch 2.13).
+In ``auto`` it stands just before the math reference in every ranking (after every fused SDPA kernel and
+FlashAttention-4): on an H200 it ran plain causal at 0.68-0.71x of cuDNN, but windows at 4-6x and softcap far
+above the paths that materialise scores (``shared/BASELINE.md``, ``probe/h200_flex.py``), and ``tune`` does not
+time it (each class would compile it afresh).
 
-Compilation: one ``torch.compile(flex_attention, dynamic=None, fullgraph=True)`` per *structure* of call (which
-score and mask terms exist, GQA, whether the log-sum-exp is returned), each over its own code object so that their
-dynamo caches (and recompile limits) are separate. Every value that varies between calls — the softcap, the ALiBi
-slopes, the window sides, the query/key offset, per-row key ranges, document ids — is a captured tensor, so new
-values never recompile; a second shape switches that entry to a dynamic-shape graph (dynamo's automatic dynamic
-shapes) instead of compiling once per shape. Block masks of dense calls are cached per (Sq, Sk, window, causal,
-device); varlen document masks are built per call. No torch global flag is changed.
+Compilation (eager calls): one ``torch.compile(flex_attention, dynamic=None, fullgraph=True)`` per *structure* of
+call (which score and mask terms exist, GQA, whether the log-sum-exp is returned), each over its own code object
+so that their dynamo caches (and recompile limits) are separate. Every value that varies between calls — the
+softcap, the ALiBi slopes, the window sides, the query/key offset, per-row key ranges, document ids — is a captured
+tensor, so new values never recompile; a second shape switches that entry to a dynamic-shape graph (dynamo's
+automatic dynamic shapes) instead of compiling once per shape. Block masks of dense calls are cached per (Sq, Sk,
+window, causal, device); varlen document masks are built per call. Inside a user's ``torch.compile`` the call is
+traced as it is (block mask and all) into their graph. No torch global flag is changed; nothing here imports
+FlexAttention until a call needs it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 
-from ..capability import Capabilities
-from ..spec import dtype_name
-from ._common import Features
+from ..spec import AttentionSpec, dtype_name
+from ._base import Backend, Device, KernelCall, KernelFn, Requirements
 
-__all__ = ["REQUIREMENTS", "flex_run", "not_supported_reasons"]
+__all__ = ["REQUIREMENTS", "FlexBackend", "Terms", "flex_run", "not_supported_reasons"]
 
 REQUIREMENTS: dict[str, Any] = {
     "min_cc": (8, 0),
@@ -38,6 +46,106 @@ REQUIREMENTS: dict[str, Any] = {
     "max_head_dim": 256,
 }
 _BLOCK_MASK_CACHE_SIZE = 64
+
+
+class Terms(Protocol):
+    """The score terms and window of one call, as :func:`flex_run` reads them (``sdpa_flash.compat``'s
+    ``Features`` is one): window sides ``left`` / ``right`` around the bottom-right diagonal, ``-1`` when unbounded
+    (causal folded into ``right = 0``), and ``softcap`` (``0.0`` when off)."""
+
+    @property
+    def left(self) -> int: ...
+    @property
+    def right(self) -> int: ...
+    @property
+    def softcap(self) -> float: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _Terms:
+    left: int = -1
+    right: int = -1
+    softcap: float = 0.0
+
+
+_FLOAT = frozenset((torch.float16, torch.bfloat16, torch.float32))
+
+
+class FlexBackend(Backend):
+    name = "flex"
+    DIRECT_LABEL = "torch.nn.attention.flex_attention"
+    ROUTE_REASON = ("FlexAttention is called directly, compiled once per call structure (window, softcap, GQA), "
+                    "with the window as a block mask: no O(Sq*Sk) tensor, no global flags change")
+    TUNED = False  # chosen for what the fused SDPA kernels cannot run; timing it per class would compile it afresh
+    REQUIREMENTS: ClassVar[dict[str, Requirements]] = {
+        "cuda": Requirements(
+            dtypes=_FLOAT,
+            min_cc=REQUIREMENTS["min_cc"],
+            max_head_dim=REQUIREMENTS["max_head_dim"],
+            mask=False,
+            dropout=False,
+            native_gqa=True,
+            kernel_causal="bottom_right",
+            window=True,
+            softcap=True,
+            deterministic_backward=False,  # not documented as deterministic, and not established here
+        ),
+    }
+
+    def missing_reason(self, device: torch.device) -> str | None:
+        why = super().missing_reason(device)
+        if why is None and device.type == "cuda":
+            cc = torch.cuda.get_device_capability(device)
+            found = environment_reasons("cuda", cc)
+            why = found[0] if found else None
+        return why
+
+    def extra_reasons(self, spec: AttentionSpec, caps: Device) -> list[str]:
+        lo = REQUIREMENTS["min_head_dim"]
+        small = min(spec.head_dim, spec.head_dim_v)
+        return [f"head_dim={small} (supported: >= {lo})"] if small < lo else []
+
+    def kernel(self, device_type: str, *, traced: bool = False) -> KernelFn:
+        return _traced_call if traced else _eager_call
+
+
+def _terms(c: KernelCall) -> _Terms:
+    left, right = c.window if c.window is not None else (None, None)
+    if c.causal:  # the kernel's own corner (bottom-right), the same diagonal as the window's
+        right = 0 if right is None else min(right, 0)
+    return _Terms(-1 if left is None else left, -1 if right is None else right, c.softcap or 0.0)
+
+
+def _eager_call(c: KernelCall) -> torch.Tensor:
+    return flex_run(c.q, c.k, c.v, _terms(c), c.scale, None, want_lse=False)[0]
+
+
+def _traced_call(c: KernelCall) -> torch.Tensor:
+    """Inside a user's ``torch.compile``: FlexAttention and its block mask traced into their graph (plain Python
+    numbers, no caches: the graph holds them)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    t = _terms(c)
+    sq, sk = c.q.shape[-2], c.k.shape[-2]
+    off, left, right, cap = sk - sq, t.left, t.right, t.softcap
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        d = i + off - j
+        if right >= 0 and left >= 0:
+            return (d >= -right) & (d <= left)
+        return d >= -right if right >= 0 else d <= left
+
+    def score_mod(s: torch.Tensor, b: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor
+                  ) -> torch.Tensor:
+        return cap * torch.tanh(s / cap)
+
+    k, v = _decode_gqa(c.q, c.k, c.v)
+    block_mask = None
+    if left >= 0 or right >= 0:
+        block_mask = create_block_mask(mask_mod, None, None, sq, sk, device=c.q.device)
+    out = flex_attention(c.q, k, v, score_mod=score_mod if cap > 0 else None, block_mask=block_mask,
+                         scale=c.scale, enable_gqa=k.shape[1] != c.q.shape[1])
+    return out
 
 
 @functools.cache
@@ -70,7 +178,7 @@ def environment_reasons(device_type: str, cc: tuple[int, int] | None) -> tuple[s
     return tuple(reasons)
 
 
-def not_supported_reasons(spec: Any, caps: Capabilities) -> list[str]:
+def not_supported_reasons(spec: Any, caps: Device) -> list[str]:
     """Every reason the flex path cannot run ``spec`` (a :class:`~sdpa_flash.compat.CompatSpec`) on ``caps``."""
     reasons = list(environment_reasons(caps.device_type, caps.compute_capability))
     if reasons and reasons[0].startswith("torch.nn.attention.flex_attention cannot be imported"):
@@ -145,7 +253,7 @@ def _scalar(x: float | int, device: torch.device, dtype: torch.dtype) -> torch.T
     return t
 
 
-def _window_ok(d: Any, feats: Features, left_t: torch.Tensor, right_t: torch.Tensor) -> Any:
+def _window_ok(d: Any, feats: Terms, left_t: torch.Tensor, right_t: torch.Tensor) -> Any:
     ok = None
     if feats.right >= 0:
         ok = d >= -right_t
@@ -154,11 +262,11 @@ def _window_ok(d: Any, feats: Features, left_t: torch.Tensor, right_t: torch.Ten
     return ok
 
 
-def _needs_window_mask(feats: Features) -> bool:
+def _needs_window_mask(feats: Terms) -> bool:
     return feats.left >= 0 or feats.right >= 0
 
 
-def _dense_mods(feats: Features, off_t: torch.Tensor, left_t: torch.Tensor, right_t: torch.Tensor,
+def _dense_mods(feats: Terms, off_t: torch.Tensor, left_t: torch.Tensor, right_t: torch.Tensor,
                 cap_t: torch.Tensor | None, slopes: torch.Tensor | None) -> tuple[Any, Any]:
     per_batch = slopes is not None and slopes.shape[0] > 1
     sl = None if slopes is None else (slopes if per_batch else slopes[0])
@@ -178,7 +286,7 @@ def _dense_mods(feats: Features, off_t: torch.Tensor, left_t: torch.Tensor, righ
         mask_mod if _needs_window_mask(feats) else None)
 
 
-def _ranges_mods(feats: Features, q_eff: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor,
+def _ranges_mods(feats: Terms, q_eff: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor,
                  left_t: torch.Tensor, right_t: torch.Tensor, cap_t: torch.Tensor | None,
                  slopes: torch.Tensor | None) -> Any:
     per_batch = slopes is not None and slopes.shape[0] > 1
@@ -201,7 +309,7 @@ def _ranges_mods(feats: Features, q_eff: torch.Tensor, k_pos: torch.Tensor, k_va
     return score_mod
 
 
-def _docs_mods(feats: Features, q_doc: torch.Tensor, q_eff: torch.Tensor, k_doc: torch.Tensor,
+def _docs_mods(feats: Terms, q_doc: torch.Tensor, q_eff: torch.Tensor, k_doc: torch.Tensor,
                k_pos: torch.Tensor, left_t: torch.Tensor, right_t: torch.Tensor, cap_t: torch.Tensor | None,
                slopes: torch.Tensor | None) -> tuple[Any, Any]:
     def score_mod(s: torch.Tensor, b: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -222,7 +330,7 @@ def _docs_mods(feats: Features, q_doc: torch.Tensor, q_eff: torch.Tensor, k_doc:
 _block_masks: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 
 
-def _dense_block_mask(mask_mod: Any, sq: int, sk: int, feats: Features, device: torch.device) -> Any:
+def _dense_block_mask(mask_mod: Any, sq: int, sk: int, feats: Terms, device: torch.device) -> Any:
     key = (sq, sk, feats.left, feats.right, str(device))
     bm = _block_masks.get(key)
     if bm is None:
@@ -238,12 +346,21 @@ def _dense_block_mask(mask_mod: Any, sq: int, sk: int, feats: Features, device: 
 
 
 # ----------------------------------------------------------------------------------------------- running
+def _decode_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V as FlexAttention can read them: its decoding kernel (Sq < 128) needs a power-of-two GQA group, so
+    other groups are repeated there (exact)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1 and group & (group - 1) and q.shape[-2] < 128:
+        return k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return k, v
+
+
 def flex_run(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    feats: Features,
-    scale: float,
+    feats: Terms,
+    scale: float | None,
     slopes: torch.Tensor | None,
     *,
     want_lse: bool,
@@ -270,12 +387,8 @@ def flex_run(
 
     dev = q.device
     sq, sk = q.shape[-2], k.shape[-2]
-    hq, hk = q.shape[1], k.shape[1]
-    group = hq // hk
-    if group > 1 and group & (group - 1) and sq < 128:
-        # FlexAttention's decoding kernel (Sq < 128) needs a power-of-two GQA group: repeat K/V (exact).
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    gqa = k.shape[1] != hq
+    k, v = _decode_gqa(q, k, v)
+    gqa = k.shape[1] != q.shape[1]
     left_t = _scalar(max(feats.left, 0), dev, torch.int32)
     right_t = _scalar(max(feats.right, 0), dev, torch.int32)
     cap_t = _scalar(feats.softcap, dev, torch.float32) if feats.softcap > 0 else None
