@@ -361,8 +361,8 @@ class _BHSDFunction(torch.autograd.Function):
         with _on_device(q) if ctx.guard else _NULL:
             # FA4 copies dout only when its layout is not one the kernel reads (its maybe_contiguous)
             grads = ctx.mod._flash_attn_bwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out,
-                                            dout.transpose(1, 2), lse, scale, causal, softcap,
-                                            window_size_left=left, window_size_right=right,
+                                            dout.transpose(1, 2), lse, softmax_scale=scale, causal=causal,
+                                            softcap=softcap, window_size_left=left, window_size_right=right,
                                             deterministic=ctx.deterministic, learnable_sink=sink)
         dq, dk, dv = (g.transpose(1, 2) for g in grads[:3])
         dsink = grads[3] if sink is not None and len(grads) > 3 else None
