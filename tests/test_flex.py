@@ -17,7 +17,7 @@ import torch
 
 import sdpa_flash
 from sdpa_flash import AttentionSpec, Capabilities, plan
-from sdpa_flash.backends import BACKENDS, KernelCall, KernelOptions
+from sdpa_flash.backends import BACKENDS, KernelCall, KernelOptions, ranked
 from sdpa_flash.backends import flex as flex_mod
 from sdpa_flash.errors import BackendUnavailableError
 from sdpa_flash.policy import resolve_policy
@@ -110,13 +110,20 @@ def test_top_left_causal_and_a_window_with_fewer_queries_is_refused_by_the_nativ
 def test_tune_does_not_time_flex() -> None:
     from sdpa_flash.bench._timing import Settings
     from sdpa_flash.tuning._grid import grid
-    from sdpa_flash.tuning._measure import measure_class
+    from sdpa_flash.tuning._measure import derive_rule, measure_class
 
     assert BACKENDS["flex"].TUNED is False
     cpu = sdpa_flash.capabilities(torch.device("cpu"))
     c = grid(cpu, quick=True)[0]
     rows = measure_class(c, cpu, torch.device("cpu"), Settings.for_device("cpu", rounds=1, budget_s=0.05))
     assert rows and "flex" not in {r["backend"] for r in rows}
+    # a tuned rule leaves it out, and the planner puts it back in its place: after the fused kernels, before math
+    timed = [{"backend": n, "status": "measured", "median_ms": t, "samples_ms": [t]}
+             for n, t in (("cudnn", 1.0), ("flash", 1.2), ("math", 5.0), ("chunked", 6.0))]
+    derived = derive_rule(c, timed, H100, "2026-12-08")
+    assert derived is not None and "flex" not in derived[0].order
+    order = ranked(derived[0].order, "cuda")
+    assert order[:4] == ("cudnn", "flash", "flex", "math"), order
 
 
 # ------------------------------------------------------------------------------------------------- computing

@@ -202,7 +202,8 @@ def derive_rule(c: ShapeClass, rows: list[Row], caps: Capabilities, date: str
     by_speed = [r["backend"] for r in measured]
     first = [n for n in by_speed if BACKENDS[n].fused] + [n for n in by_speed if not BACKENDS[n].fused]
     builtin = ranked(ranking(caps, c.spec(caps.device_type), entry=c.entry).order, caps.device_type)
-    order = tuple(first + [n for n in builtin if n not in first])
+    # (a backend tune leaves out keeps its own place: the planner puts it there in every order, this one too)
+    order = tuple(first + [n for n in builtin if n not in first and BACKENDS[n].TUNED])
     failed = {r["backend"]: r["reason"] for r in rows if r["status"] == "failed"}
     refused = {r["backend"]: r["reason"] for r in rows if r["status"] != "measured"}
     evidence = f"tuned {date}: " + ", ".join(f"{r['backend']} {r['median_ms']:.3g} ms" for r in measured)
