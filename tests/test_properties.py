@@ -105,6 +105,11 @@ _SHAPE_POOLS: dict[tuple[str, str], tuple[tuple[int, int, int, int, int, int, in
     # that fits one tile gets its own kernel: 3-7 s each on the H200. Its pool keeps that set small — head dims
     # 64/128 (60 zero-padded to 64), GQA 1 and 2, multi-tile queries and one single-tile (decode-like) shape —
     # while lengths cross its 128-row tiles, Sq != Sk both ways.
+    # FlexAttention compiles once per call structure (GQA or not, window, softcap, training) and again for a new
+    # shape until dynamo marks the shapes dynamic: a small pool, GQA 1/2/4 (4 with a single query: its decoding
+    # kernel), lengths off its 128-row blocks, Sq != Sk both ways.
+    ("cuda", "flex"): ((2, 4, 4, 200, 200, 64, 64), (1, 4, 2, 129, 257, 128, 128), (2, 4, 4, 300, 100, 64, 64),
+                       (1, 4, 1, 1, 300, 64, 64)),
     ("cuda", "fa4"): ((2, 4, 4, 200, 200, 64, 64), (1, 4, 2, 129, 257, 128, 128), (2, 2, 2, 300, 256, 128, 128),
                       (1, 4, 4, 256, 255, 60, 60), (2, 4, 2, 255, 129, 128, 128), (2, 4, 4, 40, 300, 128, 128)),
 }
