@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -65,6 +65,9 @@ def warmup(
     training: bool = True,
     varlen: bool = False,
     policy: PolicyLike | None = None,
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    sinks: bool = False,
 ) -> WarmupResult:
     """Run one attention configuration once (forward, and backward with ``training``) so later calls are warm.
 
@@ -81,6 +84,9 @@ def warmup(
         varlen: warm the packed path of :func:`sdpa_flash.varlen.varlen_attention` instead (two sequences of
             ``seqlen`` and ``seqlen // 2 + 1`` tokens).
         policy: the policy the model runs under (default: the one in force).
+        window, softcap: as for :func:`sdpa_flash.attention`; sinks: pass (zero) sink logits, one per query head.
+            Each is a configuration of its own for the kernels that take it (FA4's window and sinks, FlexAttention's
+            softcap compile anew), so warm the ones the model uses.
 
     Returns:
         A :class:`WarmupResult`; ``str()`` of it is one line for a start-up log.
@@ -108,6 +114,9 @@ def warmup(
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=gen).to(device=dev, dtype=dtype).requires_grad_(training)
 
+    variants: dict[str, Any] = {"window": window, "softcap": softcap,
+                                "sinks": torch.zeros(heads, device=dev, requires_grad=training) if sinks else None}
+
     q: torch.Tensor | VarlenBatch  # (k, v likewise): packed batches with varlen, else dense tensors
     k: torch.Tensor | VarlenBatch
     v: torch.Tensor | VarlenBatch
@@ -117,20 +126,22 @@ def warmup(
         q = _varlen.pack([rand(n, heads, head_dim) for n in lens_q])
         k = _varlen.pack([rand(n, hkv, head_dim) for n in lens_k])
         v = _varlen.pack([rand(n, hkv, dv) for n in lens_k])
-        vplan = _varlen.explain_varlen(q, k, v, causal=causal, policy=policy)
+        vplan = _varlen.explain_varlen(q, k, v, causal=causal, policy=policy, **variants)
         backend = vplan.varlen_backend or vplan.backend
 
         def call() -> torch.Tensor:
-            return _varlen.varlen_attention(q, k, v, causal=causal, policy=policy).values
+            return _varlen.varlen_attention(q, k, v, causal=causal, policy=policy, **variants).values
         what = f"varlen {lens_q} Hq={heads} Hkv={hkv} D={head_dim}"
     else:
         q, k, v = rand(batch, heads, seqlen, head_dim), rand(batch, hkv, sk, head_dim), rand(batch, hkv, sk, dv)
-        backend = explain(q, k, v, causal=causal, policy=policy).backend
+        backend = explain(q, k, v, causal=causal, policy=policy, **variants).backend
 
         def call() -> torch.Tensor:
-            return attention(q, k, v, causal=causal, policy=policy)
+            return attention(q, k, v, causal=causal, policy=policy, **variants)
         what = f"({batch}, {heads}, {seqlen}, {head_dim}) x Sk={sk} Hkv={hkv}"
-    what += f" {str(dtype).removeprefix('torch.')}, causal={causal}, {'training' if training else 'forward only'}"
+    what += f" {str(dtype).removeprefix('torch.')}, causal={causal}"
+    what += "".join(f", {n}={'yes' if n == 'sinks' else x}" for n, x in variants.items() if x is not None)
+    what += f", {'training' if training else 'forward only'}"
 
     def timed() -> float:
         if dev.type == "cuda":

@@ -435,3 +435,15 @@ def test_cuda_flash_sinks_match_float64_math(causal: Any, window: Any, sk: int) 
     leaves = _inputs(2, 8, 2, 300, sk, 64, torch.bfloat16, True, device="cuda")
     assert sdpa_flash.explain(*leaves[:3], causal=causal, window=window, sinks=leaves[3]).backend in ("flash", "fa4")
     _check("flash", 2, 8, 2, 300, sk, 64, torch.bfloat16, causal, window, None, True, device="cuda")
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_warmup_takes_the_variants_a_model_uses(varlen: bool) -> None:
+    """A window, softcap or sinks is a configuration of its own for the kernels that take them (FA4 compiles each,
+    FlexAttention too): warmup() runs them as the model will, and its log line names them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the CPU's softcap fallback warning)
+        res = sdpa_flash.warmup(heads=4, kv_heads=2, head_dim=16, seqlen=24, causal=True, dtype=torch.float32,
+                                device="cpu", window=(7, 0), softcap=5.0, sinks=True, varlen=varlen)
+    assert res.backend == "chunked"  # softcap and sinks on the CPU
+    assert "causal=True, window=(7, 0), softcap=5.0, sinks=yes, training" in str(res)

@@ -41,7 +41,8 @@ S=2192 in 0.77x cuDNN's time (benchmarks/results/session_h100_1208_night)."""
 
 CONFIG_KEYS = ("heads", "kv_heads", "head_dim", "head_dim_v", "seqlen", "seqlen_k", "batch", "causal", "training",
                "varlen", "dtype")
-"""The keywords of a model configuration: those of :func:`sdpa_flash.warmup`."""
+"""The keywords of a model configuration: those of :func:`sdpa_flash.warmup` but its variants (``window``,
+``softcap``, ``sinks``), which only the kernels that take them run: tune ranks the plain call."""
 
 
 def class_of(value: int, classes: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -349,8 +350,10 @@ def from_configs(configs: Sequence[Mapping[str, Any]], caps: Capabilities) -> li
                                       "instead.")
         unknown = sorted(set(cfg) - set(CONFIG_KEYS))
         if unknown:
+            variant = " (windows, softcap and sinks run on the kernels that take them: tune ranks the plain call)" \
+                if unknown[0] in ("window", "softcap", "sinks") else ""
             raise AttentionInputError(f"Expected the keys of {where} to be among {', '.join(CONFIG_KEYS)} (those of "
-                                      f"sdpa_flash.warmup), but got {unknown[0]!r} instead.")
+                                      f"sdpa_flash.warmup), but got {unknown[0]!r} instead{variant}.")
         heads, d = _positive(cfg, "heads", where), _positive(cfg, "head_dim", where)
         kv = _positive(cfg, "kv_heads", where, heads)
         if heads % kv:
