@@ -41,7 +41,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import sdpa_flash
 from sdpa_flash import _caches
 from sdpa_flash.backends import fa4 as fa4_backend
-from sdpa_flash.bench._timing import Settings, _quantile, interleave
+from sdpa_flash.bench._report import _paired
+from sdpa_flash.bench._timing import Settings, interleave
 from sdpa_flash.planner import denylist_reasons, ranking_source
 from sdpa_flash.tuning._grid import ShapeClass, grid
 
@@ -52,13 +53,9 @@ KERNEL = {"sdpa[cudnn]": "cudnn", "sdpa[flash]": "flash", "sdpa[efficient]": "ef
 GOAL = 0.98
 
 
-def paired(best: list[float], ours: list[float]) -> tuple[float, float]:
-    """``best`` over ``ours`` as the median of per-round time ratios (sample i of each is round i), and its IQR."""
-    n = min(len(best), len(ours))
-    rs = sorted(best[i] / ours[i] for i in range(n) if ours[i] > 0)
-    if not rs:
-        return float("nan"), float("nan")
-    return statistics.median(rs), _quantile(rs, 0.75) - _quantile(rs, 0.25)
+def _samples(stats: Any) -> dict[str, Any]:
+    """A timed path as the bench report's rows (its per-round samples, in round order, and median)."""
+    return {"samples_ms": list(stats.samples_ms), "ms": stats.median_ms}
 
 
 def summarize(rows: list[dict[str, Any]]) -> str:
@@ -183,7 +180,7 @@ def main() -> int:
         line = f"{c.shape_text():48s}"
         for label, (backend, source) in chosen.items():
             ms = ok[label].median_ms if label in ok else float("nan")
-            ratio, iqr = (paired(list(ok[best].samples_ms), list(ok[label].samples_ms)) if best and label in ok
+            ratio, iqr = (_paired(_samples(ok[label]), _samples(ok[best])) if best and label in ok
                           else (float("nan"), float("nan")))
             same = " (same kernel)" if best and KERNEL.get(best) == backend else ""
             line += f" | {label} {backend} {ms:.4f} ms -> {ratio:.3f}x ±{iqr / 2:.3f}{same}"

@@ -68,9 +68,6 @@ class _Terms:
     softcap: float = 0.0
 
 
-_FLOAT = frozenset((torch.float16, torch.bfloat16, torch.float32))
-
-
 class FlexBackend(Backend):
     name = "flex"
     DIRECT_LABEL = "torch.nn.attention.flex_attention"
@@ -79,7 +76,7 @@ class FlexBackend(Backend):
     TUNED = False  # chosen for what the fused SDPA kernels cannot run; timing it per class would compile it afresh
     REQUIREMENTS: ClassVar[dict[str, Requirements]] = {
         "cuda": Requirements(
-            dtypes=_FLOAT,
+            dtypes=frozenset(REQUIREMENTS["dtypes"]),
             min_cc=REQUIREMENTS["min_cc"],
             max_head_dim=REQUIREMENTS["max_head_dim"],
             mask=False,
@@ -127,24 +124,12 @@ def _traced_call(c: KernelCall) -> torch.Tensor:
 
     t = _terms(c)
     sq, sk = c.q.shape[-2], c.k.shape[-2]
-    off, left, right, cap = sk - sq, t.left, t.right, t.softcap
-
-    def mask_mod(b: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        d = i + off - j
-        if right >= 0 and left >= 0:
-            return (d >= -right) & (d <= left)
-        return d >= -right if right >= 0 else d <= left
-
-    def score_mod(s: torch.Tensor, b: torch.Tensor, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor
-                  ) -> torch.Tensor:
-        return cap * torch.tanh(s / cap)
-
+    # the eager path's score and mask functions, over Python numbers instead of cached device scalars
+    score_mod, mask_mod = _dense_mods(t, sk - sq, max(t.left, 0), max(t.right, 0), t.softcap or None, None)
     k, v = _decode_gqa(c.q, c.k, c.v)
-    block_mask = None
-    if left >= 0 or right >= 0:
-        block_mask = create_block_mask(mask_mod, None, None, sq, sk, device=c.q.device)
-    out = flex_attention(c.q, k, v, score_mod=score_mod if cap > 0 else None, block_mask=block_mask,
-                         scale=c.scale, enable_gqa=k.shape[1] != c.q.shape[1])
+    block_mask = None if mask_mod is None else create_block_mask(mask_mod, None, None, sq, sk, device=c.q.device)
+    out = flex_attention(c.q, k, v, score_mod=score_mod, block_mask=block_mask, scale=c.scale,
+                         enable_gqa=k.shape[1] != c.q.shape[1])
     return out
 
 
@@ -253,7 +238,7 @@ def _scalar(x: float | int, device: torch.device, dtype: torch.dtype) -> torch.T
     return t
 
 
-def _window_ok(d: Any, feats: Terms, left_t: torch.Tensor, right_t: torch.Tensor) -> Any:
+def _window_ok(d: Any, feats: Terms, left_t: torch.Tensor | int, right_t: torch.Tensor | int) -> Any:
     ok = None
     if feats.right >= 0:
         ok = d >= -right_t
@@ -266,8 +251,8 @@ def _needs_window_mask(feats: Terms) -> bool:
     return feats.left >= 0 or feats.right >= 0
 
 
-def _dense_mods(feats: Terms, off_t: torch.Tensor, left_t: torch.Tensor, right_t: torch.Tensor,
-                cap_t: torch.Tensor | None, slopes: torch.Tensor | None) -> tuple[Any, Any]:
+def _dense_mods(feats: Terms, off_t: torch.Tensor | int, left_t: torch.Tensor | int, right_t: torch.Tensor | int,
+                cap_t: torch.Tensor | float | None, slopes: torch.Tensor | None) -> tuple[Any, Any]:
     per_batch = slopes is not None and slopes.shape[0] > 1
     sl = None if slopes is None else (slopes if per_batch else slopes[0])
 
